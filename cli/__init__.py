@@ -1,0 +1,1 @@
+"""Thin typer front ends: ``samcache`` (stage 1) and ``slca-train`` (stage 2)."""

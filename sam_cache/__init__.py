@@ -1,0 +1,32 @@
+"""samcache stage 1: run a frozen SAM-family encoder over a dataset once and store the embeddings.
+
+The public surface::
+
+    from sam_cache import create_encoder, open_dataset, extract_dataset, EmbeddingStore
+"""
+
+__version__ = "0.1.0"
+
+from .datasets import DatasetError, DatasetManifest, open_dataset  # noqa: E402
+from .encoders import Encoder, EncoderError, create_encoder, list_encoders  # noqa: E402
+from .extract import ExtractionResult, extract_dataset  # noqa: E402
+from .inspect import summarize_store, verify_store  # noqa: E402
+from .store import EmbeddingStore, StoreError, StoreMismatchError  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "DatasetError",
+    "DatasetManifest",
+    "open_dataset",
+    "Encoder",
+    "EncoderError",
+    "create_encoder",
+    "list_encoders",
+    "ExtractionResult",
+    "extract_dataset",
+    "summarize_store",
+    "verify_store",
+    "EmbeddingStore",
+    "StoreError",
+    "StoreMismatchError",
+]

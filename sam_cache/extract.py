@@ -1,0 +1,256 @@
+"""The extraction pipeline: dataset -> frozen encoder -> embedding store, once, resumably.
+
+Stages, overlapped:
+
+1. DataLoader workers decode each image, window deep images to 8 bits, resize it into the
+   encoder's frame and (optionally) into the stored training frame. A file that cannot be
+   decoded comes back as an error string instead of a frame, so one bad file never stops a run.
+2. The main thread moves uint8 frames to the device (pinned, non-blocking on CUDA), normalizes
+   them there and runs the encoder under ``torch.inference_mode`` (bf16 autocast on CUDA).
+3. A writer thread stores the rows and, after them, the ``done`` flags, while the next batch is
+   encoded. Its queue is short, so a slow disk throttles the encoder instead of filling memory.
+
+A rerun resumes: rows already marked done are skipped. The store's signature must match the
+encoder, checkpoint, preprocessing and dataset, or the run is refused (``overwrite`` starts over).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import DatasetManifest, open_dataset
+from .encoders import Encoder, create_encoder
+from .preprocess import ImageDecodeError, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
+from .store import EmbeddingStore, StoreError
+
+__all__ = ["extract_dataset", "ExtractionResult"]
+
+
+@dataclass
+class ExtractionResult:
+    """What a run did: rows written now, rows already done before, and the images skipped."""
+
+    store_path: str
+    total: int
+    already_done: int
+    written: int
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+class _FrameDataset(Dataset):
+    """Decodes rows of a manifest into encoder frames (and stored images) in worker processes."""
+
+    def __init__(self, manifest: DatasetManifest, indices: np.ndarray, encoder_size: int, window: str,
+                 image_size: int | None):
+        self.manifest, self.indices = manifest, indices
+        self.encoder_size, self.window, self.image_size = encoder_size, window, image_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        index = int(self.indices[k])
+        s, r = self.encoder_size, self.image_size or 0
+        item = {"index": index, "error": "", "frame": torch.zeros(3, s, s, dtype=torch.uint8),
+                "size": torch.zeros(2, dtype=torch.int64), "orig": torch.zeros(2, dtype=torch.int32),
+                "window": torch.full((2,), float("nan")), "image": torch.zeros(3, r, r, dtype=torch.uint8)}
+        try:
+            array, dicom_window = self.manifest.read(index)
+            rgb, applied = to_rgb_uint8(array, self.window, dicom_window)
+        except ImageDecodeError as exc:
+            item["error"] = str(exc)
+            return item
+        frame, size = load_frame(rgb, s)
+        item.update(frame=torch.from_numpy(frame), size=torch.tensor(size), orig=torch.tensor(rgb.shape[:2], dtype=torch.int32))
+        if applied is not None:
+            item["window"] = torch.tensor(applied, dtype=torch.float32)
+        if r:
+            item["image"] = torch.from_numpy(pad_to_square(resize_longest_side(rgb, r), r).transpose(2, 0, 1).copy())
+        return item
+
+
+def _runs(indices: np.ndarray):
+    """Split sorted indices into ``(position, start, stop)`` runs of consecutive values."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    pos = 0
+    for run in np.split(indices, breaks):
+        if len(run):
+            yield pos, int(run[0]), int(run[-1]) + 1
+            pos += len(run)
+
+
+class _Writer:
+    """One background thread that writes batches in order, then marks them done."""
+
+    def __init__(self, store: EmbeddingStore, depth: int = 2):
+        self.store, self.error = store, None
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._loop, name="samcache-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while (job := self.q.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure; the main thread raises it
+            try:
+                ready, indices, emb, orig, valid, window, images = job
+                if ready is not None:
+                    ready.synchronize()  # the device-to-host copy has landed
+                emb = emb.numpy() if emb.dtype != torch.bfloat16 else emb.view(torch.uint16).numpy()
+                for pos, start, stop in _runs(indices):
+                    sl = slice(pos, pos + stop - start)
+                    self.store.write_rows(start, emb[sl], orig[sl], valid[sl], window[sl],
+                                          None if images is None else images[sl])
+                self.store.mark_done(indices)
+            except BaseException as exc:  # surfaced in the main thread
+                self.error = exc
+
+    def submit(self, job):
+        self._raise()
+        self.q.put(job)
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise StoreError(f"writing to {self.store.path} failed: {self.error}") from self.error
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def extract_dataset(
+    dataset: str | Path | DatasetManifest,
+    out: str | Path,
+    encoder: str | Encoder = "litemedsam",
+    checkpoint: str | Path | None = None,
+    random_weights: bool = False,
+    dtype: str = "float16",
+    image_size: int | None = 224,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    device: str | None = None,
+    overwrite: bool = False,
+    shard_size: int = 16,
+    window: str = "auto",
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Run a frozen encoder over a dataset and store one embedding per image.
+
+    Arguments:
+      dataset: a path :func:`open_dataset` reads, or a manifest.
+      out: the store path (``.zarr`` folder, fsspec URL, or ``.h5`` file).
+      encoder: a registry name (with ``checkpoint``/``random_weights``) or a built :class:`Encoder`.
+      dtype: stored embedding dtype, ``float16`` (default), ``bfloat16`` or ``float32``.
+      image_size: also store each image at this resolution in the embedding's frame (None: don't).
+      batch_size, num_workers: encoder batch and decoding processes.
+      device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
+      overwrite: delete an existing store at ``out`` first instead of resuming it.
+      shard_size: samples per Zarr shard file.
+      window: how deep images reach 8 bits (see :class:`~sam_cache.preprocess.Preprocessing`).
+      seed, val_fraction, test_fraction: the split drawn for data that has none.
+      progress: show a rich progress bar.
+
+    Returns:
+      An :class:`ExtractionResult`; ``skipped`` lists images that could not be decoded (also kept
+      in the store's attributes). Stored rows are never lost: a failure leaves every done row.
+
+    Raises:
+      StoreMismatchError: ``out`` exists with another signature (and not ``overwrite``).
+      EncoderError, DatasetError, StoreError: bad encoder, dataset or store.
+    """
+    manifest = dataset if isinstance(dataset, DatasetManifest) else open_dataset(
+        dataset, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    if isinstance(encoder, str):
+        encoder = create_encoder(encoder, checkpoint=checkpoint, random_weights=random_weights, window=window)
+    image_size = image_size or None
+    signature = dict(encoder.signature(), dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size)
+
+    if overwrite and EmbeddingStore.exists(out):
+        EmbeddingStore.remove(out)
+    if EmbeddingStore.exists(out):
+        store = EmbeddingStore.open(out, mode="r+")
+        store.check_signature(signature)
+    else:
+        store = EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size, shard_size=shard_size)
+
+    already = int(store.done.sum())
+    pending = np.flatnonzero(~store.done)
+    result = ExtractionResult(str(out), len(manifest), already, 0)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = encoder.model.to(dev)
+    pre = encoder.preprocessing
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+    loader = DataLoader(
+        _FrameDataset(manifest, pending, pre.input_size, pre.window, image_size),
+        batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+    )
+    writer = _Writer(store)
+    t0 = time.perf_counter()
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task(f"extract {encoder.name}", total=len(pending), rate=0.0)
+            for batch in loader:
+                ok = np.array([e == "" for e in batch["error"]])
+                indices = batch["index"].numpy()
+                for k in np.flatnonzero(~ok):
+                    rec = manifest.records[indices[k]]
+                    result.skipped.append({"index": int(indices[k]), "id": rec.id, "source": rec.source,
+                                           "error": batch["error"][k]})
+                if ok.any():
+                    sel = torch.from_numpy(ok)
+                    frames = batch["frame"][sel].to(dev, non_blocking=True)
+                    x = normalize_frames(frames, batch["size"][sel], pre)
+                    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+                        emb = model(x).to(torch_dtype)
+                    ready = None
+                    if dev.type == "cuda":
+                        host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
+                        host.copy_(emb, non_blocking=True)
+                        ready = torch.cuda.Event()
+                        ready.record()
+                        emb = host
+                    else:
+                        emb = emb.clone()
+                    size = batch["size"][sel].numpy()
+                    valid = np.array([valid_grid(h, w, pre.input_size) for h, w in size], dtype=np.int32)
+                    images = batch["image"][sel].numpy() if image_size else None
+                    writer.submit((ready, indices[ok], emb, batch["orig"][sel].numpy(), valid,
+                                   batch["window"][sel].numpy(), images))
+                    result.written += int(ok.sum())
+                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=len(indices), rate=result.written / max(elapsed, 1e-9))
+    finally:
+        writer.close()
+        result.seconds = time.perf_counter() - t0
+        store.set_skipped(result.skipped)
+        store.close()
+    return result

@@ -1,0 +1,249 @@
+"""Decoding and the SAM frame: how an image file becomes an encoder input.
+
+The SAM frame (segment-anything's ``ResizeLongestSide`` + ``Sam.preprocess``):
+
+1. decode to an ``HxWx3`` uint8 RGB array; grey images are repeated to three channels, an alpha
+   channel is dropped;
+2. images deeper than 8 bits (16-bit PNG/TIFF, DICOM, float arrays) are *windowed* to 8 bits on
+   purpose: the window ``(lo, hi)`` is chosen by :class:`Preprocessing.window` and returned so
+   that the store can record it per sample;
+3. resize the longest side to the encoder's input size with PIL's bilinear filter (exactly what
+   ``ResizeLongestSide.apply_image`` does);
+4. normalize with the encoder's pixel mean and std, then zero-pad at the bottom and right to a
+   square of the input size.
+
+Steps 1-3 run in DataLoader workers on uint8 data (:func:`load_frame`); step 4 runs on the device
+(:func:`normalize_frames`), so host-to-device copies move uint8, a quarter of float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "Preprocessing",
+    "ImageDecodeError",
+    "read_image",
+    "window_to_uint8",
+    "resized_shape",
+    "resize_longest_side",
+    "pad_to_square",
+    "load_frame",
+    "normalize_frames",
+    "valid_grid",
+]
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+UNIT_SCALE_MEAN = (0.0, 0.0, 0.0)
+UNIT_SCALE_STD = (255.0, 255.0, 255.0)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+class ImageDecodeError(ValueError):
+    """An image file could not be decoded: corrupt, truncated or of an unsupported kind."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that decides the encoder input for a given image. Part of a store's signature.
+
+    Arguments:
+      input_size (int): the square side the encoder takes (1024 for SAM, 256 for LiteMedSAM).
+      pixel_mean (tuple): per-channel mean subtracted from 0..255 pixel values.
+      pixel_std (tuple): per-channel divisor applied after the mean.
+      window (str): how images deeper than 8 bits reach 8 bits. ``"auto"``: the DICOM
+        WindowCenter/WindowWidth when the file has them, else the image's own min..max;
+        ``"minmax"``: always the image's min..max; ``"LO,HI"``: a fixed window, e.g. ``"0,4095"``.
+        8-bit images are never windowed.
+    """
+
+    input_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    window: str = "auto"
+
+    def __post_init__(self) -> None:
+        parse_window(self.window)  # refuse a bad window early, not in a worker
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pixel_mean"] = [float(v) for v in self.pixel_mean]
+        d["pixel_std"] = [float(v) for v in self.pixel_std]
+        d["resize"] = "longest_side_pil_bilinear"
+        d["pad"] = "bottom_right_zero_after_normalize"
+        return d
+
+
+def parse_window(window: str) -> tuple[float, float] | str:
+    """Return ``"auto"``, ``"minmax"`` or a ``(lo, hi)`` pair; refuse anything else."""
+    if window in ("auto", "minmax"):
+        return window
+    try:
+        lo, hi = (float(v) for v in window.split(","))
+    except ValueError:
+        raise ValueError(f"window must be 'auto', 'minmax' or 'LO,HI', got {window!r}") from None
+    if not hi > lo:
+        raise ValueError(f"window {window!r}: HI must be greater than LO")
+    return lo, hi
+
+
+def window_to_uint8(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Map ``[lo, hi]`` linearly onto 0..255 (clipping outside) and return uint8."""
+    lo, hi = window
+    scaled = (array.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _choose_window(array: np.ndarray, window: str, dicom_window: tuple[float, float] | None):
+    parsed = parse_window(window)
+    if isinstance(parsed, tuple):
+        return parsed
+    if parsed == "auto" and dicom_window is not None:
+        return dicom_window
+    finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+    if finite.size == 0:
+        raise ImageDecodeError("image has no finite pixel values")
+    return float(finite.min()), float(finite.max())
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - depends on the optional extra
+        raise ImageDecodeError("reading DICOM needs pydicom: pip install 'samcache[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        array = ds.pixel_array.astype(np.float64)
+    except Exception as exc:  # pydicom raises many types for bad files
+        raise ImageDecodeError(f"not a readable DICOM file: {exc}") from exc
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    array = array * slope + intercept
+    window = None
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = ds.WindowCenter, ds.WindowWidth
+        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+        window = (center - width / 2.0, center + width / 2.0)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        array = array.max() + array.min() - array  # MONOCHROME1 stores inverted grey
+    return array, window
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Decode an image file to an array without changing its bit depth.
+
+    Arguments:
+      path: a PNG, JPEG, BMP, TIFF or DICOM (``.dcm``) file.
+
+    Returns:
+      ``(array, dicom_window)``: the array is ``HxW`` or ``HxWxC`` in the file's own dtype;
+      ``dicom_window`` is the file's (lo, hi) display window, or None.
+
+    Raises:
+      ImageDecodeError: the file is corrupt, truncated, empty or not an image.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return _read_dicom(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # force a full decode so that truncation is caught here
+            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+            array = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
+    return array, None
+
+
+def to_rgb_uint8(
+    array: np.ndarray, window: str = "auto", dicom_window: tuple[float, float] | None = None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Bring a decoded array to ``HxWx3`` uint8 RGB, windowing deep images on purpose.
+
+    Returns ``(rgb, applied_window)``; ``applied_window`` is None for 8-bit input.
+
+    Raises:
+      ImageDecodeError: the array is not 2-D grey or ``HxWx{1,2,3,4}``, or is empty.
+    """
+    if array.ndim == 3 and array.shape[2] in (2, 4):  # grey+alpha or RGBA: drop alpha
+        array = array[..., : array.shape[2] - 1]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or array.size == 0:
+        raise ImageDecodeError(f"unsupported image array of shape {array.shape}")
+    applied = None
+    if array.dtype != np.uint8:
+        applied = _choose_window(array, window, dicom_window)
+        array = window_to_uint8(array, applied)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array), applied
+
+
+def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """The ``(h, w)`` after scaling the longest side to ``long_side``; segment-anything's rule."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize an ``HxWx3`` uint8 image so that its longest side is ``long_side`` (PIL bilinear)."""
+    h, w = resized_shape(image.shape[0], image.shape[1], long_side)
+    if (h, w) == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def pad_to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad an ``hxwxC`` image at the bottom and right to ``size x size``."""
+    h, w = image.shape[:2]
+    if h > size or w > size:
+        raise ValueError(f"image {h}x{w} is larger than the {size}x{size} frame")
+    out = np.zeros((size, size) + image.shape[2:], dtype=image.dtype)
+    out[:h, :w] = image
+    return out
+
+
+def valid_grid(height: int, width: int, input_size: int, grid: int = 64) -> tuple[int, int]:
+    """Rows and columns of the ``grid x grid`` embedding that see image, not padding."""
+    return math.ceil(height * grid / input_size), math.ceil(width * grid / input_size)
+
+
+def load_frame(rgb: np.ndarray, input_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize to the encoder frame and pad; return a ``3xSxS`` uint8 array and the resized (h, w)."""
+    resized = resize_longest_side(rgb, input_size)
+    return pad_to_square(resized, input_size).transpose(2, 0, 1).copy(), resized.shape[:2]
+
+
+def normalize_frames(frames: torch.Tensor, sizes: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """Normalize a batch of padded uint8 frames exactly like ``Sam.preprocess``.
+
+    Arguments:
+      frames: ``Bx3xSxS`` uint8, the resized image at the top left, zeros elsewhere.
+      sizes: ``Bx2`` integer (h, w) of the resized image inside each frame.
+      pre: the encoder's preprocessing.
+
+    Returns:
+      ``Bx3xSxS`` float32 on the frames' device: ``(x - mean) / std`` inside the image, 0 in
+      the padding (SAM pads *after* normalizing).
+    """
+    device = frames.device
+    mean = torch.tensor(pre.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = (frames.float() - mean) / std
+    s = frames.shape[-1]
+    ar = torch.arange(s, device=device)
+    sizes = sizes.to(device)
+    inside = (ar.view(1, s, 1) < sizes[:, 0].view(-1, 1, 1)) & (ar.view(1, 1, s) < sizes[:, 1].view(-1, 1, 1))
+    return torch.where(inside.unsqueeze(1), x, torch.zeros((), device=device))

@@ -1,0 +1,371 @@
+"""The embedding store: the versioned contract between extraction and training.
+
+One store holds one (dataset, encoder, preprocessing). Layout, identical in Zarr v3 (default) and
+HDF5; ``N`` is the number of images in the dataset manifest, in manifest order:
+
+==============  ======================  ========  ==========================================
+array           shape                   dtype     meaning
+==============  ======================  ========  ==========================================
+embeddings      (N, 256, 64, 64)        float16   encoder output; one chunk per sample
+                                                  (Zarr: ``shard_size`` samples per shard file)
+images          (N, 3, R, R)            uint8     optional: the image in the embedding's frame
+                                                  (longest side R, zero pad bottom/right)
+labels          (N,)                    int64     class index into ``class_names``
+ids             (N,)                    str       sample id (path relative to the dataset)
+splits          (N,)                    uint8     index into ``SPLITS`` (train, val, test)
+orig_size       (N, 2)                  int32     original image (height, width)
+valid           (N, 2)                  int32     rows, cols of the 64x64 grid that see image
+window          (N, 2)                  float32   (lo, hi) that mapped a deep image to 8 bits;
+                                                  NaN for 8-bit images
+done            (N,)                    bool      set only after the sample's rows are written
+==============  ======================  ========  ==========================================
+
+Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``encoder``,
+``checkpoint_sha256``, ``random_weights``, ``preprocessing``, ``dtype``, ``manifest_sha256``,
+``image_size``), ``class_names``, ``split_info``, ``dataset``, ``package_version``, ``created``,
+and ``skipped``: the images the last run could not decode, each with its id, source and error.
+
+Crash safety: Zarr's local store writes every shard file atomically (temporary file + rename),
+and ``done`` is written after the data it vouches for, so a process killed at any point leaves a
+store that resumes correctly. HDF5 has no such guarantee; the writer flushes after every batch,
+and a file damaged by a hard kill is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import SPLITS, DatasetManifest
+
+__all__ = ["EmbeddingStore", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format"]
+
+SCHEMA_VERSION = 1
+EMBED_SHAPE = (256, 64, 64)
+SIGNATURE_KEYS = ("encoder", "checkpoint_sha256", "random_weights", "preprocessing", "dtype",
+                  "manifest_sha256", "image_size")
+_DTYPES = ("float16", "float32", "bfloat16")
+
+
+class StoreError(RuntimeError):
+    """A store cannot be created, opened or written as asked."""
+
+
+class StoreMismatchError(StoreError):
+    """A store exists but was made with another encoder, checkpoint, preprocessing or dataset."""
+
+
+def store_format(path: str | Path) -> str:
+    """``"hdf5"`` for ``.h5``/``.hdf5``/``.hdf`` paths, else ``"zarr"``."""
+    return "hdf5" if str(path).lower().endswith((".h5", ".hdf5", ".hdf")) else "zarr"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _ZarrBackend:
+    def __init__(self, path: str, mode: str):
+        import zarr
+
+        self.root = zarr.open_group(path, mode=mode, zarr_format=3)
+
+    def create_array(self, name, shape, dtype, chunks, shards=None):
+        kwargs = {"shards": shards} if shards else {}
+        fill = "" if dtype is str else 0
+        self.root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=None, fill_value=fill, **kwargs)
+
+    def __getitem__(self, name):
+        return self.root[name]
+
+    def __contains__(self, name):
+        return name in self.root
+
+    def get_meta(self) -> dict:
+        return dict(self.root.attrs.get("samcache", {}))
+
+    def set_meta(self, meta: dict) -> None:
+        self.root.attrs["samcache"] = meta
+
+    def read_str(self, name) -> np.ndarray:
+        return np.array(self.root[name][:].tolist(), dtype=str)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class _H5Backend:
+    def __init__(self, path: str, mode: str):
+        import h5py
+
+        try:
+            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
+        except OSError as exc:
+            raise StoreError(
+                f"HDF5 store {path} cannot be opened ({exc}); a process killed while writing HDF5 can "
+                "damage the file. Rerun with --overwrite, or use a Zarr store, which survives a kill"
+            ) from exc
+
+    def create_array(self, name, shape, dtype, chunks, shards=None):
+        import h5py
+
+        if dtype is str:
+            dtype = h5py.string_dtype()
+        self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) > 1 or shape[0] else None)
+
+    def __getitem__(self, name):
+        return self.file[name]
+
+    def __contains__(self, name):
+        return name in self.file
+
+    def get_meta(self) -> dict:
+        raw = self.file.attrs.get("samcache")
+        return json.loads(raw) if raw is not None else {}
+
+    def set_meta(self, meta: dict) -> None:
+        self.file.attrs["samcache"] = json.dumps(meta)
+
+    def read_str(self, name) -> np.ndarray:
+        return np.asarray(self.file[name].asstr()[:], dtype=str)
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class EmbeddingStore:
+    """A store of SAM embeddings; make one with :meth:`create`, reopen it with :meth:`open`."""
+
+    def __init__(self, path: str, backend, writable: bool):
+        self.path = path
+        self.format = "hdf5" if isinstance(backend, _H5Backend) else "zarr"
+        self._b = backend
+        self.writable = writable
+        self.meta = backend.get_meta()
+        if self.meta.get("schema_version") is None:
+            raise StoreError(f"{path} is not a samcache store (no samcache attributes)")
+        if self.meta["schema_version"] > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {self.meta['schema_version']}; this samcache reads up to "
+                f"{SCHEMA_VERSION}. Upgrade samcache"
+            )
+        self.labels = np.asarray(backend["labels"][:], dtype=np.int64)
+        self.ids = backend.read_str("ids")
+        self.splits = np.array(SPLITS)[np.asarray(backend["splits"][:], dtype=np.int64)]
+        self.orig_size = np.asarray(backend["orig_size"][:])
+        self.valid = np.asarray(backend["valid"][:])
+        self.window = np.asarray(backend["window"][:])
+        self.done = np.asarray(backend["done"][:], dtype=bool)
+
+    # construction --------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        manifest: DatasetManifest,
+        signature: dict,
+        dtype: str = "float16",
+        image_size: int | None = None,
+        shard_size: int = 16,
+    ) -> "EmbeddingStore":
+        """Create an empty store for ``manifest``; nothing is marked done.
+
+        Arguments:
+          path: a ``.zarr`` folder (or any fsspec URL zarr accepts) or an ``.h5`` file.
+          manifest: the dataset; its order is the store's row order.
+          signature: the encoder's :meth:`Encoder.signature`.
+          dtype: ``float16`` (default), ``bfloat16`` or ``float32`` for the embeddings.
+          image_size: R, to keep each image at RxR in the embedding's frame; None keeps none.
+          shard_size: samples per Zarr shard file (ignored for HDF5).
+
+        Raises:
+          StoreError: the path exists already, or an argument is out of range.
+        """
+        path = str(path)
+        if cls.exists(path):
+            raise StoreError(f"{path} exists already; open it to resume, or remove it first")
+        if dtype not in _DTYPES:
+            raise StoreError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if shard_size < 1:
+            raise StoreError("shard_size must be at least 1")
+        n = len(manifest)
+        fmt = store_format(path)
+        b = _H5Backend(path, "w") if fmt == "hdf5" else _ZarrBackend(path, "w")
+        np_dtype = "float32" if dtype == "float32" else "float16"
+        if dtype == "bfloat16":  # numpy has no bfloat16: keep its raw bits
+            np_dtype = "uint16"
+        shards = (min(shard_size, n),) + EMBED_SHAPE if fmt == "zarr" else None
+        b.create_array("embeddings", (n,) + EMBED_SHAPE, np_dtype, (1,) + EMBED_SHAPE, shards)
+        if image_size:
+            img_shape = (3, image_size, image_size)
+            b.create_array("images", (n,) + img_shape, "uint8", (1,) + img_shape,
+                           (min(shard_size, n),) + img_shape if fmt == "zarr" else None)
+        b.create_array("labels", (n,), "int64", (n,))
+        b.create_array("ids", (n,), str, (n,))
+        b.create_array("splits", (n,), "uint8", (n,))
+        b.create_array("orig_size", (n, 2), "int32", (n, 2))
+        b.create_array("valid", (n, 2), "int32", (n, 2))
+        b.create_array("window", (n, 2), "float32", (n, 2))
+        b.create_array("done", (n,), "bool", (min(n, 1 << 16),))
+        b["labels"][:] = manifest.labels
+        b["ids"][:] = np.array(manifest.ids, dtype=object if fmt == "hdf5" else str)
+        b["splits"][:] = np.array([SPLITS.index(s) for s in manifest.splits], dtype=np.uint8)
+        b["window"][:] = np.full((n, 2), np.nan, dtype=np.float32)
+        from . import __version__
+
+        meta = {"schema_version": SCHEMA_VERSION}
+        meta.update({k: signature.get(k) for k in ("encoder", "checkpoint_sha256", "random_weights", "preprocessing")})
+        meta.update(
+            dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size,
+            class_names=list(manifest.class_names), split_info=manifest.split_info,
+            dataset={"root": manifest.root, "kind": manifest.kind}, shard_size=shard_size,
+            package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            skipped=[],
+        )
+        b.set_meta(meta)
+        b.flush()
+        return cls(path, b, writable=True)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "EmbeddingStore":
+        """Open an existing store, read-only (``"r"``) or for resuming (``"r+"``).
+
+        Raises:
+          StoreError: it does not exist, is not a samcache store, or is damaged.
+        """
+        path = str(path)
+        if not cls.exists(path):
+            raise StoreError(f"store {path} does not exist")
+        try:
+            b = _H5Backend(path, mode) if store_format(path) == "hdf5" else _ZarrBackend(path, mode)
+            return cls(path, b, writable=mode != "r")
+        except StoreError:
+            raise
+        except Exception as exc:  # zarr/h5py raise many kinds for a foreign or damaged path
+            raise StoreError(f"{path} is not a readable samcache store: {exc}") from exc
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether something is at ``path`` (a local path; URLs are probed through zarr)."""
+        path = str(path)
+        if "://" not in path:
+            return Path(path).exists()
+        import zarr
+
+        try:
+            zarr.open_group(path, mode="r")
+            return True
+        except Exception:
+            return False
+
+    @staticmethod
+    def remove(path: str | Path) -> None:
+        """Delete a local store (folder or file); what ``--overwrite`` does."""
+        p = Path(str(path))
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+    # signature -----------------------------------------------------------------------------
+    @property
+    def signature(self) -> dict:
+        return {k: self.meta.get(k) for k in SIGNATURE_KEYS}
+
+    def check_signature(self, expected: dict) -> None:
+        """Refuse to mix: raise :class:`StoreMismatchError` naming every field that differs."""
+        have, want = _flatten(self.signature), _flatten({k: expected.get(k) for k in SIGNATURE_KEYS})
+        diffs = [f"{k}: store has {have.get(k)!r}, this run asks for {want.get(k)!r}"
+                 for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        if diffs:
+            raise StoreMismatchError(
+                f"store {self.path} was made differently and will not be mixed:\n  " + "\n  ".join(diffs)
+                + "\nWrite to a new --out, or pass --overwrite to start it over."
+            )
+
+    # contents ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def image_size(self) -> int | None:
+        return self.meta.get("image_size")
+
+    @property
+    def embeddings(self):
+        """The ``(N, 256, 64, 64)`` array; index it like numpy (reads only what is asked)."""
+        return self._b["embeddings"]
+
+    @property
+    def images(self):
+        """The ``(N, 3, R, R)`` uint8 array, or None when the store keeps no images."""
+        return self._b["images"] if "images" in self._b else None
+
+    def read_embeddings(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as float16/float32 numpy (bfloat16 bits are widened to float32)."""
+        raw = np.asarray(self.embeddings[start:stop])
+        if self.meta["dtype"] == "bfloat16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw
+
+    def split_indices(self, split: str, done_only: bool = True) -> np.ndarray:
+        """Row indices in ``split`` (``train``/``val``/``test``), by default only done rows."""
+        mask = self.splits == split
+        if done_only:
+            mask &= self.done
+        return np.flatnonzero(mask)
+
+    # writing -------------------------------------------------------------------------------
+    def write_rows(self, start: int, embeddings: np.ndarray, orig_size: np.ndarray, valid: np.ndarray,
+                   window: np.ndarray, images: np.ndarray | None = None) -> None:
+        """Write rows ``start:start+len(embeddings)`` of every per-sample array; ``done`` is untouched."""
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only")
+        stop = start + len(embeddings)
+        self._b["embeddings"][start:stop] = embeddings
+        if images is not None and "images" in self._b:
+            self._b["images"][start:stop] = images
+        self._b["orig_size"][start:stop] = orig_size
+        self._b["valid"][start:stop] = valid
+        self._b["window"][start:stop] = window
+
+    def mark_done(self, indices: np.ndarray) -> None:
+        """Set the done flag of ``indices``; call only after their rows are written."""
+        self.done[indices] = True
+        self._b["done"][:] = self.done
+        self._b.flush()
+
+    def set_skipped(self, skipped: list[dict]) -> None:
+        """Record the images that could not be read in the last run (replaces the old report)."""
+        self.meta["skipped"] = skipped
+        self._b.set_meta(self.meta)
+        self._b.flush()
+
+    def close(self) -> None:
+        self._b.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

