@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets import DatasetManifest, open_dataset
 from .encoders import Encoder, create_encoder
 from .preprocess import ImageDecodeError, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
-from .store import EmbeddingStore, StoreError
+from .store import EmbeddingStore, StoreError, contiguous_runs
 
 __all__ = ["extract_dataset", "ExtractionResult"]
 
@@ -82,16 +82,6 @@ class _FrameDataset(Dataset):
         return item
 
 
-def _runs(indices: np.ndarray):
-    """Split sorted indices into ``(position, start, stop)`` runs of consecutive values."""
-    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-    pos = 0
-    for run in np.split(indices, breaks):
-        if len(run):
-            yield pos, int(run[0]), int(run[-1]) + 1
-            pos += len(run)
-
-
 class _Writer:
     """One background thread that writes batches in order, then marks them done."""
 
@@ -110,7 +100,7 @@ class _Writer:
                 if ready is not None:
                     ready.synchronize()  # the device-to-host copy has landed
                 emb = emb.numpy() if emb.dtype != torch.bfloat16 else emb.view(torch.uint16).numpy()
-                for pos, start, stop in _runs(indices):
+                for pos, start, stop in contiguous_runs(indices):
                     sl = slice(pos, pos + stop - start)
                     self.store.write_rows(start, emb[sl], orig[sl], valid[sl], window[sl],
                                           None if images is None else images[sl])

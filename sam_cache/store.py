@@ -74,6 +74,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def contiguous_runs(indices: np.ndarray):
+    """Split sorted indices into ``(position, start, stop)`` runs of consecutive values."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    pos = 0
+    for run in np.split(indices, breaks):
+        if len(run):
+            yield pos, int(run[0]), int(run[-1]) + 1
+            pos += len(run)
+
+
 class _ZarrBackend:
     def __init__(self, path: str, mode: str):
         import zarr
@@ -327,6 +337,18 @@ class EmbeddingStore:
         if self.meta["dtype"] == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw
+
+    def read_rows(self, indices: np.ndarray, name: str = "embeddings") -> np.ndarray:
+        """Rows ``indices`` (sorted, unique) of ``embeddings`` or ``images``, read run by run.
+
+        Embeddings come back as :meth:`read_embeddings` gives them (bfloat16 widened to float32).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        read = self.read_embeddings if name == "embeddings" else lambda a, b: np.asarray(self._b[name][a:b])
+        parts = [read(start, stop) for _, start, stop in contiguous_runs(indices)]
+        if parts:
+            return np.concatenate(parts)
+        return np.zeros((0,) + tuple(self._b[name].shape[1:]), dtype=self._b[name].dtype)
 
     def split_indices(self, split: str, done_only: bool = True) -> np.ndarray:
         """Row indices in ``split`` (``train``/``val``/``test``), by default only done rows."""
