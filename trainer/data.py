@@ -6,7 +6,9 @@ cell units: at first the image's own (unpadded) part of the frame, ``64*w/max(h,
 horizontal flip. The same box, scaled by ``R/64``, is cut from the stored ``RxR`` image, and both
 are resampled with ``torchvision.ops.roi_align`` (``aligned=True``), the embedding to 64x64 and
 the image to the training size; then both are flipped or neither is. So embedding cell (i, j)
-always describes the same image region before and after the transform.
+always describes the same image region before and after the transform. (Bilinear sampling lets
+the outermost output row or column of an image that does not fill the frame reach less than half
+a stored pixel into the zero padding.)
 
 Residency (:class:`PairedCache`): the rows a run needs are loaded once into GPU memory when they
 fit, else into (pinned) host memory when that fits, else read from the store per batch

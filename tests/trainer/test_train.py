@@ -1,0 +1,138 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.slca_train import app
+from sam_cache import EmbeddingStore, extract_dataset
+from trainer import TrainConfig, TrainError, train
+from trainer.evaluate import build_model
+
+RUN_FILES = {"config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt", "curves.png", "confusion.png",
+             "attention.png"}
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def _cfg(store, out, **kw):
+    base = dict(cache=str(store), out=str(out), epochs=2, batch_size=4, img_size=32, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def slca_run(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "slca"
+    result = runner.invoke(app, ["--cache", str(tiny_store), "--out", str(out), "--epochs", "2", "--batch-size", "4",
+                                 "--img-size", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_two_epoch_run_writes_every_file(slca_run):
+    out, output = slca_run
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
+    rows = _csv(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert {"train_loss", "val_loss", "val_balanced_accuracy", "val_auc", "img_per_s", "data_order"} <= set(rows[0])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test"]["n"] == 3 and set(m["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion"}
+    assert np.array(m["test"]["confusion"]).sum() == 3 and m["cache_mode"] == "host" and m["slca"] is True
+    assert TrainConfig.load(out / "config.yaml").slca is True
+    assert "random init" in output and "SLCA on stages ['layer1', 'layer2', 'layer3', 'layer4']" in output
+
+
+def test_eval_reproduces_the_test_metrics(slca_run, tiny_store):
+    out, _ = slca_run
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.pt"), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.output)
+    saved = json.loads((out / "metrics.json").read_text())["test"]
+    assert again["confusion"] == saved["confusion"] and again["loss"] == pytest.approx(saved["loss"], rel=1e-5)
+    table = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.pt"), "--split", "val", "--device", "cpu"])
+    assert table.exit_code == 0 and "val (3 samples): accuracy" in table.output
+
+
+def test_no_slca_trains_the_same_backbone_on_the_same_data_order(slca_run, tiny_store, tmp_path):
+    out, _ = slca_run
+    result = runner.invoke(app, ["--cache", str(tiny_store), "--out", str(tmp_path / "plain"), "--epochs", "2",
+                                 "--batch-size", "4", "--img-size", "32", "--device", "cpu", "--no-slca"])
+    assert result.exit_code == 0, result.output
+    assert "no SLCA" in result.output
+    plain, slca = _csv(tmp_path / "plain" / "metrics.csv"), _csv(out / "metrics.csv")
+    assert [r["data_order"] for r in plain] == [r["data_order"] for r in slca]
+    a = build_model(_cfg(tiny_store, tmp_path, slca=False), 3).backbone.state_dict()
+    b = build_model(_cfg(tiny_store, tmp_path, slca=True), 3).backbone.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a different seed changes the order: the digest is not a constant
+    other = train(_cfg(tiny_store, tmp_path / "seed1", seed=1, epochs=1), log=lambda s: None)
+    assert other and _csv(tmp_path / "seed1" / "metrics.csv")[0]["data_order"] != slca[0]["data_order"]
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_store, tmp_path):
+    full = train(_cfg(tiny_store, tmp_path / "full"), log=lambda s: None)
+
+    def stop_after_first(row):
+        if row["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_store, tmp_path / "cut"), log=lambda s: None, on_epoch=stop_after_first)
+    with pytest.raises(TrainError, match="--resume"):
+        train(_cfg(tiny_store, tmp_path / "cut"), log=lambda s: None)
+    resumed = train(_cfg(tiny_store, tmp_path / "cut"), resume=True, log=lambda s: None)
+    a, b = _csv(tmp_path / "full" / "metrics.csv"), _csv(tmp_path / "cut" / "metrics.csv")
+    assert [float(r["train_loss"]) for r in a] == pytest.approx([float(r["train_loss"]) for r in b], rel=1e-5)
+    assert resumed["test"]["confusion"] == full["test"]["confusion"]
+
+
+def test_nan_loss_is_a_clear_error(tiny_store, tmp_path):
+    bad = tmp_path / "nan.zarr"
+    shutil.copytree(tiny_store, bad)
+    with EmbeddingStore.open(bad, "r+") as s:
+        rows = s.read_embeddings(0, len(s))
+        rows[:, :, :, :] = np.nan  # a damaged store: what `samcache verify` would report
+        s.embeddings[:] = rows
+    with pytest.raises(TrainError, match=r"loss is nan at epoch 0, step 0: lower --lr, or check the store"):
+        train(_cfg(bad, tmp_path / "r"), log=lambda s: None)
+
+
+def test_labels_out_of_range_are_refused(tiny_store, tmp_path):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(tiny_store, bad)
+    import zarr
+
+    labels = zarr.open_array(str(bad / "labels"), mode="r+")
+    labels[4] = 7
+    with pytest.raises(TrainError, match=r"labels of samples \[4\] are outside 0..2"):
+        train(_cfg(bad, tmp_path / "r"), log=lambda s: None)
+
+
+def test_missing_split_and_missing_images_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+             train_labels=np.array([0, 1, 0, 1]), test_images=rng.integers(0, 255, (2, 28, 28), dtype=np.uint8),
+             test_labels=np.array([0, 1]))
+    extract_dataset(tmp_path / "d.npz", tmp_path / "s.zarr", "tiny", image_size=32, num_workers=0, progress=False)
+    with pytest.raises(TrainError, match="has no such split in split 'val'"):
+        train(_cfg(tmp_path / "s.zarr", tmp_path / "r"), log=lambda s: None)
+    extract_dataset(tmp_path / "d.npz", tmp_path / "noimg.zarr", "tiny", image_size=0, num_workers=0, progress=False)
+    with EmbeddingStore.open(tmp_path / "noimg.zarr", "r+") as s:
+        s._b["splits"][1] = 1  # make a val split so the images check is reached
+    with pytest.raises(TrainError, match="keeps no images; extract it again with --image-size"):
+        train(_cfg(tmp_path / "noimg.zarr", tmp_path / "r2"), log=lambda s: None)
+
+
+def test_cli_errors_are_one_line(tiny_store, tmp_path):
+    result = runner.invoke(app, ["--cache", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "store" in result.output and "does not exist" in result.output
+    result = runner.invoke(app, ["--cache", str(tiny_store), "--out", str(tmp_path / "r"), "--window", "5"])
+    assert result.exit_code == 1 and "window must divide 64" in result.output
