@@ -9,8 +9,8 @@ import warnings
 import typer
 from rich.console import Console
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # log lines stay whole in files and pipes
+err_console = Console(stderr=True, soft_wrap=True)
 
 # timm still imports its own deprecated aliases; users should not see that on every run.
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)

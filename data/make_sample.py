@@ -1,6 +1,6 @@
 """Generate samcache's embedded demo dataset: SYNTHETIC ultrasound-like images in three classes.
 
-    python data/make_sample.py data/sample --per-class 30
+    python data/make_sample.py data/sample
 
 Nothing here is real patient data. Every class name starts with ``synthetic-`` and the folder
 gets a SYNTHETIC.txt, so the label travels with the data into stores and reports.
@@ -75,7 +75,7 @@ def make_image(rng: np.random.Generator, label: int) -> np.ndarray:
     return np.clip(img * 255.0, 0, 255).astype(np.uint8)
 
 
-def make_sample(out: str | Path, per_class: int = 30, seed: int = 0) -> Path:
+def make_sample(out: str | Path, per_class: int = 24, seed: int = 0) -> Path:
     """Write ``per_class`` PNGs per class under ``out/<class>/`` and return ``out``."""
     out = Path(out)
     rng = np.random.default_rng(seed)
@@ -93,7 +93,7 @@ def make_sample(out: str | Path, per_class: int = 30, seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output folder, e.g. data/sample")
-    parser.add_argument("--per-class", type=int, default=30)
+    parser.add_argument("--per-class", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = make_sample(args.out, args.per_class, args.seed)
