@@ -54,19 +54,17 @@ def main_command(
     select_metric: str = typer.Option("balanced_accuracy", help="accuracy, balanced_accuracy, macro_f1 or auc."),
     device: Optional[str] = typer.Option(None),
     residency: str = typer.Option("auto", help="Cache residency: auto, gpu, host or stream."),
+    config: Optional[str] = typer.Option(None, help="A config.yaml/best.yaml to rerun; flags given too override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder's results."),
 ) -> None:
     """Train (the default command). See `slca-train eval --help` to re-evaluate a checkpoint."""
     if ctx.invoked_subcommand is not None:
         return
-    if cache is None or out is None:
-        err_console.print("[bold red]error:[/] --cache and --out are required (slca-train --help)")
-        raise typer.Exit(2)
     from trainer import TrainConfig, train
 
     with _errors():
-        cfg = TrainConfig(
+        flags = dict(
             cache=cache, out=out, backbone=backbone, backbone_kwargs=json.loads(backbone_kwargs), pretrained=pretrained,
             slca=slca, window=window, pool=pool, reduction=reduction, stages=_stages(stages), gate=gate, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, img_size=img_size,
@@ -74,8 +72,59 @@ def main_command(
             subset_seed=subset_seed, seed=seed, patience=patience, select_metric=select_metric, device=device,
             residency=residency,
         )
+        if config is not None:
+            base = TrainConfig.load(config).to_dict()
+            given = {k: v for k, v in flags.items() if _given(ctx, k)}
+            flags = {**base, **given}
+        if flags["cache"] is None or flags["out"] is None:
+            err_console.print("[bold red]error:[/] --cache and --out are required (slca-train --help)")
+            raise typer.Exit(2)
+        cfg = TrainConfig.from_dict(flags)
         cfg.slca_config()  # refuse a bad SLCA design before loading anything
         train(cfg, resume=resume, overwrite=overwrite, log=lambda s: console.print(s, highlight=False))
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether a flag was typed on the command line (so it overrides --config)."""
+    from click.core import ParameterSource
+
+    key = {"crop_scale": "crop_scale_min"}.get(name, name)
+    return ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE
+
+
+@app.command()
+def sweep(
+    cache: str = typer.Option(..., help="The store; loaded into memory once for all trials."),
+    space: str = typer.Option(..., help="Sweep space YAML (see trainer/sweep.py, examples/sweep_sample.yaml)."),
+    out: str = typer.Option(..., help="Sweep folder; an interrupted sweep there resumes."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Run a grid or an Optuna search over training flags on one cache."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from trainer.sweep import load_space, run_sweep
+
+    with _errors():
+        sp = load_space(space)
+        columns = ["trial", "status", *sp.params, f"val_{sp.metric}", f"test_{sp.metric}", "seconds"]
+        table = Table(title=f"{sp.method} sweep on {cache}")
+        for c in columns:
+            table.add_column(c, justify="right")
+
+        def cell(v):
+            return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+        with Live(table, console=console, auto_refresh=False) as live:
+            def on_trial(row):
+                table.add_row(*(cell(row.get(c)) for c in columns))
+                live.refresh()
+
+            result = run_sweep(cache, sp, out, device=device, on_trial=on_trial,
+                               log=lambda s: live.console.print(s, highlight=False))
+    best = result["best"]
+    console.print(f"best: trial {best['trial']} with val {sp.metric} {cell(best[f'val_{sp.metric}'])}; "
+                  f"rerun it with: slca-train --config {result['best_config']}", highlight=False)
 
 
 @app.command("eval")

@@ -165,18 +165,25 @@ class PairedCache:
         where = {"gpu": "GPU memory", "host": "host memory", "stream": "streamed from the store per batch"}[self.mode]
         return f"{len(self.rows)} samples, {self.bytes / 2**20:.0f} MiB, in {where}"
 
-    def batch(self, store_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, np.ndarray]:
-        """Images, embeddings (or None), labels and regions of ``store_rows``, on the device."""
+    def covers(self, store_rows: np.ndarray) -> bool:
+        """Whether every row in ``store_rows`` is held by this cache."""
+        return all(int(r) in self.position for r in store_rows)
+
+    def batch(self, store_rows: np.ndarray, embeddings: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, np.ndarray]:
+        """Images, embeddings (None when asked not to, or not held), labels and regions of
+        ``store_rows``, on the device."""
         pos = np.array([self.position[int(r)] for r in store_rows])
+        embeddings = embeddings and self.with_embeddings
         if self.mode == "stream":
             order = np.argsort(store_rows)
             inverse = np.argsort(order)
             img = torch.from_numpy(self.store.read_rows(store_rows[order], "images")[inverse])
-            emb = torch.from_numpy(self.store.read_rows(store_rows[order])[inverse]) if self.with_embeddings else None
+            emb = torch.from_numpy(self.store.read_rows(store_rows[order])[inverse]) if embeddings else None
         else:
             p = torch.from_numpy(pos).to(self.img.device)
             img = self.img.index_select(0, p)
-            emb = self.emb.index_select(0, p) if self.emb is not None else None
+            emb = self.emb.index_select(0, p) if embeddings else None
         non_blocking = self.device.type == "cuda"
         img = img.to(self.device, non_blocking=non_blocking)
         emb = emb.to(self.device, non_blocking=non_blocking) if emb is not None else None

@@ -55,7 +55,7 @@ def predict(model: SLCAClassifier, cache: PairedCache, rows: np.ndarray, cfg: Tr
     probs, labels, losses = [], [], []
     for start in range(0, len(rows), cfg.batch_size):
         chunk = rows[start:start + cfg.batch_size]
-        img, emb, y, regions = cache.batch(chunk)
+        img, emb, y, regions = cache.batch(chunk, cfg.slca)
         boxes, flips = sample_boxes(regions, None, None)
         x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
         x = norm(x)

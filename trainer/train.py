@@ -86,7 +86,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-          log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None) -> dict:
+          log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None,
+          cache: PairedCache | None = None) -> dict:
     """Train SLCA + backbone (or the backbone alone) on a store; write the run folder.
 
     Arguments:
@@ -95,6 +96,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
       overwrite: replace an existing run folder's results.
       log: where progress lines go.
       on_epoch: called with each epoch's metrics row.
+      cache: a :class:`PairedCache` already loaded (sweeps load the store once for all trials);
+        by default the run loads its own from ``cfg.cache``.
 
     Returns:
       The content of ``metrics.json``: test metrics of the best checkpoint, best epoch, cache mode.
@@ -113,13 +116,17 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(cfg.seed)
 
     # data
-    store = EmbeddingStore.open(cfg.cache)
+    own_cache = cache is None
+    store = EmbeddingStore.open(cfg.cache) if own_cache else cache.store
     train_rows, val_rows, test_rows = _check_store(store, cfg)
-    try:
-        cache = PairedCache(store, np.concatenate([train_rows, val_rows, test_rows]), device, cfg.residency,
-                            embeddings=cfg.slca)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
+    needed = np.concatenate([train_rows, val_rows, test_rows])
+    if own_cache:
+        try:
+            cache = PairedCache(store, needed, device, cfg.residency, embeddings=cfg.slca)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+    elif not cache.covers(needed) or (cfg.slca and not cache.with_embeddings):
+        raise TrainError("the shared cache lacks rows or embeddings that this run needs")
     class_names = store.class_names
     log(f"cache: {cache.describe()}")
     log(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(test_rows)} test, {len(class_names)} classes"
@@ -164,7 +171,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         for step in range(steps):
             rows = order[step * bs:(step + 1) * bs]
-            img, emb, y, regions = cache.batch(rows)
+            img, emb, y, regions = cache.batch(rows, cfg.slca)
             boxes, flips = sample_boxes(regions, aug, rng)
             digest.update(rows.tobytes()), digest.update(np.round(boxes, 4).tobytes()), digest.update(flips.tobytes())
             x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
@@ -233,7 +240,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     plot_learning_curves(history, out / "curves.png", cfg.select_metric)
     plot_confusion(test["confusion"], class_names, out / "confusion.png", f"test, best epoch {best_state['epoch'] + 1}")
     _attention_figure(model, cache, test_rows[: cfg.attention_images], cfg, device, norm, class_names, out / "attention.png")
-    store.close()
+    if own_cache:
+        store.close()
     log(f"test: accuracy {test['accuracy']:.3f}  balanced accuracy {test['balanced_accuracy']:.3f}  "
         f"macro-F1 {test['macro_f1']:.3f}  AUC {test['auc'] if test['auc'] is None else round(test['auc'], 3)}")
     log(f"wrote {out}/: config.yaml metrics.csv metrics.json last.pt best.pt curves.png confusion.png attention.png")
@@ -244,7 +252,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 def _attention_figure(model, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig, device, norm, class_names,
                       path: Path) -> None:
     model.eval()
-    img, emb, y, regions = cache.batch(rows)
+    img, emb, y, regions = cache.batch(rows, cfg.slca)
     boxes, flips = sample_boxes(regions, None, None)
     x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
     logits = model(norm(x), e)

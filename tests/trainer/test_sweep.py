@@ -1,0 +1,93 @@
+import csv
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.slca_train import app
+from sam_cache.store import EmbeddingStore
+from trainer import TrainConfig
+from trainer.sweep import SweepSpace, load_space, run_sweep
+
+runner = CliRunner(env={"COLUMNS": "200"})
+BASE = {"epochs": 1, "img_size": 32, "batch_size": 4, "residency": "host"}
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_sweep_of_eight_trials_reads_the_store_once_and_resumes(tiny_store, tmp_path, monkeypatch):
+    space = SweepSpace({"method": "grid", "base": BASE,
+                        "params": {"lr": [1e-3, 3e-4], "window": [2, 8], "pool": ["avg", "max"]}})
+    reads = []
+    original = EmbeddingStore.read_rows
+    monkeypatch.setattr(EmbeddingStore, "read_rows", lambda self, idx, name="embeddings": reads.append(name)
+                        or original(self, idx, name))
+    seen = []
+    result = run_sweep(tiny_store, space, tmp_path / "sweep", device="cpu", on_trial=seen.append, log=lambda s: None)
+    assert len(seen) == 8 and sorted(reads) == ["embeddings", "images"]  # one load, shared by all trials
+    rows = _rows(tmp_path / "sweep" / "trials.csv")
+    assert len(rows) == 8 and {(r["lr"], r["window"], r["pool"]) for r in rows} == {
+        (lr, w, p) for lr in ("0.001", "0.0003") for w in ("2", "8") for p in ("avg", "max")}
+    best = TrainConfig.load(result["best_config"])
+    assert best.out.endswith("best") and best.epochs == 1
+    assert str(best.window) == str(result["best"]["window"])
+
+    # interrupt: forget the last three trials; the rerun runs exactly those
+    with open(tmp_path / "sweep" / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:5])
+    again = []
+    run_sweep(tiny_store, space, tmp_path / "sweep", device="cpu", on_trial=again.append, log=lambda s: None)
+    assert [r["trial"] for r in again] == [5, 6, 7]
+    assert len(_rows(tmp_path / "sweep" / "trials.csv")) == 8
+
+
+def test_best_config_reruns_as_is(tiny_store, tmp_path):
+    space = SweepSpace({"base": BASE, "params": {"window": [4, 16]}})
+    result = run_sweep(tiny_store, space, tmp_path / "s", device="cpu", log=lambda s: None)
+    out = runner.invoke(app, ["--config", result["best_config"], "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    rerun = yaml.safe_load((tmp_path / "s" / "best" / "config.yaml").read_text())
+    assert rerun["window"] == int(result["best"]["window"]) and rerun["epochs"] == 1
+
+
+def test_optuna_sweep_with_pruning_resumes(tiny_store, tmp_path):
+    pytest.importorskip("optuna")
+    spec = {"method": "optuna", "trials": 3, "base": {**BASE, "epochs": 2},
+            "params": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "window": [2, 4]}}
+    run_sweep(tiny_store, SweepSpace(spec), tmp_path / "o", device="cpu", log=lambda s: None)
+    assert len(_rows(tmp_path / "o" / "trials.csv")) == 3
+    spec["trials"] = 4
+    run_sweep(tiny_store, SweepSpace(spec), tmp_path / "o", device="cpu", log=lambda s: None)
+    rows = _rows(tmp_path / "o" / "trials.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"complete", "pruned"}
+
+
+def test_cli_sweep_prints_a_table(tiny_store, tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"base": BASE, "params": {"pool": ["avg", "max"]}}))
+    out = runner.invoke(app, ["sweep", "--cache", str(tiny_store), "--space", str(tmp_path / "space.yaml"),
+                              "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "grid sweep on" in out.output and "val_balanced_accuracy" in out.output
+    assert "rerun it with: slca-train --config" in out.output
+
+
+def test_bad_space_files_are_named(tmp_path):
+    (tmp_path / "s.yaml").write_text("method: random\nparams: {lr: [1]}\n")
+    with pytest.raises(ValueError, match=r"s\.yaml: method must be grid or optuna"):
+        load_space(tmp_path / "s.yaml")
+    with pytest.raises(ValueError, match=r"cannot sweep \['cache'\]"):
+        SweepSpace({"params": {"cache": ["x"]}})
+    with pytest.raises(ValueError, match="unknown training options: nonsense"):
+        SweepSpace({"base": {"nonsense": 1}, "params": {"lr": [1]}})
+
+
+def test_example_space_is_valid():
+    from conftest import ROOT
+
+    assert load_space(ROOT / "examples" / "sweep_sample.yaml").grid().__len__() == 8
+    assert load_space(ROOT / "examples" / "sweep_optuna.yaml").method == "optuna"

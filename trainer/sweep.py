@@ -1,0 +1,218 @@
+"""Hyperparameter sweeps on one cache: a grid, or an Optuna search with pruning.
+
+The store is loaded into memory once (:class:`~trainer.data.PairedCache`) and every trial trains
+from it; nothing is re-read per trial. A space file (YAML) names the method, the fixed recipe
+and the swept flags::
+
+    method: grid            # grid | optuna
+    metric: balanced_accuracy   # validation metric that ranks trials
+    trials: 20              # optuna only: how many trials in all
+    seed: 0                 # optuna sampler seed
+    base:                   # fixed TrainConfig fields
+      epochs: 3
+      img_size: 64
+    params:                 # grid: lists of values; optuna: lists (categorical) or
+      lr: [0.001, 0.0003]   #   {low: .., high: .., log: true} ranges
+      window: [2, 8]
+
+Outputs in the sweep folder: ``trials.csv`` (one row per finished trial, rewritten as trials
+finish), ``trials/NNNN/`` (each trial's run folder), ``best.yaml`` (the best trial's full
+recipe, which ``slca-train --config best.yaml`` reruns as is) and, for Optuna, ``optuna.db``.
+An interrupted sweep resumes: finished trials are kept and not run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from sam_cache.store import EmbeddingStore
+
+from .config import TrainConfig
+from .data import PairedCache
+from .evaluate import TrainError, resolve_device
+from .train import METRIC_KEYS, train
+
+__all__ = ["SweepSpace", "load_space", "run_sweep"]
+
+SWEEPABLE = {"lr", "weight_decay", "window", "pool", "reduction", "stages", "gate", "backbone", "train_fraction",
+             "shots", "seed", "slca", "batch_size", "label_smoothing", "epochs", "img_size", "subset_seed"}
+
+
+class SweepSpace:
+    """A parsed, checked space file."""
+
+    def __init__(self, spec: dict, source: str = "<dict>"):
+        self.method = spec.get("method", "grid")
+        if self.method not in ("grid", "optuna"):
+            raise ValueError(f"{source}: method must be grid or optuna, got {self.method!r}")
+        self.metric = spec.get("metric", "balanced_accuracy")
+        if self.metric not in METRIC_KEYS:
+            raise ValueError(f"{source}: metric must be one of {METRIC_KEYS}, got {self.metric!r}")
+        self.base = dict(spec.get("base") or {})
+        self.params = dict(spec.get("params") or {})
+        self.trials = int(spec.get("trials", 0))
+        self.seed = int(spec.get("seed", 0))
+        if not self.params:
+            raise ValueError(f"{source}: 'params' names no flag to sweep")
+        unknown = set(self.params) - SWEEPABLE
+        if unknown:
+            raise ValueError(f"{source}: cannot sweep {sorted(unknown)}; sweepable: {sorted(SWEEPABLE)}")
+        for name, values in self.params.items():
+            if self.method == "grid" and not isinstance(values, list):
+                raise ValueError(f"{source}: grid parameter {name!r} needs a list of values")
+        if self.method == "optuna" and self.trials < 1:
+            raise ValueError(f"{source}: an optuna sweep needs 'trials' >= 1")
+        TrainConfig.from_dict({"cache": "", "out": "", **self.base})  # refuse unknown base fields now
+
+    def grid(self) -> list[dict]:
+        names = list(self.params)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(self.params[n] for n in names))]
+
+
+def load_space(path: str | Path) -> SweepSpace:
+    """Read and check a space file. Raises ValueError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep space {path} does not exist")
+    return SweepSpace(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def _read_trials(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_trials(rows: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str | None = None,
+              on_trial: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run every trial of ``space`` on the store ``cache``; resume a sweep already in ``out``.
+
+    Arguments:
+      cache: the store.
+      space: from :func:`load_space`.
+      out: the sweep folder.
+      device: default CUDA when available.
+      on_trial: called with each finished trial's row (the CLI draws its table from these).
+      log: where the one-off lines go.
+
+    Returns:
+      ``{"best": row, "trials": rows, "best_config": path}``.
+
+    Raises:
+      TrainError, StoreError, ValueError: as a single training run would.
+    """
+    out = Path(out)
+    (out / "trials").mkdir(parents=True, exist_ok=True)
+    (out / "space.yaml").write_text(yaml.safe_dump({"method": space.method, "metric": space.metric,
+                                                    "trials": space.trials, "seed": space.seed,
+                                                    "base": space.base, "params": space.params}, sort_keys=False))
+    dev = resolve_device(device)
+    rows = _read_trials(out / "trials.csv")
+    if rows:
+        log(f"resuming: {len(rows)} finished trial(s) kept from {out / 'trials.csv'}")
+
+    # the store, once, for all trials
+    store = EmbeddingStore.open(cache)
+    needs_emb = space.base.get("slca", True) or True in space.params.get("slca", [])
+    residency = space.base.get("residency", "auto")
+    cache_obj = PairedCache(store, np.flatnonzero(store.done), dev, residency, embeddings=needs_emb)
+    log(f"cache: {cache_obj.describe()}, shared by every trial")
+
+    def run_one(number: int, params: dict, report=None) -> dict:
+        cfg = TrainConfig.from_dict({"cache": str(cache), "out": str(out / "trials" / f"{number:04d}"),
+                                     "device": str(dev), **space.base, **params})
+        t0 = time.perf_counter()
+        result = train(cfg, overwrite=True, log=lambda s: None, cache=cache_obj, on_epoch=report)
+        row = {"trial": number, "status": "complete", **{k: json.dumps(v) if isinstance(v, list) else v
+                                                         for k, v in params.items()},
+               **{f"val_{k}": result["val_best"][k] for k in METRIC_KEYS},
+               **{f"test_{k}": result["test"][k] for k in METRIC_KEYS},
+               "best_epoch": result["best_epoch"], "seconds": round(time.perf_counter() - t0, 1)}
+        return row
+
+    def finish(row: dict) -> None:
+        rows.append(row)
+        _write_trials(rows, out / "trials.csv")
+        if on_trial is not None:
+            on_trial(row)
+
+    try:
+        if space.method == "grid":
+            done = {int(r["trial"]) for r in rows}
+            for number, params in enumerate(space.grid()):
+                if number not in done:
+                    finish(run_one(number, params))
+        else:
+            _optuna(space, out, rows, run_one, finish)
+    finally:
+        store.close()
+
+    complete = [r for r in rows if r["status"] == "complete"]
+    if not complete:
+        raise TrainError(f"sweep {out}: no trial completed")
+    key = f"val_{space.metric}"
+    best = max(complete, key=lambda r: (float(r[key]) if r[key] not in ("", None) else -1.0))
+    best_cfg = TrainConfig.load(out / "trials" / f"{int(best['trial']):04d}" / "config.yaml")
+    best_cfg.out = str(out / "best")
+    best_cfg.save(out / "best.yaml")
+    return {"best": best, "trials": rows, "best_config": str(out / "best.yaml")}
+
+
+def _optuna(space: SweepSpace, out: Path, rows: list[dict], run_one, finish) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="slca-sweep", storage=f"sqlite:///{out / 'optuna.db'}", load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=space.seed), pruner=optuna.pruners.MedianPruner(n_warmup_steps=1),
+    )
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+    def suggest(trial, name, spec):
+        if isinstance(spec, list):
+            return trial.suggest_categorical(name, spec)
+        if isinstance(spec, dict) and {"low", "high"} <= set(spec):
+            if isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+                return trial.suggest_int(name, spec["low"], spec["high"])
+            return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+        raise ValueError(f"optuna parameter {name!r} needs a list or {{low, high[, log]}}, got {spec!r}")
+
+    def objective(trial):
+        params = {name: suggest(trial, name, spec) for name, spec in space.params.items()}
+
+        def report(row):
+            value = row[f"val_{space.metric}"]
+            trial.report(-1.0 if value is None else value, row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            row = run_one(trial.number, params, report)
+        except optuna.TrialPruned:
+            finish({"trial": trial.number, "status": "pruned", **params})
+            raise
+        finish(row)
+        return -1.0 if row[f"val_{space.metric}"] is None else row[f"val_{space.metric}"]
+
+    remaining = space.trials - len(finished)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=())
