@@ -36,6 +36,7 @@ def extract(
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store and start over (default: resume)."),
     shard_size: int = typer.Option(16, help="Samples per Zarr shard file."),
+    block_size: Optional[int] = typer.Option(None, help="Rows per unit of torchrun work (multiple of --shard-size)."),
     window: str = typer.Option("auto", help="Deep (16-bit, DICOM) images to 8 bits: auto, minmax or LO,HI."),
     seed: int = typer.Option(0, help="Seed of the stratified split, for data without split folders."),
     val_fraction: float = typer.Option(0.1, help="Validation fraction of a drawn split."),
@@ -49,9 +50,11 @@ def extract(
         result = extract_dataset(
             dataset, out, encoder, checkpoint=checkpoint, random_weights=random_weights, dtype=dtype,
             image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
-            overwrite=overwrite, shard_size=shard_size, window=window, seed=seed,
+            overwrite=overwrite, shard_size=shard_size, block_size=block_size, window=window, seed=seed,
             val_fraction=val_fraction, test_fraction=test_fraction, progress=progress,
         )
+    if result.rank != 0:  # under torchrun, rank 0 speaks for all
+        raise typer.Exit(EXIT_SKIPPED if result.skipped else 0)
     console.print(
         f"stored {result.written} new embeddings in {result.store_path} "
         f"({result.already_done} already done, {result.total} in all) "

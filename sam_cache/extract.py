@@ -10,7 +10,8 @@ Stages, overlapped:
 3. A writer thread stores the rows and, after them, the ``done`` flags, while the next batch is
    encoded. Its queue is short, so a slow disk throttles the encoder instead of filling memory.
 
-A rerun resumes: rows already marked done are skipped. The store's signature must match the
+A rerun resumes: rows already marked done are skipped. Under ``torchrun`` each rank extracts its
+own blocks of rows into the same store (:mod:`sam_cache.distributed`) and resumes its own. The store's signature must match the
 encoder, checkpoint, preprocessing and dataset, or the run is refused (``overwrite`` starts over).
 """
 
@@ -29,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets import DatasetManifest, open_dataset
 from .encoders import Encoder, create_encoder
 from .preprocess import ImageDecodeError, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
-from .store import EmbeddingStore, StoreError, contiguous_runs
+from . import distributed
+from .store import EmbeddingStore, StoreError, contiguous_runs, store_format
 
 __all__ = ["extract_dataset", "ExtractionResult"]
 
@@ -44,6 +46,7 @@ class ExtractionResult:
     written: int
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    rank: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -145,6 +148,7 @@ def extract_dataset(
     device: str | None = None,
     overwrite: bool = False,
     shard_size: int = 16,
+    block_size: int | None = None,
     window: str = "auto",
     seed: int = 0,
     val_fraction: float = 0.1,
@@ -163,6 +167,8 @@ def extract_dataset(
       device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
       overwrite: delete an existing store at ``out`` first instead of resuming it.
       shard_size: samples per Zarr shard file.
+      block_size: rows per unit of distributed work (a multiple of ``shard_size``); see
+        :mod:`sam_cache.distributed`.
       window: how deep images reach 8 bits (see :class:`~sam_cache.preprocess.Preprocessing`).
       seed, val_fraction, test_fraction: the split drawn for data that has none.
       progress: show a rich progress bar.
@@ -181,19 +187,40 @@ def extract_dataset(
         encoder = create_encoder(encoder, checkpoint=checkpoint, random_weights=random_weights, window=window)
     image_size = image_size or None
     signature = dict(encoder.signature(), dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size)
+    out = str(out)
+    want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    ctx = distributed.context("cuda" if want_cuda else "cpu")
+    if ctx.world > 1 and store_format(out) == "hdf5":
+        ctx.close()
+        raise StoreError(f"{out}: distributed extraction needs a Zarr store; HDF5 has no parallel writes")
+    dev = torch.device(f"cuda:{ctx.local_rank}" if want_cuda and ctx.world > 1 else (device or ("cuda" if want_cuda else "cpu")))
 
-    if overwrite and EmbeddingStore.exists(out):
-        EmbeddingStore.remove(out)
-    if EmbeddingStore.exists(out):
-        store = EmbeddingStore.open(out, mode="r+")
-        store.check_signature(signature)
-    else:
-        store = EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size, shard_size=shard_size)
+    # rank 0 creates (or checks) the store; the others open it once it is there
+    error = None
+    if ctx.is_main:
+        try:
+            if overwrite and EmbeddingStore.exists(out):
+                EmbeddingStore.remove(out)
+            if EmbeddingStore.exists(out):
+                with EmbeddingStore.open(out) as existing:
+                    existing.check_signature(signature)
+            else:
+                EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size,
+                                      shard_size=shard_size, block_size=block_size).close()
+        except (StoreError, OSError) as exc:
+            error = exc
+    errors = ctx.gather(None if error is None else f"{type(error).__name__}: {error}")
+    if errors[0] is not None:
+        ctx.close()
+        if error is not None:
+            raise error
+        raise StoreError(f"rank 0 could not prepare {out}: {errors[0]}")
+    store = EmbeddingStore.open(out, mode="r+")
 
     already = int(store.done.sum())
-    pending = np.flatnonzero(~store.done)
-    result = ExtractionResult(str(out), len(manifest), already, 0)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mine = distributed.rank_rows(len(manifest), store.block_size, ctx.rank, ctx.world)
+    pending = np.flatnonzero(~store.done & mine)
+    result = ExtractionResult(out, len(manifest), already, 0, rank=ctx.rank)
     model = encoder.model.to(dev)
     pre = encoder.preprocessing
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
@@ -206,7 +233,7 @@ def extract_dataset(
     writer = _Writer(store)
     t0 = time.perf_counter()
     try:
-        with _progress(progress) as bar:
+        with _progress(progress and ctx.is_main) as bar:
             task = bar.add_task(f"extract {encoder.name}", total=len(pending), rate=0.0)
             for batch in loader:
                 ok = np.array([e == "" for e in batch["error"]])
@@ -241,6 +268,13 @@ def extract_dataset(
     finally:
         writer.close()
         result.seconds = time.perf_counter() - t0
-        store.set_skipped(result.skipped)
+        # every rank's skipped images and counts; rank 0 records the report
+        everyone = ctx.gather((result.skipped, result.written))
+        result.skipped = sorted((s for skipped, _ in everyone for s in skipped), key=lambda s: s["index"])
+        result.written = sum(w for _, w in everyone)
+        if ctx.is_main:
+            store.set_skipped(result.skipped)
         store.close()
+        ctx.barrier()
+        ctx.close()
     return result

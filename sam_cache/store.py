@@ -84,11 +84,18 @@ def contiguous_runs(indices: np.ndarray):
             pos += len(run)
 
 
+def _storage_options(path: str) -> dict | None:
+    """fsspec options for a URL store: local ``file://`` folders are created as needed."""
+    if "://" not in path:
+        return None
+    return {"auto_mkdir": True} if path.split("://", 1)[0] in ("file", "local") else {}
+
+
 class _ZarrBackend:
     def __init__(self, path: str, mode: str):
         import zarr
 
-        self.root = zarr.open_group(path, mode=mode, zarr_format=3)
+        self.root = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path))
 
     def create_array(self, name, shape, dtype, chunks, shards=None):
         kwargs = {"shards": shards} if shards else {}
@@ -193,6 +200,7 @@ class EmbeddingStore:
         dtype: str = "float16",
         image_size: int | None = None,
         shard_size: int = 16,
+        block_size: int | None = None,
     ) -> "EmbeddingStore":
         """Create an empty store for ``manifest``; nothing is marked done.
 
@@ -203,6 +211,8 @@ class EmbeddingStore:
           dtype: ``float16`` (default), ``bfloat16`` or ``float32`` for the embeddings.
           image_size: R, to keep each image at RxR in the embedding's frame; None keeps none.
           shard_size: samples per Zarr shard file (ignored for HDF5).
+          block_size: rows per chunk of the small per-sample arrays and per unit of work dealt
+            to a distributed rank; a multiple of ``shard_size`` (default: about 1024 rows).
 
         Raises:
           StoreError: the path exists already, or an argument is out of range.
@@ -215,6 +225,9 @@ class EmbeddingStore:
         if shard_size < 1:
             raise StoreError("shard_size must be at least 1")
         n = len(manifest)
+        block = block_size or shard_size * max(1, 1024 // shard_size)
+        if block % shard_size:
+            raise StoreError(f"block_size {block} must be a multiple of shard_size {shard_size}")
         fmt = store_format(path)
         b = _H5Backend(path, "w") if fmt == "hdf5" else _ZarrBackend(path, "w")
         np_dtype = "float32" if dtype == "float32" else "float16"
@@ -229,10 +242,11 @@ class EmbeddingStore:
         b.create_array("labels", (n,), "int64", (n,))
         b.create_array("ids", (n,), str, (n,))
         b.create_array("splits", (n,), "uint8", (n,))
-        b.create_array("orig_size", (n, 2), "int32", (n, 2))
-        b.create_array("valid", (n, 2), "int32", (n, 2))
-        b.create_array("window", (n, 2), "float32", (n, 2))
-        b.create_array("done", (n,), "bool", (min(n, 1 << 16),))
+        # per-sample arrays written during extraction: chunked by block, so that ranks never share a chunk
+        b.create_array("orig_size", (n, 2), "int32", (min(n, block), 2))
+        b.create_array("valid", (n, 2), "int32", (min(n, block), 2))
+        b.create_array("window", (n, 2), "float32", (min(n, block), 2))
+        b.create_array("done", (n,), "bool", (min(n, block),))
         b["labels"][:] = manifest.labels
         b["ids"][:] = np.array(manifest.ids, dtype=object if fmt == "hdf5" else str)
         b["splits"][:] = np.array([SPLITS.index(s) for s in manifest.splits], dtype=np.uint8)
@@ -244,7 +258,7 @@ class EmbeddingStore:
         meta.update(
             dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size,
             class_names=list(manifest.class_names), split_info=manifest.split_info,
-            dataset={"root": manifest.root, "kind": manifest.kind}, shard_size=shard_size,
+            dataset={"root": manifest.root, "kind": manifest.kind}, shard_size=shard_size, block_size=block,
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             skipped=[],
         )
@@ -276,17 +290,21 @@ class EmbeddingStore:
         path = str(path)
         if "://" not in path:
             return Path(path).exists()
-        import zarr
+        import fsspec
 
-        try:
-            zarr.open_group(path, mode="r")
-            return True
-        except Exception:
-            return False
+        fs, root = fsspec.core.url_to_fs(path)
+        return fs.exists(root)
 
     @staticmethod
     def remove(path: str | Path) -> None:
-        """Delete a local store (folder or file); what ``--overwrite`` does."""
+        """Delete a store (folder, file or URL); what ``--overwrite`` does."""
+        if "://" in str(path):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(str(path))
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            return
         p = Path(str(path))
         if p.is_dir():
             shutil.rmtree(p)
@@ -316,6 +334,11 @@ class EmbeddingStore:
     @property
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
+
+    @property
+    def block_size(self) -> int:
+        """Rows per unit of distributed work (older stores: the whole store)."""
+        return int(self.meta.get("block_size") or len(self))
 
     @property
     def image_size(self) -> int | None:
@@ -373,8 +396,10 @@ class EmbeddingStore:
 
     def mark_done(self, indices: np.ndarray) -> None:
         """Set the done flag of ``indices``; call only after their rows are written."""
+        indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.done[indices] = True
-        self._b["done"][:] = self.done
+        for _, start, stop in contiguous_runs(indices):  # only these rows: other ranks own the rest
+            self._b["done"][start:stop] = self.done[start:stop]
         self._b.flush()
 
     def set_skipped(self, skipped: list[dict]) -> None:
