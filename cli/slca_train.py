@@ -55,6 +55,7 @@ def main_command(
     device: Optional[str] = typer.Option(None),
     residency: str = typer.Option("auto", help="Cache residency: auto, gpu, host or stream."),
     config: Optional[str] = typer.Option(None, help="A config.yaml/best.yaml to rerun; flags given too override it."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun on CUDA: SyncBatchNorm."),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder's results."),
 ) -> None:
@@ -70,7 +71,7 @@ def main_command(
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, img_size=img_size,
             hflip=hflip, crop_scale=(crop_scale_min, 1.0), train_fraction=train_fraction, shots=shots,
             subset_seed=subset_seed, seed=seed, patience=patience, select_metric=select_metric, device=device,
-            residency=residency,
+            residency=residency, sync_bn=sync_bn,
         )
         if config is not None:
             base = TrainConfig.load(config).to_dict()

@@ -44,6 +44,13 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (so that all ranks stop together)."""
+        ok = torch.isfinite(value.detach()).all().float().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -27,6 +27,8 @@ class TrainConfig:
     ``epochs`` [30], ``batch_size`` [32], ``label_smoothing`` [0], augmentation (``hflip``,
     ``crop_scale``), ``seed`` [0], ``patience`` (early stopping on the selection metric; None: off),
     ``select_metric`` [balanced_accuracy], ``amp`` (bf16 autocast on CUDA) and ``channels_last``.
+    Under torchrun, ``batch_size`` is per rank and ``sync_bn`` turns BatchNorm into SyncBatchNorm
+    on CUDA (otherwise each rank keeps its own batch statistics, as plain DDP does).
     """
 
     cache: str
@@ -58,6 +60,7 @@ class TrainConfig:
     residency: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    sync_bn: bool = False
     attention_images: int = 6
 
     def slca_config(self) -> SLCAConfig | None:

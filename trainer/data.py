@@ -165,6 +165,10 @@ class PairedCache:
         where = {"gpu": "GPU memory", "host": "host memory", "stream": "streamed from the store per batch"}[self.mode]
         return f"{len(self.rows)} samples, {self.bytes / 2**20:.0f} MiB, in {where}"
 
+    def regions_of(self, store_rows: np.ndarray) -> np.ndarray:
+        """Image regions (grid boxes) of ``store_rows``, without touching images or embeddings."""
+        return self.regions[[self.position[int(r)] for r in store_rows]]
+
     def covers(self, store_rows: np.ndarray) -> bool:
         """Whether every row in ``store_rows`` is held by this cache."""
         return all(int(r) in self.position for r in store_rows)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sam_cache.distributed import DistContext
 from sam_cache.store import EmbeddingStore, StoreMismatchError
 
 from .backbone import SLCAClassifier, create_backbone
@@ -46,11 +47,17 @@ def normalizer(model: SLCAClassifier, device: torch.device):
 
 @torch.no_grad()
 def predict(model: SLCAClassifier, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig, device: torch.device,
-            norm) -> tuple[np.ndarray, np.ndarray, float]:
+            norm, ctx: DistContext | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Class probabilities for store ``rows`` on the un-augmented image regions.
 
-    Returns ``(labels, probs, mean_loss)``.
+    Under torchrun each rank predicts every world-th row and the results are gathered, so every
+    rank returns the same, complete arrays. Returns ``(labels, probs, mean_loss)``.
     """
+    if ctx is not None and ctx.world > 1:
+        parts = ctx.gather(predict(model, cache, rows[ctx.rank::ctx.world], cfg, device, norm))
+        n = [len(rows[r::ctx.world]) for r in range(ctx.world)]
+        loss = sum(p[2] * k for p, k in zip(parts, n)) / max(len(rows), 1)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), float(loss)
     model.eval()
     probs, labels, losses = [], [], []
     for start in range(0, len(rows), cfg.batch_size):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sam_cache import distributed
 from sam_cache.store import EmbeddingStore
 
 from .config import TrainConfig
@@ -107,12 +108,26 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         missing split, a store without images, or a NaN loss.
     """
     out = Path(cfg.out)
+    want_cuda = resolve_device(cfg.device).type == "cuda"
+    ctx = distributed.context("cuda" if want_cuda else "cpu")
+    try:
+        return _train(cfg, ctx, resume, overwrite, log if ctx.is_main else (lambda s: None), on_epoch, cache)
+    finally:
+        ctx.close()
+
+
+def _train(cfg, ctx, resume, overwrite, log, on_epoch, cache) -> dict:
+    out = Path(cfg.out)
+    main = ctx.is_main
     if (out / "last.pt").exists() and not (resume or overwrite):
         raise TrainError(f"run folder {out} has a run already; pass --resume to continue it or --overwrite")
     if resume and not (out / "last.pt").exists():
         raise TrainError(f"cannot resume: {out / 'last.pt'} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    if ctx.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     torch.manual_seed(cfg.seed)
 
     # data
@@ -128,7 +143,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     elif not cache.covers(needed) or (cfg.slca and not cache.with_embeddings):
         raise TrainError("the shared cache lacks rows or embeddings that this run needs")
     class_names = store.class_names
-    log(f"cache: {cache.describe()}")
+    log(f"cache: {cache.describe()}" + (f", on each of {ctx.world} ranks" if ctx.world > 1 else ""))
     log(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(test_rows)} test, {len(class_names)} classes"
         + (f" (train fraction {cfg.train_fraction})" if cfg.train_fraction else "")
         + (f" ({cfg.shots} shots per class)" if cfg.shots else ""))
@@ -141,10 +156,18 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     log(f"model: {cfg.backbone} ({'random init' if cfg.pretrained is None else 'weights ' + cfg.pretrained}), "
         + (f"SLCA on stages {[model.stage_names[s] for s in model.stages]}, window {cfg.window}, pool {cfg.pool}, "
            f"gate {cfg.gate}, {n_slca / 1e6:.2f} M parameters" if cfg.slca else "no SLCA"))
+    net = model
+    if ctx.world > 1:  # DDP: each rank takes every world-th sample of a global batch of batch_size * world
+        if cfg.sync_bn and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"distributed: {ctx.world} ranks, {cfg.batch_size} per rank, global batch {cfg.batch_size * ctx.world}")
     norm = normalizer(model, device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    bs = cfg.batch_size
-    steps = math.ceil(len(train_rows) / bs) - (len(train_rows) % bs == 1)  # a batch of 1 breaks BatchNorm
+    bs = cfg.batch_size * ctx.world
+    steps = math.ceil(len(train_rows) / bs)
+    if len(train_rows) - (steps - 1) * bs < 2 * ctx.world:
+        steps -= 1  # a last batch of 1 per rank breaks BatchNorm
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * max(steps, 1)))
     aug = cfg.augment()
     amp = cfg.amp and device.type == "cuda"
@@ -160,28 +183,31 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         scheduler.load_state_dict(state["scheduler"])
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
         log(f"resumed from {out / 'last.pt'} at epoch {start}")
-    cfg.save(out / "config.yaml")
+    if main:
+        cfg.save(out / "config.yaml")
 
     # training loop
     since_best = 0 if best is None else start - 1 - best["epoch"]
     for epoch in range(start, cfg.epochs):
-        model.train()
+        net.train()
         order, rng = epoch_order(train_rows, cfg.seed, epoch)
         digest = hashlib.sha1()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         for step in range(steps):
             rows = order[step * bs:(step + 1) * bs]
-            img, emb, y, regions = cache.batch(rows, cfg.slca)
-            boxes, flips = sample_boxes(regions, aug, rng)
+            boxes, flips = sample_boxes(cache.regions_of(rows), aug, rng)  # drawn for the global batch
             digest.update(rows.tobytes()), digest.update(np.round(boxes, 4).tobytes()), digest.update(flips.tobytes())
+            mine = slice(ctx.rank, None, ctx.world)
+            rows, boxes, flips = rows[mine], boxes[mine], flips[mine]
+            img, emb, y, _ = cache.batch(rows, cfg.slca)
             x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
             x = norm(x)
             if cfg.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                logits = model(x, e)
+                logits = net(x, e)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
+            if not ctx.all_finite(loss):
                 raise TrainError(f"loss is {loss.item()} at epoch {epoch}, step {step}: lower --lr, "
                                  f"or check the store with `samcache verify {cfg.cache}`")
             optimizer.zero_grad(set_to_none=True)
@@ -192,16 +218,16 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
             loss_sum += loss.item() * len(rows)
             correct += (logits.argmax(1) == y).sum().item()
         seconds = time.perf_counter() - t0
+        seen, loss_sum, correct = (sum(v) for v in zip(*ctx.gather((seen, loss_sum, correct))))
 
         # validation and checkpoints
-        yv, pv, val_loss = predict(model, cache, val_rows, cfg, device, norm)
+        yv, pv, val_loss = predict(model, cache, val_rows, cfg, device, norm, ctx)
         val = classification_metrics(yv, pv)
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1), "val_loss": val_loss,
                **{f"val_{k}": val[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
                "img_per_s": round(seen / max(seconds, 1e-9), 1), "data_order": digest.hexdigest()[:16]}
         history.append(row)
-        _write_csv(history, out / "metrics.csv")
         score = (val[cfg.select_metric] if val[cfg.select_metric] is not None else -1.0, -val_loss)
         improved = best is None or score > tuple(best["score"])
         if improved:
@@ -211,10 +237,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(),
                  "class_names": class_names, "store_signature": store.signature}
-        _atomic_save(state, out / "last.pt")
-        if improved:
-            _atomic_save({k: state[k] for k in ("model", "epoch", "config", "class_names", "store_signature")},
-                         out / "best.pt")
+        if main:  # only rank 0 writes the run folder
+            _write_csv(history, out / "metrics.csv")
+            _atomic_save(state, out / "last.pt")
+            if improved:
+                _atomic_save({k: state[k] for k in ("model", "epoch", "config", "class_names", "store_signature")},
+                             out / "best.pt")
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}  "
             f"val loss {val_loss:.4f}  {cfg.select_metric} {val[cfg.select_metric]:.3f}  "
             f"{row['img_per_s']:.0f} img/s{'  *' if improved else ''}")
@@ -225,15 +253,20 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
             break
 
     # test with the best checkpoint
+    ctx.barrier()  # best.pt is written
     best_state = torch.load(out / "best.pt", map_location=device, weights_only=False)
     model.load_state_dict(best_state["model"])
-    yt, pt, test_loss = predict(model, cache, test_rows, cfg, device, norm)
+    yt, pt, test_loss = predict(model, cache, test_rows, cfg, device, norm, ctx)
     test = classification_metrics(yt, pt)
     best_row = next(h for h in history if h["epoch"] == best_state["epoch"])
     result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state["epoch"], "epochs_run": len(history),
               "val_best": {k: best_row[f"val_{k}"] for k in METRIC_KEYS},
               "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca, "backbone": cfg.backbone,
-              "train_samples": int(len(train_rows)), "device": str(device)}
+              "train_samples": int(len(train_rows)), "device": str(device), "world_size": ctx.world}
+    if not main:
+        if own_cache:
+            store.close()
+        return result
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
 
     # figures
