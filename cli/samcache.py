@@ -42,6 +42,8 @@ def extract(
     val_fraction: float = typer.Option(0.1, help="Validation fraction of a drawn split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction of a drawn split."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    attention: str = typer.Option("auto", help="SAM ViT attention: sdpa (fused, equal to stock), stock, or auto (sdpa on CUDA)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the encoder."),
 ) -> None:
     """Extract one 256x64x64 embedding per image into a store. A rerun resumes."""
     from sam_cache import extract_dataset
@@ -51,7 +53,8 @@ def extract(
             dataset, out, encoder, checkpoint=checkpoint, random_weights=random_weights, dtype=dtype,
             image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
             overwrite=overwrite, shard_size=shard_size, block_size=block_size, window=window, seed=seed,
-            val_fraction=val_fraction, test_fraction=test_fraction, progress=progress,
+            val_fraction=val_fraction, test_fraction=test_fraction, progress=progress, attention=attention,
+            compile=compile,
         )
     if result.rank != 0:  # under torchrun, rank 0 speaks for all
         raise typer.Exit(EXIT_SKIPPED if result.skipped else 0)

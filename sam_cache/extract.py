@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DatasetManifest, open_dataset
 from .encoders import Encoder, create_encoder
+from .fast_attention import use_fast_attention
 from .preprocess import ImageDecodeError, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
 from . import distributed
 from .store import EmbeddingStore, StoreError, contiguous_runs, store_format
@@ -154,6 +155,8 @@ def extract_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     progress: bool = True,
+    attention: str = "auto",
+    compile: bool = False,
 ) -> ExtractionResult:
     """Run a frozen encoder over a dataset and store one embedding per image.
 
@@ -172,6 +175,9 @@ def extract_dataset(
       window: how deep images reach 8 bits (see :class:`~sam_cache.preprocess.Preprocessing`).
       seed, val_fraction, test_fraction: the split drawn for data that has none.
       progress: show a rich progress bar.
+      attention: ``sdpa`` (the fused path of :mod:`sam_cache.fast_attention`, equal to stock to
+        float tolerance), ``stock``, or ``auto`` (sdpa on CUDA). SAM ViTs only.
+      compile: wrap the encoder in ``torch.compile``.
 
     Returns:
       An :class:`ExtractionResult`; ``skipped`` lists images that could not be decoded (also kept
@@ -221,7 +227,13 @@ def extract_dataset(
     mine = distributed.rank_rows(len(manifest), store.block_size, ctx.rank, ctx.world)
     pending = np.flatnonzero(~store.done & mine)
     result = ExtractionResult(out, len(manifest), already, 0, rank=ctx.rank)
+    if attention not in ("auto", "sdpa", "stock"):
+        raise ValueError(f"attention must be auto, sdpa or stock, got {attention!r}")
     model = encoder.model.to(dev)
+    if attention == "sdpa" or (attention == "auto" and dev.type == "cuda"):
+        use_fast_attention(model)
+    if compile:
+        model = torch.compile(model)
     pre = encoder.preprocessing
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
