@@ -1,0 +1,37 @@
+"""The benchmarks run on a CPU with the tiny encoder and write the JSON their issue asks for."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_extract_bench_writes_its_ratios(tmp_path):
+    out = tmp_path / "e.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "extract.py"), "--encoder", "tiny", "--n", "4",
+                          "--image-px", "128", "--batch-size", "2", "--workers", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for key in ("predictor_img_per_s", "stock_batched_img_per_s", "samcache_img_per_s", "disk_write_gb_per_s",
+                "ratio_samcache_vs_predictor", "ratio_samcache_vs_stock_batched", "fraction_of_disk_write"):
+        assert r[key] > 0, key
+    assert r["gflop_per_image"] > 1 and r["device"].startswith("CPU")
+
+
+@pytest.mark.slow
+def test_train_bench_writes_its_ratios(tmp_path):
+    out = tmp_path / "t.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--n", "16", "--batch-size", "4",
+                          "--img-size", "32", "--steps", "2", "--online-steps", "1", "--warmup", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for key in ("slca_cached_img_per_s", "backbone_img_per_s", "online_img_per_s",
+                "ratio_slca_cached_vs_backbone", "ratio_slca_cached_vs_online"):
+        assert r[key] > 0, key
+    assert r["cache_mode"] == "host"
