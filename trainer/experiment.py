@@ -15,7 +15,6 @@ spreads is reported as no difference), and ``fraction_<metric>.png``.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from .config import TrainConfig
 from .data import PairedCache
 from .evaluate import resolve_device
 from .metrics import classification_metrics
+from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import METRIC_KEYS, train
 
@@ -74,21 +74,6 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray
     return classification_metrics(labels[test_pos], probs)
 
 
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write(rows: list[dict], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def run_fraction_study(dataset: str | Path | None, out: str | Path, cfg: StudyConfig, store: str | Path | None = None,
                        device: str | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run the protocol on one dataset; resume a study already in ``out``.
@@ -114,7 +99,7 @@ def run_fraction_study(dataset: str | Path | None, out: str | Path, cfg: StudyCo
                                                 "fractions": list(cfg.fractions), "seeds": list(cfg.seeds),
                                                 "encoder": cfg.encoder, "train": cfg.train}, indent=2))
     dev = resolve_device(device)
-    rows = _read(out / "runs.csv")
+    rows = read_rows(out / "runs.csv")
     done = {(r["method"], float(r["fraction"]), int(r["seed"])) for r in rows}
 
     with EmbeddingStore.open(store) as s:
@@ -144,7 +129,7 @@ def run_fraction_study(dataset: str | Path | None, out: str | Path, cfg: StudyCo
                            **{k: m[k] for k in METRIC_KEYS}, "best_epoch": best_epoch,
                            "seconds": round(time.perf_counter() - t0, 1)}
                     rows.append(row)
-                    _write(rows, out / "runs.csv")
+                    write_rows(rows, out / "runs.csv")
                     log(f"{method:>12}  fraction {fraction:<5} seed {seed}  n={len(subset):<4} "
                         f"bal.acc {m['balanced_accuracy']:.3f}  AUC {m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
                         f"  {row['seconds']:.0f} s")
@@ -161,7 +146,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 def summarize_study(out: str | Path, plot_metric: str = "balanced_accuracy") -> list[dict]:
     """Aggregate ``runs.csv`` into ``summary.csv``, ``summary.md`` and a plot; return the summary rows."""
     out = Path(out)
-    rows = _read(out / "runs.csv")
+    rows = read_rows(out / "runs.csv")
     fractions = sorted({float(r["fraction"]) for r in rows})
     summary = []
     for method in METHODS:
@@ -173,7 +158,7 @@ def summarize_study(out: str | Path, plot_metric: str = "balanced_accuracy") -> 
             for k in METRIC_KEYS:
                 entry[f"{k}_mean"], entry[f"{k}_std"] = _stats([r[k] for r in sel])
             summary.append(entry)
-    _write(summary, out / "summary.csv")
+    write_rows(summary, out / "summary.csv")
     (out / "summary.md").write_text(_markdown(summary, fractions))
     _plot(summary, fractions, out / f"fraction_{plot_metric}.png", plot_metric)
     return summary

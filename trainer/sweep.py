@@ -23,7 +23,6 @@ An interrupted sweep resumes: finished trials are kept and not run again.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import time
@@ -38,6 +37,7 @@ from sam_cache.store import EmbeddingStore
 from .config import TrainConfig
 from .data import PairedCache
 from .evaluate import TrainError, resolve_device
+from .records import read_rows, write_rows
 from .train import METRIC_KEYS, train
 
 __all__ = ["SweepSpace", "load_space", "run_sweep"]
@@ -85,23 +85,6 @@ def load_space(path: str | Path) -> SweepSpace:
     return SweepSpace(yaml.safe_load(path.read_text()) or {}, str(path))
 
 
-def _read_trials(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_trials(rows: list[dict], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str | None = None,
               on_trial: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
     """Run every trial of ``space`` on the store ``cache``; resume a sweep already in ``out``.
@@ -126,7 +109,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
                                                     "trials": space.trials, "seed": space.seed,
                                                     "base": space.base, "params": space.params}, sort_keys=False))
     dev = resolve_device(device)
-    rows = _read_trials(out / "trials.csv")
+    rows = read_rows(out / "trials.csv")
     if rows:
         log(f"resuming: {len(rows)} finished trial(s) kept from {out / 'trials.csv'}")
 
@@ -151,7 +134,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
 
     def finish(row: dict) -> None:
         rows.append(row)
-        _write_trials(rows, out / "trials.csv")
+        write_rows(rows, out / "trials.csv")
         if on_trial is not None:
             on_trial(row)
 

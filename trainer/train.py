@@ -7,7 +7,6 @@ row per epoch), ``last.pt`` and ``best.pt`` (selected on the validation split), 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -27,6 +26,7 @@ from .config import TrainConfig
 from .data import PairedCache, paired_views, sample_boxes
 from .evaluate import TrainError, build_model, normalizer, predict, resolve_device
 from .metrics import classification_metrics
+from .records import write_rows
 from .plots import plot_attention, plot_confusion, plot_learning_curves
 from .subset import stratified_subset
 
@@ -68,13 +68,6 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _write_csv(history: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -238,7 +231,7 @@ def _train(cfg, ctx, resume, overwrite, log, on_epoch, cache) -> dict:
                  "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(),
                  "class_names": class_names, "store_signature": store.signature}
         if main:  # only rank 0 writes the run folder
-            _write_csv(history, out / "metrics.csv")
+            write_rows(history, out / "metrics.csv")
             _atomic_save(state, out / "last.pt")
             if improved:
                 _atomic_save({k: state[k] for k in ("model", "epoch", "config", "class_names", "store_signature")},
