@@ -6,7 +6,7 @@
     python bench/accuracy.py /data/busi --out runs/busi-r50 --backbone resnet50 --img-size 224 --epochs 50
 
 The protocol and its outputs are described in ``trainer/experiment.py``. Defaults are sized for
-a CPU (ResNet-18 at 96 px, 12 epochs with early stopping). A rerun resumes.
+a CPU (ResNet-18 at 64 px, 8 epochs with early stopping after 3 without progress). A rerun resumes.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def main() -> None:
     p.add_argument("--fractions", default="0.05,0.1,0.2,0.5,1.0")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--img-size", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device")

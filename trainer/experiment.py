@@ -47,7 +47,7 @@ class StudyConfig:
     encoder: str = "litemedsam"
     store_image_size: int = 128
     train: dict = field(default_factory=lambda: {
-        "backbone": "resnet18", "img_size": 96, "epochs": 12, "patience": 4, "batch_size": 32, "lr": 1e-3})
+        "backbone": "resnet18", "img_size": 64, "epochs": 8, "patience": 3, "batch_size": 32, "lr": 1e-3})
 
 
 def _pooled(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray:
