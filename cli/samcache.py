@@ -29,7 +29,7 @@ def extract(
     encoder: str = typer.Option("litemedsam", help="vit_b, vit_l, vit_h, medsam, litemedsam or tiny (tests)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Encoder weights file (required for SAM ViTs and medsam)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use seeded random weights (benchmarks only)."),
-    dtype: str = typer.Option("float16", help="Stored embedding dtype: float16, bfloat16 or float32."),
+    dtype: str = typer.Option("float16", help="Stored embedding dtype: float16, bfloat16, float32 or int8 (per-channel scales, half the size)."),
     image_size: int = typer.Option(224, help="Also store each image at this size in the embedding's frame; 0: don't."),
     batch_size: int = typer.Option(8, help="Images per encoder batch."),
     workers: int = typer.Option(2, help="DataLoader processes that decode and resize."),

@@ -164,7 +164,8 @@ def extract_dataset(
       dataset: a path :func:`open_dataset` reads, or a manifest.
       out: the store path (``.zarr`` folder, fsspec URL, or ``.h5`` file).
       encoder: a registry name (with ``checkpoint``/``random_weights``) or a built :class:`Encoder`.
-      dtype: stored embedding dtype, ``float16`` (default), ``bfloat16`` or ``float32``.
+      dtype: stored embedding dtype, ``float16`` (default), ``bfloat16``, ``float32`` or ``int8``
+        (per-channel scales; half the bytes of float16).
       image_size: also store each image at this resolution in the embedding's frame (None: don't).
       batch_size, num_workers: encoder batch and decoding processes.
       device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
@@ -235,7 +236,9 @@ def extract_dataset(
     if compile:
         model = torch.compile(model)
     pre = encoder.preprocessing
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    # int8 is quantized by the writer from float32, per sample and channel
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                   "int8": torch.float32}[dtype]
 
     loader = DataLoader(
         _FrameDataset(manifest, pending, pre.input_size, pre.window, image_size),

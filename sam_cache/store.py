@@ -7,7 +7,8 @@ HDF5; ``N`` is the number of images in the dataset manifest, in manifest order:
 array           shape                   dtype     meaning
 ==============  ======================  ========  ==========================================
 embeddings      (N, 256, 64, 64)        float16   encoder output; one chunk per sample
-                                                  (Zarr: ``shard_size`` samples per shard file)
+                                                  (Zarr: ``shard_size`` samples per shard file);
+                                                  or bfloat16, float32, or int8 with ``scales``
 images          (N, 3, R, R)            uint8     optional: the image in the embedding's frame
                                                   (longest side R, zero pad bottom/right)
 labels          (N,)                    int64     class index into ``class_names``
@@ -18,6 +19,7 @@ valid           (N, 2)                  int32     rows, cols of the 64x64 grid t
 window          (N, 2)                  float32   (lo, hi) that mapped a deep image to 8 bits;
                                                   NaN for 8-bit images
 done            (N,)                    bool      set only after the sample's rows are written
+scales          (N, 256)                float32   int8 stores only: per-sample channel scales
 ==============  ======================  ========  ==========================================
 
 Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``encoder``,
@@ -48,7 +50,7 @@ SCHEMA_VERSION = 1
 EMBED_SHAPE = (256, 64, 64)
 SIGNATURE_KEYS = ("encoder", "checkpoint_sha256", "random_weights", "preprocessing", "dtype",
                   "manifest_sha256", "image_size")
-_DTYPES = ("float16", "float32", "bfloat16")
+_DTYPES = ("float16", "float32", "bfloat16", "int8")
 
 
 class StoreError(RuntimeError):
@@ -89,6 +91,19 @@ def _storage_options(path: str) -> dict | None:
     if "://" not in path:
         return None
     return {"auto_mkdir": True} if path.split("://", 1)[0] in ("file", "local") else {}
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample, per-channel symmetric int8: ``(q, scale)`` with ``x ~ q * scale[..., None, None]``.
+
+    The stored form is 1 MiB a sample instead of float16's 2 MiB; the rounding error of each value
+    is at most half its channel's scale (max |x| / 254).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.abs(x).max(axis=(2, 3)) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scale[:, :, None, None]), -127, 127).astype(np.int8)
+    return q, scale
 
 
 class _ZarrBackend:
@@ -230,9 +245,8 @@ class EmbeddingStore:
             raise StoreError(f"block_size {block} must be a multiple of shard_size {shard_size}")
         fmt = store_format(path)
         b = _H5Backend(path, "w") if fmt == "hdf5" else _ZarrBackend(path, "w")
-        np_dtype = "float32" if dtype == "float32" else "float16"
-        if dtype == "bfloat16":  # numpy has no bfloat16: keep its raw bits
-            np_dtype = "uint16"
+        np_dtype = {"float32": "float32", "float16": "float16", "int8": "int8",
+                    "bfloat16": "uint16"}[dtype]  # numpy has no bfloat16: keep its raw bits
         shards = (min(shard_size, n),) + EMBED_SHAPE if fmt == "zarr" else None
         b.create_array("embeddings", (n,) + EMBED_SHAPE, np_dtype, (1,) + EMBED_SHAPE, shards)
         if image_size:
@@ -247,6 +261,8 @@ class EmbeddingStore:
         b.create_array("valid", (n, 2), "int32", (min(n, block), 2))
         b.create_array("window", (n, 2), "float32", (min(n, block), 2))
         b.create_array("done", (n,), "bool", (min(n, block),))
+        if dtype == "int8":  # symmetric per-sample, per-channel scales: x = q * scale
+            b.create_array("scales", (n, EMBED_SHAPE[0]), "float32", (min(n, block), EMBED_SHAPE[0]))
         b["labels"][:] = manifest.labels
         b["ids"][:] = np.array(manifest.ids, dtype=object if fmt == "hdf5" else str)
         b["splits"][:] = np.array([SPLITS.index(s) for s in manifest.splits], dtype=np.uint8)
@@ -355,8 +371,10 @@ class EmbeddingStore:
         return self._b["images"] if "images" in self._b else None
 
     def read_embeddings(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as float16/float32 numpy (bfloat16 bits are widened to float32)."""
+        """Rows ``start:stop`` as float16/float32 numpy (bfloat16 and int8 are widened to float32)."""
         raw = np.asarray(self.embeddings[start:stop])
+        if self.meta["dtype"] == "int8":
+            return raw.astype(np.float32) * np.asarray(self._b["scales"][start:stop])[:, :, None, None]
         if self.meta["dtype"] == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw
@@ -387,6 +405,9 @@ class EmbeddingStore:
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only")
         stop = start + len(embeddings)
+        if self.meta["dtype"] == "int8":
+            embeddings, scales = quantize_int8(embeddings)
+            self._b["scales"][start:stop] = scales
         self._b["embeddings"][start:stop] = embeddings
         if images is not None and "images" in self._b:
             self._b["images"][start:stop] = images

@@ -153,3 +153,19 @@ def test_resume_after_sigkill_equals_uninterrupted_run(sample_dir, tiny_store, t
         assert a.done.all()
         assert (np.asarray(a.images[:]) == np.asarray(b.images[:])).all()
         assert (a.valid == b.valid).all() and (a.orig_size == b.orig_size).all()
+
+
+def test_int8_store_is_half_the_size_and_close_to_float16(sample_dir, tiny_store, tmp_path):
+    from sam_cache import verify_store
+
+    extract_dataset(sample_dir, tmp_path / "q.zarr", "tiny", image_size=64, dtype="int8", **KW)
+    with EmbeddingStore.open(tmp_path / "q.zarr") as q, EmbeddingStore.open(tiny_store) as f:
+        assert q.embeddings.dtype == np.int8 and q.meta["dtype"] == "int8"
+        a, b = q.read_embeddings(0, 15), f.read_embeddings(0, 15).astype(np.float32)
+        scales = np.asarray(q._b["scales"][:])
+    bound = scales[:, :, None, None] / 2 + np.abs(b) * 2**-10 + 1e-6  # int8 rounding + float16 rounding
+    assert (np.abs(a - b) <= bound).all()
+    assert np.abs(a - b).max() / np.abs(b).max() < 0.01
+    size = lambda p: sum(x.stat().st_size for x in (p / "embeddings").rglob("*") if x.is_file())  # noqa: E731
+    assert size(tmp_path / "q.zarr") < 0.55 * size(tiny_store)
+    assert verify_store(tmp_path / "q.zarr") == []
