@@ -54,6 +54,9 @@ def main_command(
     select_metric: str = typer.Option("balanced_accuracy", help="accuracy, balanced_accuracy, macro_f1 or auc."),
     device: Optional[str] = typer.Option(None),
     residency: str = typer.Option("auto", help="Cache residency: auto, gpu, host or stream."),
+    shuffle: str = typer.Option("auto", help="Epoch order: global, shards (shard by shard through a buffer) or "
+                                "auto (shards when the embeddings would stream)."),
+    shuffle_buffer: int = typer.Option(512, help="Samples held at once by shard-by-shard streaming."),
     config: Optional[str] = typer.Option(None, help="A config.yaml/best.yaml to rerun; flags given too override it."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun on CUDA: SyncBatchNorm."),
     resume: bool = typer.Option(False, "--resume", help="Continue from out/last.pt."),
@@ -71,7 +74,7 @@ def main_command(
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, img_size=img_size,
             hflip=hflip, crop_scale=(crop_scale_min, 1.0), train_fraction=train_fraction, shots=shots,
             subset_seed=subset_seed, seed=seed, patience=patience, select_metric=select_metric, device=device,
-            residency=residency, sync_bn=sync_bn,
+            residency=residency, shuffle=shuffle, shuffle_buffer=shuffle_buffer, sync_bn=sync_bn,
         )
         if config is not None:
             base = TrainConfig.load(config).to_dict()

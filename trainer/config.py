@@ -19,7 +19,9 @@ class TrainConfig:
     """Everything that decides a training run (defaults in brackets).
 
     Data: ``cache`` (store path), ``train_fraction`` / ``shots`` with ``subset_seed`` (a
-    stratified subset of the train split), ``img_size`` [224], ``residency`` [auto].
+    stratified subset of the train split), ``img_size`` [224], ``residency`` [auto], ``shuffle``
+    [auto: ``shards`` when the store's embeddings would stream, else ``global``] and
+    ``shuffle_buffer`` [512 samples held at once by shard-sequential streaming].
     Model: ``backbone`` [resnet18], ``backbone_kwargs``, ``pretrained`` (local weights file; default
     random init), ``slca`` [True] and the SLCA design (``window``, ``pool``, ``reduction``,
     ``stages``, ``gate``; see :mod:`trainer.slca`).
@@ -58,6 +60,8 @@ class TrainConfig:
     select_metric: str = "balanced_accuracy"
     device: str | None = None
     residency: str = "auto"
+    shuffle: str = "auto"
+    shuffle_buffer: int = 512
     amp: bool = True
     channels_last: bool = True
     sync_bn: bool = False

@@ -11,8 +11,9 @@ the outermost output row or column of an image that does not fill the frame reac
 a stored pixel into the zero padding.)
 
 Residency (:class:`PairedCache`): the rows a run needs are loaded once into GPU memory when they
-fit, else into (pinned) host memory when that fits, else read from the store per batch
-(``stream``). The chosen mode is reported.
+fit, else into (pinned) host memory when that fits, else streamed from the store (``stream``):
+during training, shard by shard through a shuffle buffer (:mod:`trainer.stream`), and per batch
+for evaluation. The chosen mode is reported.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from torchvision.ops import roi_align
 
 from sam_cache.store import EmbeddingStore
 
-__all__ = ["AugmentConfig", "PairedCache", "sample_boxes", "paired_views", "image_regions"]
+from .stream import ShardStream
+
+__all__ = ["AugmentConfig", "PairedCache", "sample_boxes", "paired_views", "image_regions", "plan_residency",
+           "cache_bytes"]
 
 GRID = 64
 
@@ -104,6 +108,29 @@ def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, b
     return img_out, emb_out
 
 
+def cache_bytes(store: EmbeddingStore, n: int, embeddings: bool = True) -> int:
+    """Bytes that ``n`` rows of ``store`` take in memory (images, and embeddings at 2 or 4 bytes a value)."""
+    emb = n * 256 * GRID * GRID * (2 if store.meta["dtype"] != "float32" else 4) if embeddings else 0
+    img = n * int(np.prod(store.images.shape[1:])) if store.images is not None else 0
+    return emb + img
+
+
+def plan_residency(nbytes: int, device: torch.device, fraction: float = 0.5) -> str:
+    """``gpu`` when ``nbytes`` is under ``fraction`` of free GPU memory (CUDA only), else ``host``
+    when under that share of free host memory, else ``stream``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes < fraction * free:
+            return "gpu"
+    try:
+        import os
+
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 0
+    return "host" if nbytes < fraction * avail else "stream"
+
+
 class PairedCache:
     """The rows of a store that a run uses: embeddings, images, labels and image regions.
 
@@ -129,34 +156,23 @@ class PairedCache:
         self.labels = store.labels[self.rows]
         self.regions = image_regions(store.orig_size[self.rows])
         self.with_embeddings = embeddings
-        emb_bytes = len(self.rows) * 256 * GRID * GRID * (2 if store.meta["dtype"] != "float32" else 4) * embeddings
-        img_bytes = len(self.rows) * int(np.prod(store.images.shape[1:]))
-        self.bytes = emb_bytes + img_bytes
-        self.mode = residency if residency != "auto" else self._choose(device, budget_fraction)
+        self.bytes = cache_bytes(store, len(self.rows), embeddings)
+        self.mode = residency if residency != "auto" else plan_residency(self.bytes, device, budget_fraction)
         self.emb = self.img = None
+        self._stream: ShardStream | None = None
         if self.mode in ("gpu", "host"):
             target = device if self.mode == "gpu" else torch.device("cpu")
             self.img = self._load("images", target)
             self.emb = self._load("embeddings", target) if embeddings else None
 
-    def _choose(self, device: torch.device, fraction: float) -> str:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if self.bytes < fraction * free:
-                return "gpu"
-        try:
-            import os
-
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 0
-        return "host" if self.bytes < fraction * avail else "stream"
+    def _read(self, rows: np.ndarray, name: str) -> torch.Tensor:
+        t = torch.from_numpy(self.store.read_rows(rows, name))
+        if name == "embeddings" and t.dtype == torch.float32 and self.store.meta["dtype"] != "float32":
+            t = t.half()  # bfloat16 and int8 stores come back widened; keep the cache at 2 bytes a value
+        return t
 
     def _load(self, name: str, target: torch.device) -> torch.Tensor:
-        rows = self.store.read_rows(self.rows, name)
-        t = torch.from_numpy(rows)
-        if name == "embeddings" and t.dtype == torch.float32 and self.store.meta["dtype"] != "float32":
-            t = t.half()  # bfloat16 stores come back widened; keep the cache at 2 bytes a value
+        t = self._read(self.rows, name)
         if target.type == "cuda":
             return t.to(target)
         return t.pin_memory() if self.device.type == "cuda" else t
@@ -164,6 +180,26 @@ class PairedCache:
     def describe(self) -> str:
         where = {"gpu": "GPU memory", "host": "host memory", "stream": "streamed from the store per batch"}[self.mode]
         return f"{len(self.rows)} samples, {self.bytes / 2**20:.0f} MiB, in {where}"
+
+    def start_epoch(self, groups: list[np.ndarray] | None) -> None:
+        """Stream the coming epoch buffer by buffer (``groups`` from :func:`trainer.stream.shard_order`).
+
+        Only the ``stream`` mode reads ahead; the others, or ``groups=None``, keep per-batch access.
+        """
+        self.end_epoch()
+        if self.mode == "stream" and groups is not None:
+            emb = self.with_embeddings
+
+            def read(rows):
+                return self._read(rows, "images"), (self._read(rows, "embeddings") if emb else None)
+
+            self._stream = ShardStream(read, groups, pin=self.device.type == "cuda")
+
+    def end_epoch(self) -> None:
+        """Stop the epoch's read-ahead, if any, and free its buffers."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def regions_of(self, store_rows: np.ndarray) -> np.ndarray:
         """Image regions (grid boxes) of ``store_rows``, without touching images or embeddings."""
@@ -179,11 +215,14 @@ class PairedCache:
         ``store_rows``, on the device."""
         pos = np.array([self.position[int(r)] for r in store_rows])
         embeddings = embeddings and self.with_embeddings
-        if self.mode == "stream":
+        if self._stream is not None and all(int(r) in self._stream.owner for r in store_rows):
+            img, emb = self._stream.take(store_rows)
+            emb = emb if embeddings else None
+        elif self.mode == "stream":
             order = np.argsort(store_rows)
             inverse = np.argsort(order)
-            img = torch.from_numpy(self.store.read_rows(store_rows[order], "images")[inverse])
-            emb = torch.from_numpy(self.store.read_rows(store_rows[order])[inverse]) if embeddings else None
+            img = self._read(store_rows[order], "images")[inverse]
+            emb = self._read(store_rows[order], "embeddings")[inverse] if embeddings else None
         else:
             p = torch.from_numpy(pos).to(self.img.device)
             img = self.img.index_select(0, p)

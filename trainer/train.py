@@ -23,11 +23,12 @@ from sam_cache import distributed
 from sam_cache.store import EmbeddingStore
 
 from .config import TrainConfig
-from .data import PairedCache, paired_views, sample_boxes
+from .data import PairedCache, cache_bytes, paired_views, plan_residency, sample_boxes
 from .evaluate import TrainError, build_model, normalizer, predict, resolve_device
 from .metrics import classification_metrics
 from .records import write_rows
 from .plots import plot_attention, plot_confusion, plot_learning_curves
+from .stream import shard_order
 from .subset import stratified_subset
 
 __all__ = ["train", "TrainError", "epoch_order"]
@@ -35,14 +36,43 @@ __all__ = ["train", "TrainError", "epoch_order"]
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 
 
-def epoch_order(rows: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
-    """The epoch's shuffled rows and the generator that then draws its augmentations.
+def epoch_order(rows: np.ndarray, seed: int, epoch: int, shards: tuple[int, int] | None = None
+                ) -> tuple[np.ndarray, list[np.ndarray] | None, np.random.Generator]:
+    """The epoch's shuffled rows, its stream buffers, and the generator that then draws its augmentations.
 
-    Both depend only on the seed and the epoch, never on the model: ``--no-slca`` sees exactly
-    the same batches and crops as the SLCA run.
+    Arguments:
+      rows: the training rows.
+      seed, epoch: what the order depends on.
+      shards: ``(shard_size, buffer_shards)`` for a shard-sequential order
+        (:func:`trainer.stream.shard_order`); None for a global permutation.
+
+    Returns:
+      ``(order, groups, rng)``; ``groups`` is None for a global permutation. All depend only on
+      the arguments, never on the model: ``--no-slca`` sees exactly the same batches and crops.
     """
     rng = np.random.default_rng([seed, epoch])
-    return rng.permutation(rows), rng
+    if shards is None:
+        return rng.permutation(rows), None, rng
+    order, groups = shard_order(rows, shards[0], shards[1], rng)
+    return order, groups, rng
+
+
+def _shuffle_plan(cfg: TrainConfig, store: EmbeddingStore, n_rows: int, device: torch.device) -> tuple[int, int] | None:
+    """``(shard_size, buffer_shards)`` when the epoch order is shard-sequential, else None.
+
+    ``auto`` asks whether the SLCA run's cache (embeddings included, whether or not this run
+    uses them) would stream, so that an ablation pair resolves it the same way.
+    """
+    if cfg.shuffle not in ("auto", "global", "shards"):
+        raise TrainError(f"shuffle must be auto, global or shards, not {cfg.shuffle!r}")
+    shuffle = cfg.shuffle
+    if shuffle == "auto":
+        planned = cfg.residency if cfg.residency != "auto" else plan_residency(cache_bytes(store, n_rows), device)
+        shuffle = "shards" if planned == "stream" else "global"
+    if shuffle == "global":
+        return None
+    shard = int(store.meta.get("shard_size") or 1)
+    return shard, max(1, cfg.shuffle_buffer // shard)
 
 
 def _check_store(store: EmbeddingStore, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,6 +167,9 @@ def _train(cfg, ctx, resume, overwrite, log, on_epoch, cache) -> dict:
         raise TrainError("the shared cache lacks rows or embeddings that this run needs")
     class_names = store.class_names
     log(f"cache: {cache.describe()}" + (f", on each of {ctx.world} ranks" if ctx.world > 1 else ""))
+    shards = _shuffle_plan(cfg, store, len(needed), device)
+    if shards is not None:
+        log(f"order: shard by shard, shuffle buffer of {shards[1]} shards ({shards[0] * shards[1]} samples)")
     log(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(test_rows)} test, {len(class_names)} classes"
         + (f" (train fraction {cfg.train_fraction})" if cfg.train_fraction else "")
         + (f" ({cfg.shots} shots per class)" if cfg.shots else ""))
@@ -183,7 +216,8 @@ def _train(cfg, ctx, resume, overwrite, log, on_epoch, cache) -> dict:
     since_best = 0 if best is None else start - 1 - best["epoch"]
     for epoch in range(start, cfg.epochs):
         net.train()
-        order, rng = epoch_order(train_rows, cfg.seed, epoch)
+        order, groups, rng = epoch_order(train_rows, cfg.seed, epoch, shards)
+        cache.start_epoch(groups)
         digest = hashlib.sha1()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         for step in range(steps):
@@ -210,6 +244,7 @@ def _train(cfg, ctx, resume, overwrite, log, on_epoch, cache) -> dict:
             seen += len(rows)
             loss_sum += loss.item() * len(rows)
             correct += (logits.argmax(1) == y).sum().item()
+        cache.end_epoch()
         seconds = time.perf_counter() - t0
         seen, loss_sum, correct = (sum(v) for v in zip(*ctx.gather((seen, loss_sum, correct))))
 
