@@ -96,16 +96,21 @@ def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, b
     """
     dev = (images if images is not None else embeddings).device
     b = torch.as_tensor(boxes, dtype=torch.float32, device=dev)
-    f = torch.as_tensor(flips, device=dev).view(-1, 1, 1, 1)
+    flipped = torch.as_tensor(np.flatnonzero(flips), device=dev)
     img_out = emb_out = None
     if images is not None:
-        img_out = _crop(images.float(), b, out_size, images.shape[-1] / GRID)
-        img_out = torch.where(f, img_out.flip(-1), img_out)
+        img_out = _flip_some(_crop(images.float(), b, out_size, images.shape[-1] / GRID), flipped)
     if embeddings is not None:
         e = embeddings if embeddings.is_cuda and embeddings.dtype == torch.float16 else embeddings.float()
-        emb_out = _crop(e, b, GRID, 1.0)
-        emb_out = torch.where(f, emb_out.flip(-1), emb_out)
+        emb_out = _flip_some(_crop(e, b, GRID, 1.0), flipped)
     return img_out, emb_out
+
+
+def _flip_some(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Flip the samples at ``index`` left-right, in place: only they are read and written again."""
+    if len(index):
+        x.index_copy_(0, index, x.index_select(0, index).flip(-1))
+    return x
 
 
 def cache_bytes(store: EmbeddingStore, n: int, embeddings: bool = True) -> int:
