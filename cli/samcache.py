@@ -1,4 +1,4 @@
-"""``samcache``: extract embeddings once, then inspect and verify the store."""
+"""``samcache``: extract embeddings once, then inspect, verify or convert the store."""
 
 from __future__ import annotations
 
@@ -69,6 +69,24 @@ def extract(
             err_console.print(f"  {s['source']}: {s['error']}", highlight=False)
         err_console.print("They are recorded in the store (samcache info) and retried by the next run.")
         raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command()
+def convert(
+    store: str = typer.Argument(..., help="The source store."),
+    out: str = typer.Option(..., help="The new store (.zarr or .h5)."),
+    dtype: str = typer.Option("int8", help="Stored embedding dtype of the new store: int8, float16, bfloat16 or float32."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per Zarr shard file (default: the source's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing OUT first (default: resume it)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Re-encode a store's embeddings in another stored form, without running the encoder."""
+    from sam_cache import convert_store
+
+    with _errors():
+        r = convert_store(store, out, dtype, shard_size=shard_size, overwrite=overwrite, progress=progress)
+    console.print(f"converted {r['rows']} rows into {out} ({r['done']} done in all): "
+                  f"{r['src_bytes'] / 2**20:.2f} -> {r['dst_bytes'] / 2**20:.2f} MiB of embedding per sample")
 
 
 @app.command()

@@ -7,6 +7,7 @@ The public surface::
 
 __version__ = "0.1.0"
 
+from .convert import convert_store  # noqa: E402
 from .datasets import DatasetError, DatasetManifest, open_dataset  # noqa: E402
 from .encoders import Encoder, EncoderError, create_encoder, list_encoders  # noqa: E402
 from .extract import ExtractionResult, extract_dataset  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "list_encoders",
     "ExtractionResult",
     "extract_dataset",
+    "convert_store",
     "summarize_store",
     "verify_store",
     "EmbeddingStore",

@@ -1,0 +1,106 @@
+"""Re-encode a store in another stored form (e.g. int8) without running the encoder again.
+
+A converted store is what ``samcache extract --dtype D`` would have written, row for row: the
+same signature apart from ``dtype``, the same manifest hash, labels, splits, images and geometry,
+and the same done flags. Its attributes add ``converted_from`` (the source path and dtype). A
+killed conversion resumes: rows already done in the destination are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import DatasetManifest, Record
+from .store import EmbeddingStore, StoreError, contiguous_runs
+
+__all__ = ["convert_store"]
+
+
+def convert_store(src: str | Path, dst: str | Path, dtype: str, shard_size: int | None = None,
+                  overwrite: bool = False, rows_per_read: int = 64, progress: bool = True) -> dict:
+    """Write ``src``'s done rows into a new store ``dst`` with embeddings stored as ``dtype``.
+
+    Arguments:
+      src: an existing store.
+      dst: the new store (``.zarr`` or ``.h5``; the format may differ from ``src``'s).
+      dtype: ``float16``, ``bfloat16``, ``float32`` or ``int8``.
+      shard_size: samples per Zarr shard of ``dst`` (default: ``src``'s).
+      overwrite: delete an existing ``dst`` first (default: resume it).
+      rows_per_read: rows converted per step.
+      progress: show a rich progress bar.
+
+    Returns:
+      ``{"rows": rows converted now, "done": done rows in dst, "src_bytes", "dst_bytes"}``;
+      the byte counts are the embeddings' stored size per sample before and after.
+
+    Raises:
+      StoreError: ``src`` is missing or ``dst`` is ``src``; an existing ``dst`` that is not a
+        conversion of ``src`` to ``dtype`` (nothing in it is touched).
+    """
+    src, dst = str(src), str(dst)
+    if Path(src).resolve() == Path(dst).resolve():
+        raise StoreError(f"convert writes a new store: {dst} is the source itself")
+    with EmbeddingStore.open(src) as s:
+        expected = {**s.signature, "dtype": dtype}
+        if overwrite:
+            EmbeddingStore.remove(dst)
+        if EmbeddingStore.exists(dst):
+            d = EmbeddingStore.open(dst, "r+")
+            try:
+                d.check_signature(expected)
+            except StoreError:
+                d.close()
+                raise
+        else:
+            d = _create_like(s, dst, dtype, shard_size)
+        try:
+            todo = np.flatnonzero(s.done & ~d.done)
+            _copy_rows(s, d, todo, rows_per_read, progress)
+            return {"rows": int(len(todo)), "done": int(d.done.sum()),
+                    "src_bytes": _bytes_per_sample(s.meta["dtype"]), "dst_bytes": _bytes_per_sample(dtype)}
+        finally:
+            d.close()
+
+
+def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None) -> EmbeddingStore:
+    records = [Record(id=i, label=int(lab), split=str(sp), source=i) for i, lab, sp in zip(s.ids, s.labels, s.splits)]
+    manifest = DatasetManifest(root=s.meta["dataset"]["root"], kind=s.meta["dataset"]["kind"], records=records,
+                               class_names=s.class_names, split_info=s.meta.get("split_info") or {})
+    d = EmbeddingStore.create(dst, manifest, s.signature, dtype=dtype, image_size=s.image_size,
+                              shard_size=shard_size or int(s.meta.get("shard_size") or 16),
+                              block_size=None)
+    # the manifest's sources are not in the store: keep the source store's hash, which names them
+    d.meta.update(manifest_sha256=s.meta["manifest_sha256"], converted_from={"path": s.path, "dtype": s.meta["dtype"]})
+    d._b.set_meta(d.meta)
+    d._b.flush()
+    return d
+
+
+def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int, progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("convert", total=len(rows))
+        for _, start, stop in contiguous_runs(rows):
+            for a in range(start, stop, step):
+                b = min(a + step, stop)
+                images = np.asarray(s.images[a:b]) if s.images is not None else None
+                d.write_rows(a, _as_stored(s.read_embeddings(a, b), d.meta["dtype"]), s.orig_size[a:b], s.valid[a:b], s.window[a:b], images)
+                d.mark_done(np.arange(a, b))
+                bar.advance(task, b - a)
+
+
+def _as_stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Values as :meth:`EmbeddingStore.write_rows` takes them for ``dtype`` (bfloat16 as raw bits)."""
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().view(torch.uint16).numpy()
+    return x.astype(np.float32 if dtype == "int8" else dtype)  # int8: write_rows quantizes
+
+
+def _bytes_per_sample(dtype: str) -> int:
+    return 256 * 64 * 64 * {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[dtype] + (256 * 4 if dtype == "int8" else 0)
