@@ -35,3 +35,16 @@ def test_train_bench_writes_its_ratios(tmp_path):
                 "ratio_slca_cached_vs_backbone", "ratio_slca_cached_vs_online"):
         assert r[key] > 0, key
     assert r["cache_mode"] == "host"
+
+
+@pytest.mark.slow
+def test_stored_form_bench_compares_float16_with_int8(tiny_store, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "stored_form.py"), "--store", str(tiny_store),
+                          "--out", str(tmp_path), "--seeds", "0,1", "--epochs", "1", "--img-size", "32",
+                          "--batch-size", "4", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads((tmp_path / "stored_form.json").read_text())
+    assert set(r["test"]) == {"float16", "int8"} and r["bytes_per_sample"]["int8"] < r["bytes_per_sample"]["float16"]
+    assert 0 < r["embedding_relative_error"]["mean"] < 0.02
+    assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 4
+    assert "| int8 | 1.00 |" in run.stdout and "balanced_accuracy: int8 - float16" in run.stdout
