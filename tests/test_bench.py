@@ -48,3 +48,19 @@ def test_stored_form_bench_compares_float16_with_int8(tiny_store, tmp_path):
     assert 0 < r["embedding_relative_error"]["mean"] < 0.02
     assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 4
     assert "| int8 | 1.00 |" in run.stdout and "balanced_accuracy: int8 - float16" in run.stdout
+
+
+def test_gate_strength_measures_how_far_trained_gates_moved(tiny_store, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gate_strength import gate_strength
+
+    from trainer import TrainConfig, train
+
+    base = dict(cache=str(tiny_store), epochs=1, batch_size=4, img_size=32, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "slca"), lr=0.05, **base), log=lambda s: None)
+    moved = gate_strength(tmp_path / "slca", rows=3)
+    assert list(moved) == ["layer1", "layer2", "layer3", "layer4"]
+    assert all(0 < m <= x for m, x in moved.values())  # a trained gate is no longer exactly 1
+    train(TrainConfig(out=str(tmp_path / "plain"), slca=False, **base), log=lambda s: None)
+    with pytest.raises(ValueError, match="without SLCA"):
+        gate_strength(tmp_path / "plain")
