@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pretrained", help="local backbone weights file (default: random init)")
     p.add_argument("--device")
     a = p.parse_args()
     if a.dataset is None and a.store is None:
@@ -44,7 +45,7 @@ def main() -> None:
         fractions=tuple(float(f) for f in a.fractions.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
         encoder=a.encoder, store_image_size=max(128, a.img_size),
         train={"backbone": a.backbone, "img_size": a.img_size, "epochs": a.epochs, "patience": a.patience,
-               "batch_size": a.batch_size, "lr": a.lr},
+               "batch_size": a.batch_size, "lr": a.lr, **({"pretrained": a.pretrained} if a.pretrained else {})},
     )
     run_fraction_study(a.dataset, a.out, cfg, store=a.store, device=a.device, log=lambda s: print(s, flush=True))
     print((Path(a.out) / "summary.md").read_text())
