@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from sam_cache import EmbeddingStore, convert_store  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
-from trainer.experiment import StudyConfig, _stats  # noqa: E402
+from trainer.experiment import StudyConfig, against_spread, mean_std  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
 from trainer.train import METRIC_KEYS  # noqa: E402
 
@@ -50,18 +50,19 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fraction", type=float, default=1.0)
-    p.add_argument("--backbone", default=StudyConfig().train["backbone"])
-    p.add_argument("--img-size", type=int, default=StudyConfig().train["img_size"])
-    p.add_argument("--epochs", type=int, default=StudyConfig().train["epochs"])
-    p.add_argument("--patience", type=int, default=StudyConfig().train["patience"])
-    p.add_argument("--batch-size", type=int, default=StudyConfig().train["batch_size"])
+    recipe = StudyConfig().train
+    p.add_argument("--backbone", default=recipe["backbone"])
+    p.add_argument("--img-size", type=int, default=recipe["img_size"])
+    p.add_argument("--epochs", type=int, default=recipe["epochs"])
+    p.add_argument("--patience", type=int, default=recipe["patience"])
+    p.add_argument("--batch-size", type=int, default=recipe["batch_size"])
     p.add_argument("--device")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     q = str(out / "int8.zarr")
     t0 = time.perf_counter()
-    convert_store(a.store, q, "int8")
+    converted = convert_store(a.store, q, "int8")
     convert_seconds = time.perf_counter() - t0
     forms = {"float16": a.store, "int8": q}
     rows = read_rows(out / "runs.csv")
@@ -81,9 +82,9 @@ def main() -> None:
             write_rows(rows, out / "runs.csv")
             print(f"{form:>8} seed {seed}  bal.acc {m['balanced_accuracy']:.3f}  AUC {m['auc']:.3f}", flush=True)
 
-    summary = {form: {k: _stats([r[k] for r in rows if r["form"] == form]) for k in METRIC_KEYS} for form in forms}
+    summary = {form: {k: mean_std([r[k] for r in rows if r["form"] == form]) for k in METRIC_KEYS} for form in forms}
     report = {"store": a.store, "int8_store": q, "convert_seconds": round(convert_seconds, 1),
-              "bytes_per_sample": {"float16": 256 * 64 * 64 * 2, "int8": 256 * 64 * 64 + 256 * 4},
+              "bytes_per_sample": {"float16": converted["src_bytes"], "int8": converted["dst_bytes"]},
               "embedding_relative_error": embedding_error(a.store, q), "seeds": a.seeds, "fraction": a.fraction,
               "recipe": {"backbone": a.backbone, "img_size": a.img_size, "epochs": a.epochs, "patience": a.patience},
               "test": {f: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for f, v in summary.items()}}
@@ -94,9 +95,8 @@ def main() -> None:
         cells = " | ".join(f"{summary[form][k][0]:.3f} ± {summary[form][k][1]:.3f}" for k in METRIC_KEYS)
         print(f"| {form} | {report['bytes_per_sample'][form] / 2**20:.2f} | {cells} |")
     for k in ("balanced_accuracy", "auc"):
-        diff = summary["int8"][k][0] - summary["float16"][k][0]
-        spread = max(summary["int8"][k][1], summary["float16"][k][1])
-        word = "no difference" if abs(diff) <= spread else ("int8 better" if diff > 0 else "int8 worse")
+        diff, spread, same = against_spread(*summary["int8"][k], *summary["float16"][k])
+        word = "no difference" if same else ("int8 better" if diff > 0 else "int8 worse")
         print(f"{k}: int8 - float16 = {diff:+.3f}, seed spread {spread:.3f}: {word}")
     err = report["embedding_relative_error"]
     print(f"embedding relative error (L2, {err['rows']} samples): mean {err['mean']:.2e}, max {err['max']:.2e}")

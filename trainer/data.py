@@ -183,7 +183,7 @@ class PairedCache:
         return t.pin_memory() if self.device.type == "cuda" else t
 
     def describe(self) -> str:
-        where = {"gpu": "GPU memory", "host": "host memory", "stream": "streamed from the store per batch"}[self.mode]
+        where = {"gpu": "GPU memory", "host": "host memory", "stream": "streamed from the store"}[self.mode]
         return f"{len(self.rows)} samples, {self.bytes / 2**20:.0f} MiB, in {where}"
 
     def start_epoch(self, groups: list[np.ndarray] | None) -> None:

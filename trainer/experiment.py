@@ -33,7 +33,7 @@ from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import METRIC_KEYS, train
 
-__all__ = ["StudyConfig", "run_fraction_study", "summarize_study", "linear_probe"]
+__all__ = ["StudyConfig", "run_fraction_study", "summarize_study", "linear_probe", "mean_std", "against_spread"]
 
 METHODS = ("slca", "backbone", "linear_probe")
 
@@ -136,7 +136,8 @@ def run_fraction_study(dataset: str | Path | None, out: str | Path, cfg: StudyCo
     return summarize_study(out)
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof 1; 0 for one value) of the values that are set; NaNs when none are."""
     v = np.array([x for x in values if x is not None and x != ""], dtype=float)
     if not len(v):
         return float("nan"), float("nan")
@@ -156,12 +157,21 @@ def summarize_study(out: str | Path, plot_metric: str = "balanced_accuracy") -> 
                 continue
             entry = {"method": method, "fraction": f, "seeds": len(sel)}
             for k in METRIC_KEYS:
-                entry[f"{k}_mean"], entry[f"{k}_std"] = _stats([r[k] for r in sel])
+                entry[f"{k}_mean"], entry[f"{k}_std"] = mean_std([r[k] for r in sel])
             summary.append(entry)
     write_rows(summary, out / "summary.csv")
     (out / "summary.md").write_text(_markdown(summary, fractions))
     _plot(summary, fractions, out / f"fraction_{plot_metric}.png", plot_metric)
     return summary
+
+
+def against_spread(mean_a: float, std_a: float, mean_b: float, std_b: float) -> tuple[float, float, bool]:
+    """The project's reporting rule: ``(a - b, the larger seed std, whether |a - b| <= it)``.
+
+    A difference no larger than the seed spread is reported as no difference.
+    """
+    diff, spread = mean_a - mean_b, max(std_a, std_b)
+    return diff, spread, bool(abs(diff) <= spread)
 
 
 def verdict(summary: list[dict], fraction: float, metric: str) -> str:
@@ -170,11 +180,10 @@ def verdict(summary: list[dict], fraction: float, metric: str) -> str:
     a, b = get.get(("slca", fraction)), get.get(("backbone", fraction))
     if a is None or b is None:
         return "n/a"
-    diff = a[f"{metric}_mean"] - b[f"{metric}_mean"]
-    spread = max(a[f"{metric}_std"], b[f"{metric}_std"])
+    diff, spread, same = against_spread(a[f"{metric}_mean"], a[f"{metric}_std"], b[f"{metric}_mean"], b[f"{metric}_std"])
     if not np.isfinite(diff):
         return "n/a"
-    if abs(diff) <= spread:
+    if same:
         return f"no difference ({diff:+.3f}, spread {spread:.3f})"
     return f"SLCA {'better' if diff > 0 else 'worse'} by {abs(diff):.3f} (spread {spread:.3f})"
 
