@@ -59,7 +59,7 @@ def convert_store(src: str | Path, dst: str | Path, dtype: str, shard_size: int 
             todo = np.flatnonzero(s.done & ~d.done)
             _copy_rows(s, d, todo, rows_per_read, progress)
             return {"rows": int(len(todo)), "done": int(d.done.sum()),
-                    "src_bytes": _bytes_per_sample(s.meta["dtype"]), "dst_bytes": _bytes_per_sample(dtype)}
+                    "src_bytes": s.bytes_per_row, "dst_bytes": d.bytes_per_row}
         finally:
             d.close()
 
@@ -68,13 +68,10 @@ def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None
     records = [Record(id=i, label=int(lab), split=str(sp), source=i) for i, lab, sp in zip(s.ids, s.labels, s.splits)]
     manifest = DatasetManifest(root=s.meta["dataset"]["root"], kind=s.meta["dataset"]["kind"], records=records,
                                class_names=s.class_names, split_info=s.meta.get("split_info") or {})
-    d = EmbeddingStore.create(dst, manifest, s.signature, dtype=dtype, image_size=s.image_size,
-                              shard_size=shard_size or int(s.meta.get("shard_size") or 16),
-                              block_size=None)
     # the manifest's sources are not in the store: keep the source store's hash, which names them
-    d.meta.update(manifest_sha256=s.meta["manifest_sha256"], converted_from={"path": s.path, "dtype": s.meta["dtype"]})
-    d._b.set_meta(d.meta)
-    d._b.flush()
+    d = EmbeddingStore.create(dst, manifest, s.signature, dtype=dtype, image_size=s.image_size,
+                              shard_size=shard_size or s.shard_size, manifest_sha256=s.meta["manifest_sha256"])
+    d.update_meta(converted_from={"path": s.path, "dtype": s.dtype})
     return d
 
 
@@ -88,19 +85,6 @@ def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int
             for a in range(start, stop, step):
                 b = min(a + step, stop)
                 images = np.asarray(s.images[a:b]) if s.images is not None else None
-                d.write_rows(a, _as_stored(s.read_embeddings(a, b), d.meta["dtype"]), s.orig_size[a:b], s.valid[a:b], s.window[a:b], images)
+                d.write_rows(a, s.read_embeddings(a, b), s.orig_size[a:b], s.valid[a:b], s.window[a:b], images)
                 d.mark_done(np.arange(a, b))
                 bar.advance(task, b - a)
-
-
-def _as_stored(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Values as :meth:`EmbeddingStore.write_rows` takes them for ``dtype`` (bfloat16 as raw bits)."""
-    if dtype == "bfloat16":
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().view(torch.uint16).numpy()
-    return x.astype(np.float32 if dtype == "int8" else dtype)  # int8: write_rows quantizes
-
-
-def _bytes_per_sample(dtype: str) -> int:
-    return 256 * 64 * 64 * {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[dtype] + (256 * 4 if dtype == "int8" else 0)

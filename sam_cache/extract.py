@@ -103,7 +103,6 @@ class _Writer:
                 ready, indices, emb, orig, valid, window, images = job
                 if ready is not None:
                     ready.synchronize()  # the device-to-host copy has landed
-                emb = emb.numpy() if emb.dtype != torch.bfloat16 else emb.view(torch.uint16).numpy()
                 for pos, start, stop in contiguous_runs(indices):
                     sl = slice(pos, pos + stop - start)
                     self.store.write_rows(start, emb[sl], orig[sl], valid[sl], window[sl],

@@ -9,10 +9,14 @@ The SAM frame (segment-anything's ``ResizeLongestSide`` + ``Sam.preprocess``):
    that the store can record it per sample;
 3. resize the longest side to the encoder's input size with PIL's bilinear filter (exactly what
    ``ResizeLongestSide.apply_image`` does);
-4. normalize with the encoder's pixel mean and std, then zero-pad at the bottom and right to a
+4. with ``intensity="minmax"`` (``medsam``, ``litemedsam``), stretch each resized image from its
+   own minimum..maximum over all three channels to the full 0..255 range, as MedSAM's and
+   LiteMedSAM's reference inference scripts do (``(x - x.min()) / clip(x.max() - x.min(), 1e-8)``
+   on the resized image); ``"fixed"`` (SAM ViTs) keeps the decoded values;
+5. normalize with the encoder's pixel mean and std, then zero-pad at the bottom and right to a
    square of the input size.
 
-Steps 1-3 run in DataLoader workers on uint8 data (:func:`load_frame`); step 4 runs on the device
+Steps 1-3 run in DataLoader workers on uint8 data (:func:`load_frame`); steps 4-5 run on the device
 (:func:`normalize_frames`), so host-to-device copies move uint8, a quarter of float32.
 """
 
@@ -45,6 +49,11 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 UNIT_SCALE_MEAN = (0.0, 0.0, 0.0)
 UNIT_SCALE_STD = (255.0, 255.0, 255.0)
 
+# Raised whenever the same Preprocessing fields would give a different encoder input, so that a
+# store written by an older samcache is refused instead of silently mixed. 2: the intensity field.
+PREPROCESSING_VERSION = 2
+INTENSITIES = ("fixed", "minmax")
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
@@ -64,15 +73,20 @@ class Preprocessing:
         WindowCenter/WindowWidth when the file has them, else the image's own min..max;
         ``"minmax"``: always the image's min..max; ``"LO,HI"``: a fixed window, e.g. ``"0,4095"``.
         8-bit images are never windowed.
+      intensity (str): ``"fixed"``: pixel values as decoded; ``"minmax"``: each resized image
+        stretched from its own min..max to 0..255 before the mean and std (MedSAM's reference).
     """
 
     input_size: int
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     window: str = "auto"
+    intensity: str = "fixed"
 
     def __post_init__(self) -> None:
         parse_window(self.window)  # refuse a bad window early, not in a worker
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,6 +94,7 @@ class Preprocessing:
         d["pixel_std"] = [float(v) for v in self.pixel_std]
         d["resize"] = "longest_side_pil_bilinear"
         d["pad"] = "bottom_right_zero_after_normalize"
+        d["version"] = PREPROCESSING_VERSION
         return d
 
 
@@ -236,14 +251,21 @@ def normalize_frames(frames: torch.Tensor, sizes: torch.Tensor, pre: Preprocessi
 
     Returns:
       ``Bx3xSxS`` float32 on the frames' device: ``(x - mean) / std`` inside the image, 0 in
-      the padding (SAM pads *after* normalizing).
+      the padding (SAM pads *after* normalizing). With ``pre.intensity == "minmax"``, ``x`` is
+      first stretched per image from its own min..max (inside the image, all channels) to 0..255.
     """
     device = frames.device
     mean = torch.tensor(pre.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pre.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    x = (frames.float() - mean) / std
     s = frames.shape[-1]
     ar = torch.arange(s, device=device)
     sizes = sizes.to(device)
     inside = (ar.view(1, s, 1) < sizes[:, 0].view(-1, 1, 1)) & (ar.view(1, 1, s) < sizes[:, 1].view(-1, 1, 1))
-    return torch.where(inside.unsqueeze(1), x, torch.zeros((), device=device))
+    inside = inside.unsqueeze(1)
+    x = frames.float()
+    if pre.intensity == "minmax":
+        lo = torch.where(inside, x, torch.full((), 255.0, device=device)).amin(dim=(1, 2, 3), keepdim=True)
+        hi = torch.where(inside, x, torch.zeros((), device=device)).amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8) * 255.0
+    x = (x - mean) / std
+    return torch.where(inside, x, torch.zeros((), device=device))

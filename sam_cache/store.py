@@ -19,6 +19,9 @@ valid           (N, 2)                  int32     rows, cols of the 64x64 grid t
 window          (N, 2)                  float32   (lo, hi) that mapped a deep image to 8 bits;
                                                   NaN for 8-bit images
 done            (N,)                    bool      set only after the sample's rows are written
+checksums       (N, 2)                  uint32    CRC-32 of the row's stored embedding bytes
+                                                  (with its int8 scales) and of its image bytes
+                                                  (0 without images); schema 2 and later
 scales          (N, 256)                float32   int8 stores only: per-sample channel scales
 ==============  ======================  ========  ==========================================
 
@@ -27,10 +30,20 @@ Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``e
 ``image_size``), ``class_names``, ``split_info``, ``dataset``, ``package_version``, ``created``,
 and ``skipped``: the images the last run could not decode, each with its id, source and error.
 
+Encoding belongs to the store: :meth:`EmbeddingStore.write_rows` takes float embeddings (numpy or
+torch, any float dtype) and stores them as the store's ``dtype`` (bfloat16 as raw bits, int8 with
+scales); :meth:`EmbeddingStore.read_embeddings` decodes them. Nobody else touches the arrays' bytes.
+
+Integrity: zarr's shards here are uncompressed, so no codec checks their bytes. Each row's
+``checksums`` are computed from the exact bytes written, and ``samcache verify`` recomputes them:
+a flipped byte in a shard, a deleted shard (zeros) or a truncated one is named by shard and sample.
+Schema 1 stores (no checksums) are still read; ``verify`` says that it cannot check their bytes.
+
 Crash safety: Zarr's local store writes every shard file atomically (temporary file + rename),
 and ``done`` is written after the data it vouches for, so a process killed at any point leaves a
-store that resumes correctly. HDF5 has no such guarantee; the writer flushes after every batch,
-and a file damaged by a hard kill is refused with a clear message.
+store that resumes correctly. HDF5 has no such guarantee against a kill; the writer flushes the
+rows (which raises on a full disk) *before* it sets their ``done`` flags, so a failed write is
+never marked done, and a file damaged by a hard kill is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -38,19 +51,23 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .datasets import SPLITS, DatasetManifest
 
-__all__ = ["EmbeddingStore", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format"]
+__all__ = ["EmbeddingStore", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format",
+           "bytes_per_row", "encode_embeddings"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EMBED_SHAPE = (256, 64, 64)
 SIGNATURE_KEYS = ("encoder", "checkpoint_sha256", "random_weights", "preprocessing", "dtype",
                   "manifest_sha256", "image_size")
 _DTYPES = ("float16", "float32", "bfloat16", "int8")
+_NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int8": "int8",
+                 "bfloat16": "uint16"}  # numpy has no bfloat16: the store keeps its raw bits
 
 
 class StoreError(RuntimeError):
@@ -104,6 +121,47 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(x / scale[:, :, None, None]), -127, 127).astype(np.int8)
     return q, scale
+
+
+def bytes_per_row(dtype: str) -> int:
+    """Stored bytes of one embedding in ``dtype`` (int8 counts its float32 scale per channel)."""
+    if dtype not in _DTYPES:
+        raise StoreError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
+    return int(np.prod(EMBED_SHAPE)) * itemsize + (EMBED_SHAPE[0] * 4 if dtype == "int8" else 0)
+
+
+def encode_embeddings(x, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float embeddings (numpy or torch) as the store keeps them in ``dtype``: ``(raw, scales)``.
+
+    ``raw`` is float16/float32, the raw bits of bfloat16 as uint16, or int8 with ``scales``
+    (otherwise None). Refuses integer input: the store would silently keep nonsense.
+    """
+    import torch
+
+    if dtype not in _DTYPES:
+        raise StoreError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if not t.is_floating_point():
+        raise StoreError(f"embeddings must be floating point, got {t.dtype}")
+    t = t.detach().cpu()
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).contiguous().view(torch.uint16).numpy(), None
+    if dtype == "int8":
+        return quantize_int8(t.float().numpy())
+    return t.to(getattr(torch, dtype)).contiguous().numpy(), None
+
+
+def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarray | None) -> np.ndarray:
+    out = np.zeros((len(raw), 2), dtype=np.uint32)
+    for k in range(len(raw)):
+        crc = zlib.crc32(np.ascontiguousarray(raw[k]).tobytes())
+        if scales is not None:
+            crc = zlib.crc32(np.ascontiguousarray(scales[k], dtype=np.float32).tobytes(), crc)
+        out[k, 0] = crc
+        if images is not None:
+            out[k, 1] = zlib.crc32(np.ascontiguousarray(images[k]).tobytes())
+    return out
 
 
 class _ZarrBackend:
@@ -216,6 +274,7 @@ class EmbeddingStore:
         image_size: int | None = None,
         shard_size: int = 16,
         block_size: int | None = None,
+        manifest_sha256: str | None = None,
     ) -> "EmbeddingStore":
         """Create an empty store for ``manifest``; nothing is marked done.
 
@@ -228,6 +287,8 @@ class EmbeddingStore:
           shard_size: samples per Zarr shard file (ignored for HDF5).
           block_size: rows per chunk of the small per-sample arrays and per unit of work dealt
             to a distributed rank; a multiple of ``shard_size`` (default: about 1024 rows).
+          manifest_sha256: the dataset hash to record (default ``manifest.sha256()``); a store
+            converted from another keeps its source's hash.
 
         Raises:
           StoreError: the path exists already, or an argument is out of range.
@@ -245,10 +306,8 @@ class EmbeddingStore:
             raise StoreError(f"block_size {block} must be a multiple of shard_size {shard_size}")
         fmt = store_format(path)
         b = _H5Backend(path, "w") if fmt == "hdf5" else _ZarrBackend(path, "w")
-        np_dtype = {"float32": "float32", "float16": "float16", "int8": "int8",
-                    "bfloat16": "uint16"}[dtype]  # numpy has no bfloat16: keep its raw bits
         shards = (min(shard_size, n),) + EMBED_SHAPE if fmt == "zarr" else None
-        b.create_array("embeddings", (n,) + EMBED_SHAPE, np_dtype, (1,) + EMBED_SHAPE, shards)
+        b.create_array("embeddings", (n,) + EMBED_SHAPE, _NUMPY_DTYPES[dtype], (1,) + EMBED_SHAPE, shards)
         if image_size:
             img_shape = (3, image_size, image_size)
             b.create_array("images", (n,) + img_shape, "uint8", (1,) + img_shape,
@@ -261,6 +320,7 @@ class EmbeddingStore:
         b.create_array("valid", (n, 2), "int32", (min(n, block), 2))
         b.create_array("window", (n, 2), "float32", (min(n, block), 2))
         b.create_array("done", (n,), "bool", (min(n, block),))
+        b.create_array("checksums", (n, 2), "uint32", (min(n, block), 2))
         if dtype == "int8":  # symmetric per-sample, per-channel scales: x = q * scale
             b.create_array("scales", (n, EMBED_SHAPE[0]), "float32", (min(n, block), EMBED_SHAPE[0]))
         b["labels"][:] = manifest.labels
@@ -272,7 +332,7 @@ class EmbeddingStore:
         meta = {"schema_version": SCHEMA_VERSION}
         meta.update({k: signature.get(k) for k in ("encoder", "checkpoint_sha256", "random_weights", "preprocessing")})
         meta.update(
-            dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size,
+            dtype=dtype, manifest_sha256=manifest_sha256 or manifest.sha256(), image_size=image_size,
             class_names=list(manifest.class_names), split_info=manifest.split_info,
             dataset={"root": manifest.root, "kind": manifest.kind}, shard_size=shard_size, block_size=block,
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -361,6 +421,40 @@ class EmbeddingStore:
         return self.meta.get("image_size")
 
     @property
+    def dtype(self) -> str:
+        """The stored form of the embeddings: ``float16``, ``bfloat16``, ``float32`` or ``int8``."""
+        return self.meta["dtype"]
+
+    @property
+    def shard_size(self) -> int:
+        """Samples per Zarr shard file (HDF5 stores report the value they were created with)."""
+        return int(self.meta.get("shard_size") or 16)
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes of one sample's embedding, int8 scales included."""
+        return bytes_per_row(self.dtype)
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether rows carry checksums (schema 2 and later)."""
+        return "checksums" in self._b
+
+    def update_meta(self, **fields) -> None:
+        """Merge ``fields`` into the store's attributes and write them (needs a writable store).
+
+        Refuses to change the schema version or a signature field: those define what the rows are.
+        """
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only")
+        frozen = set(fields) & (set(SIGNATURE_KEYS) | {"schema_version"})
+        if frozen:
+            raise StoreError(f"{', '.join(sorted(frozen))} cannot be changed in an existing store")
+        self.meta.update(fields)
+        self._b.set_meta(self.meta)
+        self._b.flush()
+
+    @property
     def embeddings(self):
         """The ``(N, 256, 64, 64)`` array; index it like numpy (reads only what is asked)."""
         return self._b["embeddings"]
@@ -373,11 +467,25 @@ class EmbeddingStore:
     def read_embeddings(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float16/float32 numpy (bfloat16 and int8 are widened to float32)."""
         raw = np.asarray(self.embeddings[start:stop])
-        if self.meta["dtype"] == "int8":
+        if self.dtype == "int8":
             return raw.astype(np.float32) * np.asarray(self._b["scales"][start:stop])[:, :, None, None]
-        if self.meta["dtype"] == "bfloat16":
+        if self.dtype == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw
+
+    def stored_checksums(self, start: int, stop: int) -> np.ndarray:
+        """``(stop - start, 2)`` CRC-32 of rows as they are on disk now (embedding, image).
+
+        Compare with :meth:`recorded_checksums` to find corrupted rows; see the module docstring.
+        """
+        emb = np.asarray(self.embeddings[start:stop])
+        scales = np.asarray(self._b["scales"][start:stop]) if self.dtype == "int8" else None
+        images = np.asarray(self.images[start:stop]) if self.images is not None else None
+        return _row_checksums(emb, scales, images)
+
+    def recorded_checksums(self, start: int, stop: int) -> np.ndarray | None:
+        """The checksums written with rows ``start:stop``, or None for a schema 1 store."""
+        return np.asarray(self._b["checksums"][start:stop]) if self.has_checksums else None
 
     def read_rows(self, indices: np.ndarray, name: str = "embeddings") -> np.ndarray:
         """Rows ``indices`` (sorted, unique) of ``embeddings`` or ``images``, read run by run.
@@ -399,35 +507,54 @@ class EmbeddingStore:
         return np.flatnonzero(mask)
 
     # writing -------------------------------------------------------------------------------
-    def write_rows(self, start: int, embeddings: np.ndarray, orig_size: np.ndarray, valid: np.ndarray,
+    def write_rows(self, start: int, embeddings, orig_size: np.ndarray, valid: np.ndarray,
                    window: np.ndarray, images: np.ndarray | None = None) -> None:
-        """Write rows ``start:start+len(embeddings)`` of every per-sample array; ``done`` is untouched."""
+        """Write rows ``start:start+len(embeddings)`` of every per-sample array; ``done`` is untouched.
+
+        Arguments:
+          start: the first row.
+          embeddings: ``(n, 256, 64, 64)`` floats, numpy or torch, in any float dtype; the store
+            encodes them as its own ``dtype`` (see the module docstring).
+          orig_size, valid, window: ``(n, 2)`` per-sample geometry, as in the layout table.
+          images: ``(n, 3, R, R)`` uint8 when the store keeps images.
+
+        The rows are flushed to disk before this returns, so that a full disk raises here, before
+        :meth:`mark_done` can vouch for them.
+
+        Raises:
+          StoreError: the store is read-only, or the rows have the wrong shape or a non-float dtype.
+        """
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only")
-        stop = start + len(embeddings)
-        if self.meta["dtype"] == "int8":
-            embeddings, scales = quantize_int8(embeddings)
+        raw, scales = encode_embeddings(embeddings, self.dtype)
+        if tuple(raw.shape[1:]) != EMBED_SHAPE:
+            raise StoreError(f"rows of shape {tuple(raw.shape[1:])} do not fit the store's {EMBED_SHAPE}")
+        stop = start + len(raw)
+        if scales is not None:
             self._b["scales"][start:stop] = scales
-        self._b["embeddings"][start:stop] = embeddings
-        if images is not None and "images" in self._b:
+        self._b["embeddings"][start:stop] = raw
+        keep_images = images is not None and "images" in self._b
+        if keep_images:
+            images = np.ascontiguousarray(images, dtype=np.uint8)
             self._b["images"][start:stop] = images
         self._b["orig_size"][start:stop] = orig_size
         self._b["valid"][start:stop] = valid
         self._b["window"][start:stop] = window
+        if self.has_checksums:
+            self._b["checksums"][start:stop] = _row_checksums(raw, scales, images if keep_images else None)
+        self._b.flush()
 
     def mark_done(self, indices: np.ndarray) -> None:
         """Set the done flag of ``indices``; call only after their rows are written."""
         indices = np.sort(np.asarray(indices, dtype=np.int64))
-        self.done[indices] = True
         for _, start, stop in contiguous_runs(indices):  # only these rows: other ranks own the rest
-            self._b["done"][start:stop] = self.done[start:stop]
+            self._b["done"][start:stop] = np.ones(stop - start, dtype=bool)
         self._b.flush()
+        self.done[indices] = True  # in memory only once the flags are on disk
 
     def set_skipped(self, skipped: list[dict]) -> None:
         """Record the images that could not be read in the last run (replaces the old report)."""
-        self.meta["skipped"] = skipped
-        self._b.set_meta(self.meta)
-        self._b.flush()
+        self.update_meta(skipped=skipped)
 
     def close(self) -> None:
         self._b.close()

