@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SamcacheError
 from .preprocess import IMAGE_SUFFIXES, read_image
 
 __all__ = ["Record", "DatasetManifest", "DatasetError", "open_dataset", "SPLITS"]
@@ -34,7 +35,7 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 _CSV_NAMES = ("manifest.csv", "labels.csv")
 
 
-class DatasetError(ValueError):
+class DatasetError(SamcacheError):
     """A dataset path cannot be read as any supported layout, or its content is inconsistent."""
 
 

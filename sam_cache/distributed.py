@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "context", "rank_rows"]
+__all__ = ["DistContext", "context", "rank_row_mask"]
 
 
 @dataclass
@@ -55,6 +55,12 @@ class DistContext:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
+    def __enter__(self) -> "DistContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def context(device_type: str = "cpu") -> DistContext:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); else one process."""
@@ -71,6 +77,6 @@ def context(device_type: str = "cpu") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 
-def rank_rows(n: int, block: int, rank: int, world: int) -> np.ndarray:
+def rank_row_mask(n: int, block: int, rank: int, world: int) -> np.ndarray:
     """Boolean mask of the ``n`` rows that ``rank`` of ``world`` extracts (block ``b`` -> ``b % world``)."""
     return (np.arange(n) // block) % world == rank

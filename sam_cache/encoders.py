@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import SamcacheError
 from .preprocess import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -65,7 +66,7 @@ EMBED_SHAPE = (256, 64, 64)
 RANDOM_SEED = 0
 
 
-class EncoderError(ValueError):
+class EncoderError(SamcacheError):
     """An encoder cannot be built as asked: unknown name, missing or unreadable checkpoint."""
 
 

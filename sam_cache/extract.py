@@ -17,6 +17,8 @@ encoder, checkpoint, preprocessing and dataset, or the run is refused (``overwri
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
 import threading
 import time
@@ -116,13 +118,37 @@ class _Writer:
         self.q.put(job)
 
     def close(self):
-        self.q.put(None)
-        self.thread.join()
+        """Write what is queued, stop the thread, and raise the first write error, if any."""
+        self.stop()
         self._raise()
 
+    def stop(self):
+        """Stop the thread after what is queued (idempotent; raises nothing)."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
     def _raise(self):
-        if self.error is not None:
-            raise StoreError(f"writing to {self.store.path} failed: {self.error}") from self.error
+        if self.error is None:
+            return
+        if getattr(self.error, "errno", None) == errno.ENOSPC or "No space left" in str(self.error):
+            raise StoreError(f"writing to {self.store.path} failed: no space left on device. The rows stored "
+                             "before it are kept; free some space and rerun to resume") from self.error
+        first = str(self.error).splitlines()[0] if str(self.error) else type(self.error).__name__
+        raise StoreError(f"writing to {self.store.path} failed: {first}") from self.error
+
+
+def _refuse_dataset_overlap(manifest: DatasetManifest, out: str) -> None:
+    """Refuse an output path that is, or holds, the dataset: writing or --overwrite would destroy it."""
+    if "://" in out:
+        return
+    target = os.path.realpath(out)
+    inside = target.rstrip(os.sep) + os.sep
+    files = [manifest.root] + [r.source for r in manifest.records if not r.source.startswith("npz:")]
+    for f in files:
+        real = os.path.realpath(f)
+        if real == target or real.startswith(inside):
+            raise StoreError(f"--out {out} holds the dataset ({f}); choose an output path outside it")
 
 
 def _progress(enabled: bool):
@@ -194,6 +220,7 @@ def extract_dataset(
     image_size = image_size or None
     signature = dict(encoder.signature(), dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size)
     out = str(out)
+    _refuse_dataset_overlap(manifest, out)
     want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     ctx = distributed.context("cuda" if want_cuda else "cpu")
     if ctx.world > 1 and store_format(out) == "hdf5":
@@ -224,7 +251,7 @@ def extract_dataset(
     store = EmbeddingStore.open(out, mode="r+")
 
     already = int(store.done.sum())
-    mine = distributed.rank_rows(len(manifest), store.block_size, ctx.rank, ctx.world)
+    mine = distributed.rank_row_mask(len(manifest), store.block_size, ctx.rank, ctx.world)
     pending = np.flatnonzero(~store.done & mine)
     result = ExtractionResult(out, len(manifest), already, 0, rank=ctx.rank)
     if attention not in ("auto", "sdpa", "stock"):
@@ -246,6 +273,7 @@ def extract_dataset(
     )
     writer = _Writer(store)
     t0 = time.perf_counter()
+    finished = False
     try:
         with _progress(progress and ctx.is_main) as bar:
             task = bar.add_task(f"extract {encoder.name}", total=len(pending), rate=0.0)
@@ -279,16 +307,23 @@ def extract_dataset(
                     result.written += int(ok.sum())
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=len(indices), rate=result.written / max(elapsed, 1e-9))
+        writer.close()  # raises a write error (a full disk, say): those rows are not marked done
+        finished = True
     finally:
-        writer.close()
+        writer.stop()
         result.seconds = time.perf_counter() - t0
-        # every rank's skipped images and counts; rank 0 records the report
-        everyone = ctx.gather((result.skipped, result.written))
-        result.skipped = sorted((s for skipped, _ in everyone for s in skipped), key=lambda s: s["index"])
-        result.written = sum(w for _, w in everyone)
-        if ctx.is_main:
-            store.set_skipped(result.skipped)
-        store.close()
-        ctx.barrier()
-        ctx.close()
+        try:
+            # every rank's skipped images and counts; rank 0 records the report
+            everyone = ctx.gather((result.skipped, result.written))
+            result.skipped = sorted((s for skipped, _ in everyone for s in skipped), key=lambda s: s["index"])
+            result.written = sum(w for _, w in everyone)
+            if ctx.is_main:
+                store.set_skipped(result.skipped)
+            store.close()
+        except Exception:
+            if finished:
+                raise  # otherwise the first error is already on its way out: do not hide it
+        finally:
+            ctx.barrier()
+            ctx.close()
     return result

@@ -66,33 +66,103 @@ def summarize_store(path: str | Path) -> dict:
 
 
 def verify_store(path: str | Path, progress=None) -> list[str]:
-    """Check every done sample: present, of shape 256x64x64, finite, with a sane valid region.
+    """Check everything that training reads, for every done sample.
+
+    Checks: the embedding array's shape; each row finite and not all zeros; its stored bytes
+    against the CRC-32 recorded when it was written (schema 2 stores; this catches flipped bytes,
+    which uncompressed zarr shards do not); the stored image not all zeros and matching its
+    checksum; the valid region inside the grid; labels inside ``0..K-1``. Rows are read one
+    shard at a time, and a shard that cannot be read at all is reported once, by name.
 
     Arguments:
       path: the store.
       progress: optional callable ``progress(n_checked)`` called as rows are read.
 
     Returns:
-      A list of problems, one line each, naming the sample; empty when the store is sound.
+      A list of problems, one line each, naming the shard and the samples; empty when sound.
     """
-    problems = []
+    problems: list[str] = []
     with EmbeddingStore.open(path) as store:
         emb = store.embeddings
         if tuple(emb.shape[1:]) != EMBED_SHAPE:
             return [f"embeddings have shape {tuple(emb.shape)}, expected (N, {', '.join(map(str, EMBED_SHAPE))})"]
+        k = len(store.class_names)
+        bad = np.flatnonzero((store.labels < 0) | (store.labels >= max(k, 1)))
+        if len(bad):
+            problems.append(f"labels of {len(bad)} sample(s) are outside 0..{k - 1}: "
+                            + ", ".join(f"sample {i} ({store.ids[i]}) = {store.labels[i]}" for i in bad[:5]))
+        if not store.has_checksums:
+            problems.append(f"{path} has schema {store.meta['schema_version']} and no checksums: flipped bytes cannot be "
+                            "detected (convert it with `samcache convert` to get them)")
+        shard = store.shard_size if store.format == "zarr" else 1
         done = np.flatnonzero(store.done)
-        for k, i in enumerate(done):
-            row = store.read_embeddings(int(i), int(i) + 1)[0]
-            name = f"sample {i} ({store.ids[i]})"
-            if not np.isfinite(row).all():
-                problems.append(f"{name}: {int((~np.isfinite(row)).sum())} non-finite values")
-            elif not row.any():
-                problems.append(f"{name}: marked done but all zeros (never written)")
-            rows, cols = store.valid[i]
-            if not (0 < rows <= 64 and 0 < cols <= 64):
-                problems.append(f"{name}: valid region {rows}x{cols} is outside the 64x64 grid")
+        checked = 0
+        for s in np.unique(done // shard):
+            rows = done[done // shard == s]
+            where = _shard_name(store, int(s), shard)
+            try:
+                problems += _check_rows(store, rows, where)
+            except Exception as exc:  # a truncated or missing file: zarr and h5py raise many kinds
+                problems.append(f"{where}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                f"samples {_names(store, rows)}")
+            checked += len(rows)
             if progress is not None:
-                progress(k + 1)
-        if store.meta["class_names"] and len(store) and store.labels.max() >= len(store.class_names):
-            problems.append(f"labels reach {store.labels.max()} but there are {len(store.class_names)} classes")
+                progress(checked)
+    return problems
+
+
+def _shard_name(store: EmbeddingStore, s: int, shard: int) -> str:
+    if store.format == "zarr":
+        return f"shard {s} (rows {s * shard}-{(s + 1) * shard - 1})"
+    return f"row {s}"
+
+
+def _file(store: EmbeddingStore, array: str, where: str) -> str:
+    """The shard file of ``array`` that ``where`` names (Zarr), for the message."""
+    if store.format != "zarr" or not where.startswith("shard "):
+        return array
+    s = where.split()[1]
+    return f"{array}/c/{s}/0/0/0" if array in ("embeddings", "images") else array
+
+
+def _names(store: EmbeddingStore, rows, limit: int = 6) -> str:
+    text = ", ".join(f"{int(i)} ({store.ids[int(i)]})" for i in list(rows)[:limit])
+    return text + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def _check_rows(store: EmbeddingStore, rows: np.ndarray, where: str) -> list[str]:
+    problems = []
+    start, stop = int(rows.min()), int(rows.max()) + 1
+    values = store.read_embeddings(start, stop)
+    images = np.asarray(store.images[start:stop]) if store.images is not None else None
+    stored = store.stored_checksums(start, stop) if store.has_checksums else None
+    recorded = store.recorded_checksums(start, stop)
+    zeros, nonfinite, emb_sum, img_sum, img_zero, region = [], [], [], [], [], []
+    for i in rows:
+        j = int(i) - start
+        row = values[j]
+        finite = np.isfinite(row)
+        if not finite.all():
+            nonfinite.append(i)
+        elif not row.any():
+            zeros.append(i)
+        if stored is not None and stored[j, 0] != recorded[j, 0]:
+            emb_sum.append(i)
+        if images is not None:
+            if not images[j].any():
+                img_zero.append(i)
+            if stored is not None and stored[j, 1] != recorded[j, 1]:
+                img_sum.append(i)
+        rows_, cols_ = store.valid[int(i)]
+        if not (0 < rows_ <= 64 and 0 < cols_ <= 64):
+            region.append(i)
+    for found, array, what in (
+            (nonfinite, "embeddings", "non-finite values"),
+            (zeros, "embeddings", "marked done but all zeros (never written, or the shard file was lost)"),
+            (emb_sum, "embeddings", "bytes that do not match their checksum (corrupted)"),
+            (img_zero, "images", "all zeros (never written, or the shard file was lost)"),
+            (img_sum, "images", "bytes that do not match their checksum (corrupted)"),
+            (region, "valid", "a valid region outside the 64x64 grid")):
+        if found:
+            problems.append(f"{where}, {_file(store, array, where)}: {what}: samples {_names(store, found)}")
     return problems

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ConfigError, SamcacheError
+
 __all__ = [
     "Preprocessing",
     "ImageDecodeError",
@@ -57,7 +59,7 @@ INTENSITIES = ("fixed", "minmax")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(SamcacheError):
     """An image file could not be decoded: corrupt, truncated or of an unsupported kind."""
 
 
@@ -86,7 +88,7 @@ class Preprocessing:
     def __post_init__(self) -> None:
         parse_window(self.window)  # refuse a bad window early, not in a worker
         if self.intensity not in INTENSITIES:
-            raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
+            raise ConfigError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -105,9 +107,9 @@ def parse_window(window: str) -> tuple[float, float] | str:
     try:
         lo, hi = (float(v) for v in window.split(","))
     except ValueError:
-        raise ValueError(f"window must be 'auto', 'minmax' or 'LO,HI', got {window!r}") from None
+        raise ConfigError(f"--window must be 'auto', 'minmax' or 'LO,HI', got {window!r}") from None
     if not hi > lo:
-        raise ValueError(f"window {window!r}: HI must be greater than LO")
+        raise ConfigError(f"--window {window!r}: HI must be greater than LO")
     return lo, hi
 
 

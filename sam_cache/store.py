@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SamcacheError
 from .datasets import SPLITS, DatasetManifest
 
 __all__ = ["EmbeddingStore", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format",
@@ -70,7 +71,7 @@ _NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int8": "int8",
                  "bfloat16": "uint16"}  # numpy has no bfloat16: the store keeps its raw bits
 
 
-class StoreError(RuntimeError):
+class StoreError(SamcacheError):
     """A store cannot be created, opened or written as asked."""
 
 
@@ -152,15 +153,28 @@ def encode_embeddings(x, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     return t.to(getattr(torch, dtype)).contiguous().numpy(), None
 
 
-def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarray | None) -> np.ndarray:
-    out = np.zeros((len(raw), 2), dtype=np.uint32)
+def _embedding_crc(raw: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """CRC-32 of each stored embedding row (with its int8 scales)."""
+    out = np.zeros(len(raw), dtype=np.uint32)
     for k in range(len(raw)):
         crc = zlib.crc32(np.ascontiguousarray(raw[k]).tobytes())
         if scales is not None:
             crc = zlib.crc32(np.ascontiguousarray(scales[k], dtype=np.float32).tobytes(), crc)
-        out[k, 0] = crc
-        if images is not None:
-            out[k, 1] = zlib.crc32(np.ascontiguousarray(images[k]).tobytes())
+        out[k] = crc
+    return out
+
+
+def _image_crc(images: np.ndarray) -> np.ndarray:
+    """CRC-32 of each stored image row."""
+    return np.array([zlib.crc32(np.ascontiguousarray(im).tobytes()) for im in images], dtype=np.uint32)
+
+
+def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarray | None) -> np.ndarray:
+    """``(n, 2)``: the embedding's and the image's CRC-32 (0 without images)."""
+    out = np.zeros((len(raw), 2), dtype=np.uint32)
+    out[:, 0] = _embedding_crc(raw, scales)
+    if images is not None:
+        out[:, 1] = _image_crc(images)
     return out
 
 
@@ -201,13 +215,15 @@ class _H5Backend:
     def __init__(self, path: str, mode: str):
         import h5py
 
+        self.path = path
+        # No chunk cache when writing: with one, HDF5 writes chunks out only when a dataset handle is
+        # closed, and a full disk then surfaces as an ignored error in h5py's __dealloc__ after the
+        # rows were marked done. Without it, every write reaches the file at once and raises.
+        cache = {} if mode == "r" else {"rdcc_nbytes": 0}
         try:
-            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode])
+            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode], **cache)
         except OSError as exc:
-            raise StoreError(
-                f"HDF5 store {path} cannot be opened ({exc}); a process killed while writing HDF5 can "
-                "damage the file. Rerun with --overwrite, or use a Zarr store, which survives a kill"
-            ) from exc
+            raise StoreError(_h5_open_problem(path, mode, exc)) from exc
 
     def create_array(self, name, shape, dtype, chunks, shards=None):
         import h5py
@@ -233,10 +249,31 @@ class _H5Backend:
         return np.asarray(self.file[name].asstr()[:], dtype=str)
 
     def flush(self):
-        self.file.flush()
+        try:
+            self.file.flush()
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"writing HDF5 store {self.path} failed: {exc}") from exc
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"closing HDF5 store {self.path} failed: {exc}") from exc
+
+
+def _h5_open_problem(path: str, mode: str, exc: OSError) -> str:
+    """The real reason an HDF5 file did not open, and what to do about it."""
+    import errno as _errno
+
+    text = str(exc)
+    if "lock" in text.lower():
+        return (f"HDF5 store {path} is locked by another process (is an extraction or a training run still "
+                "using it?). Wait for it to finish; HDF5 allows one writer at a time")
+    if getattr(exc, "errno", None) in (_errno.EACCES, _errno.EPERM, _errno.EROFS) or "ermission" in text \
+            or "read-only" in text.lower():
+        return f"HDF5 store {path} cannot be opened for {'writing' if mode != 'r' else 'reading'}: permission denied ({text})"
+    return (f"HDF5 store {path} cannot be opened ({text}). A process killed while writing HDF5 can damage the "
+            "file; if so, remove it (or pass --overwrite) and extract again, or use a Zarr store, which survives a kill")
 
 
 class EmbeddingStore:
@@ -248,8 +285,11 @@ class EmbeddingStore:
         self._b = backend
         self.writable = writable
         self.meta = backend.get_meta()
+        if self.meta.get("creating"):
+            raise StoreError(f"{path} is a samcache store whose creation was interrupted before any row was "
+                             "written; remove it, or extract with --overwrite to start it over")
         if self.meta.get("schema_version") is None:
-            raise StoreError(f"{path} is not a samcache store (no samcache attributes)")
+            raise StoreError(f"{path} exists and is not a samcache store; choose another path")
         if self.meta["schema_version"] > SCHEMA_VERSION:
             raise StoreError(
                 f"{path} has schema version {self.meta['schema_version']}; this samcache reads up to "
@@ -306,6 +346,8 @@ class EmbeddingStore:
             raise StoreError(f"block_size {block} must be a multiple of shard_size {shard_size}")
         fmt = store_format(path)
         b = _H5Backend(path, "w") if fmt == "hdf5" else _ZarrBackend(path, "w")
+        b.set_meta({"creating": True})  # first: a store killed while being made is still known as ours
+        b.flush()
         shards = (min(shard_size, n),) + EMBED_SHAPE if fmt == "zarr" else None
         b.create_array("embeddings", (n,) + EMBED_SHAPE, _NUMPY_DTYPES[dtype], (1,) + EMBED_SHAPE, shards)
         if image_size:
@@ -358,7 +400,9 @@ class EmbeddingStore:
         except StoreError:
             raise
         except Exception as exc:  # zarr/h5py raise many kinds for a foreign or damaged path
-            raise StoreError(f"{path} is not a readable samcache store: {exc}") from exc
+            if not cls.is_store(path):
+                raise StoreError(f"{path} exists and is not a samcache store; choose another path") from exc
+            raise StoreError(f"{path} is a samcache store that cannot be read: {exc}") from exc
 
     @staticmethod
     def exists(path: str | Path) -> bool:
@@ -372,8 +416,46 @@ class EmbeddingStore:
         return fs.exists(root)
 
     @staticmethod
+    def is_store(path: str | Path) -> bool:
+        """Whether ``path`` holds a samcache store (finished, partial, or interrupted while being made).
+
+        A Zarr folder counts when its group attributes carry ``samcache``; an HDF5 file when its
+        attributes do, or when it is an HDF5 file so damaged that it cannot be opened (what a kill
+        while writing HDF5 leaves). Anything else, a dataset or a user's folder, is not a store.
+        """
+        path = str(path)
+        if not EmbeddingStore.exists(path):
+            return False
+        if store_format(path) == "hdf5":
+            p = Path(path)
+            if not p.is_file():
+                return False
+            try:
+                import h5py
+
+                with h5py.File(p, "r") as f:
+                    return "samcache" in f.attrs
+            except OSError:
+                with open(p, "rb") as f:
+                    return f.read(8) == b"\x89HDF\r\n\x1a\n"
+        try:
+            return bool(_ZarrBackend(path, "r").get_meta())
+        except Exception:  # not a zarr group at all
+            return False
+
+    @staticmethod
     def remove(path: str | Path) -> None:
-        """Delete a store (folder, file or URL); what ``--overwrite`` does."""
+        """Delete a store (folder, file or URL); what ``--overwrite`` does.
+
+        Raises:
+          StoreError: ``path`` exists but is not a samcache store (see :meth:`is_store`):
+            nothing is deleted.
+        """
+        if not EmbeddingStore.exists(path):
+            return
+        if not EmbeddingStore.is_store(path):
+            raise StoreError(f"{path} is not a samcache store, so --overwrite will not delete it (nothing was "
+                             "touched); choose another output path")
         if "://" in str(path):
             import fsspec
 
@@ -436,6 +518,18 @@ class EmbeddingStore:
         return bytes_per_row(self.dtype)
 
     @property
+    def has_masks(self) -> bool:
+        """Whether ``samcache masks`` has added mask arrays (see :mod:`sam_cache.masks`)."""
+        return "masks" in self._b and "masks" in self.meta
+
+    @property
+    def mask_done(self) -> np.ndarray:
+        """``(N,)`` bool: rows whose mask is stored (all False without masks)."""
+        if not self.has_masks:
+            return np.zeros(len(self), dtype=bool)
+        return np.asarray(self._b["mask_done"][:], dtype=bool)
+
+    @property
     def has_checksums(self) -> bool:
         """Whether rows carry checksums (schema 2 and later)."""
         return "checksums" in self._b
@@ -466,12 +560,7 @@ class EmbeddingStore:
 
     def read_embeddings(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float16/float32 numpy (bfloat16 and int8 are widened to float32)."""
-        raw = np.asarray(self.embeddings[start:stop])
-        if self.dtype == "int8":
-            return raw.astype(np.float32) * np.asarray(self._b["scales"][start:stop])[:, :, None, None]
-        if self.dtype == "bfloat16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw
+        return self._decode(np.asarray(self.embeddings[start:stop]), start, stop)
 
     def stored_checksums(self, start: int, stop: int) -> np.ndarray:
         """``(stop - start, 2)`` CRC-32 of rows as they are on disk now (embedding, image).
@@ -487,17 +576,54 @@ class EmbeddingStore:
         """The checksums written with rows ``start:stop``, or None for a schema 1 store."""
         return np.asarray(self._b["checksums"][start:stop]) if self.has_checksums else None
 
-    def read_rows(self, indices: np.ndarray, name: str = "embeddings") -> np.ndarray:
-        """Rows ``indices`` (sorted, unique) of ``embeddings`` or ``images``, read run by run.
+    def read_rows(self, indices: np.ndarray, name: str = "embeddings", verify: bool = True) -> np.ndarray:
+        """Rows ``indices`` (sorted, unique) of ``embeddings``, ``images`` or ``masks``, read run by run.
 
-        Embeddings come back as :meth:`read_embeddings` gives them (bfloat16 widened to float32).
+        Embeddings come back as :meth:`read_embeddings` gives them (bfloat16 and int8 widened).
+        With ``verify`` (default), each row's stored bytes are checked against the checksum
+        recorded when it was written (schema 2 stores; masks carry none).
+
+        Raises:
+          StoreError: rows whose bytes do not match their checksum (a corrupted, truncated or
+            deleted shard), named with the shard and the samples.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        read = self.read_embeddings if name == "embeddings" else lambda a, b: np.asarray(self._b[name][a:b])
-        parts = [read(start, stop) for _, start, stop in contiguous_runs(indices)]
+        column = {"embeddings": 0, "images": 1}.get(name)
+        check = verify and column is not None and self.has_checksums
+        parts = []
+        for _, start, stop in contiguous_runs(indices):
+            raw = np.asarray(self._b[name][start:stop])
+            if check:
+                self._verify(name, column, start, stop, raw)
+            if name == "embeddings":
+                parts.append(self._decode(raw, start, stop))
+            else:
+                parts.append(raw)
         if parts:
             return np.concatenate(parts)
         return np.zeros((0,) + tuple(self._b[name].shape[1:]), dtype=self._b[name].dtype)
+
+    def _decode(self, raw: np.ndarray, start: int, stop: int) -> np.ndarray:
+        if self.dtype == "int8":
+            return raw.astype(np.float32) * np.asarray(self._b["scales"][start:stop])[:, :, None, None]
+        if self.dtype == "bfloat16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw
+
+    def _verify(self, name: str, column: int, start: int, stop: int, raw: np.ndarray) -> None:
+        scales = np.asarray(self._b["scales"][start:stop]) if name == "embeddings" and self.dtype == "int8" else None
+        have = _embedding_crc(raw, scales) if name == "embeddings" else _image_crc(raw)
+        want = np.asarray(self._b["checksums"][start:stop])[:, column]
+        bad = np.flatnonzero((have != want) & self.done[start:stop])
+        if len(bad):
+            rows = start + bad
+            shard = self.shard_size if self.format == "zarr" else 1
+            shards = sorted({int(r) // shard for r in rows})
+            raise StoreError(
+                f"store {self.path}: {name} of {len(rows)} sample(s) do not match their checksums (corrupted, "
+                f"truncated or deleted shard file(s) {', '.join(f'{name}/c/{s}/0/0/0' for s in shards[:5])}): "
+                f"samples {', '.join(f'{int(r)} ({self.ids[int(r)]})' for r in rows[:5])}. Run `samcache verify "
+                f"{self.path}` for the full list, and extract those samples again")
 
     def split_indices(self, split: str, done_only: bool = True) -> np.ndarray:
         """Row indices in ``split`` (``train``/``val``/``test``), by default only done rows."""

@@ -36,7 +36,11 @@ def test_verify_finds_a_damaged_row(tiny_store, tmp_path):
         s.embeddings[3:4] = row
         bad_id = s.ids[3]
     result = runner.invoke(app, ["verify", str(copy)])
-    assert result.exit_code == 1 and f"sample 3 ({bad_id}): 1 non-finite values" in result.output
+    assert result.exit_code == 1
+    assert f"shard 0 (rows 0-15), embeddings/c/0/0/0/0: non-finite values: samples 3 ({bad_id})" in result.output
+    # written behind the store's back, the row no longer matches its checksum either
+    assert f"embeddings/c/0/0/0/0: bytes that do not match their checksum (corrupted): samples 3 ({bad_id})" \
+        in result.output
 
 
 def test_extract_exit_status_says_something_was_skipped(sample_dir, tmp_path):

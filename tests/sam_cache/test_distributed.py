@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, SPLIT_ARGS
 from sam_cache import EmbeddingStore, extract_dataset, summarize_store
-from sam_cache.distributed import rank_rows
+from sam_cache.distributed import rank_row_mask
 
 
 def _torchrun(*args):
@@ -19,10 +19,10 @@ def _torchrun(*args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_rank_rows_deal_blocks_round_robin():
-    a, b = rank_rows(10, 4, 0, 2), rank_rows(10, 4, 1, 2)
+def test_rank_row_mask_deals_blocks_round_robin():
+    a, b = rank_row_mask(10, 4, 0, 2), rank_row_mask(10, 4, 1, 2)
     assert np.flatnonzero(a).tolist() == [0, 1, 2, 3, 8, 9] and np.flatnonzero(b).tolist() == [4, 5, 6, 7]
-    assert rank_rows(10, 4, 0, 1).all()
+    assert rank_row_mask(10, 4, 0, 1).all()
 
 
 @pytest.mark.slow
