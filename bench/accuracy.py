@@ -1,53 +1,66 @@
-"""Accuracy against the train fraction: SLCA vs the same backbone alone vs a linear probe.
+"""The study: methods in paired runs against the train fraction, with paired differences and intervals.
 
-    python bench/accuracy.py ../shared/data/busi --out runs/study-busi
-    python bench/accuracy.py ../shared/data/isic_550 --out runs/study-isic
-    # GPU, full size:
-    python bench/accuracy.py /data/busi --out runs/busi-r50 --backbone resnet50 --img-size 224 --epochs 50
+    python bench/accuracy.py --store runs/busi.zarr --out runs/study-busi
+    python bench/accuracy.py --store runs/isic.zarr --out runs/study-isic --extra-seeds "0.1:5-9;1.0:5-9"
+    python bench/accuracy.py --store runs/busi.zarr --out runs/study-busi-focus --methods backbone,focus,focus_slca \\
+        --set focus=crop
+    # GPU, full size: a pretrained backbone at 224 px
+    python bench/accuracy.py --store /data/busi.zarr --out runs/busi-r50 --set backbone=resnet50 img_size=224 pretrained=true
 
-The protocol and its outputs are described in ``trainer/experiment.py``. Defaults are sized for
-a CPU (ResNet-18 at 64 px, 8 epochs with early stopping after 3 without progress). A rerun resumes.
+The protocol, the methods and the outputs are described in ``trainer/experiment.py``. ``--set``
+overrides the recipe by the same option names ``slca-train`` takes (flat names, e.g.
+``slca_lr_mult=10``); its defaults are sized for a CPU. A rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
+
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
-from trainer.experiment import StudyConfig, run_fraction_study  # noqa: E402
+from trainer.experiment import METHODS, StudyConfig, run_study  # noqa: E402
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += range(int(a), int(b) + 1)
+        elif part.strip():
+            out.append(int(part))
+    return tuple(out)
 
 
 def main() -> None:
+    base = StudyConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dataset", nargs="?", help="dataset path (extracted once into OUT/store.zarr)")
+    p.add_argument("--store", required=True, help="a store made by samcache extract (with images)")
     p.add_argument("--out", required=True)
-    p.add_argument("--store", help="use an existing store instead of extracting")
-    p.add_argument("--encoder", default="litemedsam")
-    p.add_argument("--fractions", default="0.05,0.1,0.2,0.5,1.0")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--pretrained", help="local backbone weights file (default: random init)")
+    p.add_argument("--fractions", default=",".join(f"{f:g}" for f in base.fractions))
+    p.add_argument("--seeds", default=",".join(map(str, base.seeds)), help="e.g. 0-4")
+    p.add_argument("--extra-seeds", default="", help="more seeds at some fractions, e.g. '0.1:5-9;1.0:5-9'")
+    p.add_argument("--methods", default=",".join(base.methods), help=f"of {', '.join(METHODS)}")
+    p.add_argument("--focus", default=base.focus, help="the focus mode of the focus methods")
+    p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="recipe options by slca-train's names (YAML values), over the CPU defaults")
     p.add_argument("--device")
     a = p.parse_args()
-    if a.dataset is None and a.store is None:
-        p.error("give a dataset path or --store")
-    cfg = StudyConfig(
-        fractions=tuple(float(f) for f in a.fractions.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
-        encoder=a.encoder, store_image_size=max(128, a.img_size),
-        train={"backbone": a.backbone, "img_size": a.img_size, "epochs": a.epochs, "patience": a.patience,
-               "batch_size": a.batch_size, "lr": a.lr, **({"pretrained": a.pretrained} if a.pretrained else {})},
-    )
-    run_fraction_study(a.dataset, a.out, cfg, store=a.store, device=a.device, log=lambda s: print(s, flush=True))
+    recipe = dict(base.train)
+    for item in a.set:
+        name, _, value = item.partition("=")
+        recipe[name.replace("-", "_")] = yaml.safe_load(value)
+    extra = {}
+    for part in filter(None, a.extra_seeds.split(";")):
+        f, _, seeds = part.partition(":")
+        extra[float(f)] = _seed_list(seeds)
+    cfg = StudyConfig(fractions=tuple(float(f) for f in a.fractions.split(",")), seeds=_seed_list(a.seeds),
+                      extra_seeds=extra, methods=tuple(a.methods.split(",")), focus=a.focus, train=recipe)
+    run_study(a.store, a.out, cfg, device=a.device, log=lambda s: print(s, flush=True))
     print((Path(a.out) / "summary.md").read_text())
 
 

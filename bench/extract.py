@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
 from sam_cache import create_encoder, extract_dataset  # noqa: E402
+from sam_cache.device import device_name, sync  # noqa: E402
 from sam_cache.preprocess import load_frame, normalize_frames, read_image, to_rgb_uint8  # noqa: E402
 
 
@@ -54,15 +52,6 @@ def _images(folder: Path, n: int, size: int) -> list[Path]:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def device_name(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:
@@ -105,17 +94,17 @@ def main() -> None:
                 {"medsam": "vit_b"}.get(a.encoder, a.encoder)](checkpoint=None)
             sam.image_encoder.load_state_dict(enc.model.state_dict())
             predictor = SamPredictor(sam.to(dev))
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             for p in paths:
                 rgb, _ = to_rgb_uint8(read_image(p)[0])
                 with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                     predictor.set_image(rgb)
-            _sync(dev)
+            sync(dev)
             result["predictor_img_per_s"] = a.n / (time.perf_counter() - t0)
 
         # stock batched encoder, decode in the main thread, no store
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for i in range(0, a.n, a.batch_size):
             frames, sizes = zip(*(load_frame(to_rgb_uint8(read_image(p)[0])[0], pre.input_size)
@@ -123,7 +112,7 @@ def main() -> None:
             x = normalize_frames(torch.from_numpy(np.stack(frames)).to(dev), torch.tensor(sizes), pre)
             with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 model(x).to(torch.float16).cpu()
-        _sync(dev)
+        sync(dev)
         result["stock_batched_img_per_s"] = a.n / (time.perf_counter() - t0)
 
         # samcache end to end

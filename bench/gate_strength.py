@@ -4,26 +4,26 @@
 
 SLCA starts as the identity (``trainer/slca.py``). A run whose gates stay within a fraction of a
 percent of 1 trained a backbone that is, in effect, the backbone alone; this tells a real "no
-difference" from a recipe too short for SLCA to act. Reads each run's ``best.pt`` and the first
-``--rows`` test samples of its store; prints one line per run and stage.
+difference" from a recipe too short for SLCA to act. Reads each run's ``best.pt`` (safely: see
+``trainer/checkpoint.py``) and the evaluation views of the first ``--rows`` test samples of its
+store, made by the trainer's own batch pipeline; prints one line per run.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
-import torch  # noqa: E402
-
 from sam_cache import EmbeddingStore  # noqa: E402
-from trainer import TrainConfig  # noqa: E402
-from trainer.evaluate import build_model  # noqa: E402
+from trainer import load_run_model  # noqa: E402
+from trainer.data import PairedCache  # noqa: E402
 from trainer.slca import pool_embedding  # noqa: E402
+from trainer.step import BatchPipeline  # noqa: E402
 
 
 @torch.no_grad()
@@ -31,18 +31,17 @@ def gate_strength(run: str | Path, rows: int = 32) -> dict[str, tuple[float, flo
     """``{stage_name: (mean, max)}`` of ``|gate - 1|`` over test samples, on each stage's 8x8 grid.
 
     Raises:
-      ValueError: the run was trained with ``--no-slca``.
+      ValueError: the run was trained without SLCA.
     """
-    state = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False)
-    cfg = TrainConfig.from_dict(state["config"])
-    if not cfg.slca:
+    model, cfg, _ = load_run_model(Path(run) / "best.pt", "cpu")
+    if model.slca is None:
         raise ValueError(f"{run} was trained without SLCA")
-    model = build_model(cfg, len(state["class_names"]))
-    model.load_state_dict(state["model"])
-    model.eval()
     with EmbeddingStore.open(cfg.cache) as store:
-        emb = torch.from_numpy(store.read_rows(store.split_indices("test")[:rows])).float()
-    pooled = pool_embedding(emb, cfg.window, cfg.pool)
+        test = store.split_indices("test")[:rows]
+        with PairedCache(store, test, torch.device("cpu"), "host", embeddings=True, masks=cfg.focus != "none") as c:
+            pipeline = BatchPipeline(model, cfg, torch.device("cpu"))
+            _, emb, _ = pipeline(c, test, *pipeline.boxes(c, test))
+    pooled = pool_embedding(emb.float(), cfg.slca.window, cfg.slca.pool)
     out = {}
     for stage, gate in model.slca.gates.items():
         d = (gate.multiplier(pooled, (8, 8)) - 1).abs()

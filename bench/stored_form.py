@@ -1,35 +1,38 @@
-"""The accuracy cost of a smaller stored form: SLCA trained on a float16 store and on its int8 copy.
+"""The accuracy cost of a smaller stored form: the same recipe trained on float16 and on converted copies.
 
-    python bench/stored_form.py --store runs/isic.zarr --out runs/int8-isic
+    python bench/stored_form.py --store runs/isic.zarr --out runs/forms-isic --forms int8 --seeds 0-9
     # GPU, full size:
-    python bench/stored_form.py --store /data/busi.zarr --out runs/int8-busi --backbone resnet50 --img-size 224 --epochs 50
+    python bench/stored_form.py --store /data/busi.zarr --out runs/forms-busi --set backbone=resnet50 img_size=224
 
-The int8 copy is made with ``samcache convert`` (per-sample, per-channel scales; 1 MiB a sample
-instead of 2 MiB). Both stores are trained with the same recipe (the accuracy study's: ResNet-18
-at 64 px, 8 epochs, early stopping after 3) for each seed, and compared on the test split. Writes
-``OUT/runs.csv`` (a rerun skips finished runs), ``OUT/stored_form.json`` and prints a markdown
-table. A difference smaller than the larger seed spread is reported as no difference.
+Each form is made from the float16 store with ``samcache convert`` (no encoder), once, into
+``OUT/<form>.zarr``. For every seed the same recipe (the study's CPU recipe unless ``--set``
+changes it) trains on float16 and on each form, with the same subset, order and initialization,
+and the test metrics are compared as paired differences (form − float16) with a 95 % t-interval.
+Writes ``OUT/runs.csv`` (a rerun skips finished runs), ``OUT/stored_form.json`` and prints a
+markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
+
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
 import numpy as np  # noqa: E402
 
 from sam_cache import EmbeddingStore, convert_store  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
-from trainer.experiment import StudyConfig, against_spread, mean_std  # noqa: E402
+from trainer.config import METRIC_KEYS  # noqa: E402
+from trainer.experiment import StudyConfig, mean_std, paired_difference, verdict  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
-from trainer.train import METRIC_KEYS  # noqa: E402
+
+FORMS = {"int8": {"dtype": "int8"}}
 
 
 def embedding_error(a_path: str, b_path: str, rows: int = 64) -> dict:
@@ -44,62 +47,80 @@ def embedding_error(a_path: str, b_path: str, rows: int = 64) -> dict:
     return {"rows": len(idx), "mean": float(np.mean(err)), "max": float(np.max(err))}
 
 
+def _seeds(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="a float16 store with images")
     p.add_argument("--out", required=True)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--forms", default="int8", help=f"comma-separated, of {', '.join(FORMS)}")
+    p.add_argument("--seeds", default="0-4", help="e.g. 0-9")
     p.add_argument("--fraction", type=float, default=1.0)
-    recipe = StudyConfig().train
-    p.add_argument("--backbone", default=recipe["backbone"])
-    p.add_argument("--img-size", type=int, default=recipe["img_size"])
-    p.add_argument("--epochs", type=int, default=recipe["epochs"])
-    p.add_argument("--patience", type=int, default=recipe["patience"])
-    p.add_argument("--batch-size", type=int, default=recipe["batch_size"])
+    p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="recipe options by slca-train's names")
     p.add_argument("--device")
     a = p.parse_args()
+    recipe = dict(StudyConfig().train)
+    for item in a.set:
+        name, _, value = item.partition("=")
+        recipe[name.replace("-", "_")] = yaml.safe_load(value)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    q = str(out / "int8.zarr")
-    t0 = time.perf_counter()
-    converted = convert_store(a.store, q, "int8")
-    convert_seconds = time.perf_counter() - t0
-    forms = {"float16": a.store, "int8": q}
+    forms = {"float16": {"path": a.store}}
+    for name in a.forms.split(","):
+        path = str(out / f"{name}.zarr")
+        t0 = time.perf_counter()
+        converted = convert_store(a.store, path, progress=False, **FORMS[name])
+        forms[name] = {"path": path, "bytes": converted["dst_bytes"], "convert_seconds": round(time.perf_counter() - t0, 1),
+                       "error": embedding_error(a.store, path)}
+        forms["float16"]["bytes"] = converted["src_bytes"]
     rows = read_rows(out / "runs.csv")
     done = {(r["form"], int(r["seed"])) for r in rows}
-    for seed in (int(s) for s in a.seeds.split(",")):
-        for form, path in forms.items():
+    for seed in _seeds(a.seeds):
+        for form, info in forms.items():
             if (form, seed) in done:
                 continue
-            cfg = TrainConfig(cache=path, out=str(out / "runs" / f"{form}-s{seed}"), backbone=a.backbone,
-                              img_size=a.img_size, epochs=a.epochs, patience=a.patience, batch_size=a.batch_size,
-                              seed=seed, subset_seed=seed, train_fraction=None if a.fraction >= 1 else a.fraction,
-                              device=a.device)
+            cfg = TrainConfig.from_dict({**recipe, "cache": info["path"], "out": str(out / "runs" / f"{form}-s{seed}"),
+                                         "seed": seed, "subset_seed": seed, "device": a.device,
+                                         "train_fraction": None if a.fraction >= 1 else a.fraction})
             t = time.perf_counter()
             m = train(cfg, overwrite=True, log=lambda _: None)["test"]
             rows.append({"form": form, "seed": seed, **{k: m[k] for k in METRIC_KEYS},
                          "seconds": round(time.perf_counter() - t, 1)})
             write_rows(rows, out / "runs.csv")
-            print(f"{form:>8} seed {seed}  bal.acc {m['balanced_accuracy']:.3f}  AUC {m['auc']:.3f}", flush=True)
+            print(f"{form:>8} seed {seed}  bal.acc {m['balanced_accuracy']:.3f}", flush=True)
 
     summary = {form: {k: mean_std([r[k] for r in rows if r["form"] == form]) for k in METRIC_KEYS} for form in forms}
-    report = {"store": a.store, "int8_store": q, "convert_seconds": round(convert_seconds, 1),
-              "bytes_per_sample": {"float16": converted["src_bytes"], "int8": converted["dst_bytes"]},
-              "embedding_relative_error": embedding_error(a.store, q), "seeds": a.seeds, "fraction": a.fraction,
-              "recipe": {"backbone": a.backbone, "img_size": a.img_size, "epochs": a.epochs, "patience": a.patience},
-              "test": {f: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for f, v in summary.items()}}
+    paired = {}
+    for form in forms:
+        if form == "float16":
+            continue
+        paired[form] = {}
+        for k in ("balanced_accuracy", "auc"):
+            a_ = {int(r["seed"]): float(r[k]) for r in rows if r["form"] == form and r[k] not in ("", None)}
+            b_ = {int(r["seed"]): float(r[k]) for r in rows if r["form"] == "float16" and r[k] not in ("", None)}
+            seeds = sorted(set(a_) & set(b_))
+            paired[form][k] = paired_difference([a_[s] for s in seeds], [b_[s] for s in seeds])
+    report = {"store": a.store, "forms": forms, "seeds": a.seeds, "fraction": a.fraction, "recipe": recipe,
+              "test": {f: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for f, v in summary.items()},
+              "paired": paired}
     (out / "stored_form.json").write_text(json.dumps(report, indent=2))
     print("| stored form | MiB per sample | accuracy | balanced accuracy | macro-F1 | AUC |")
     print("|---|---|---|---|---|---|")
-    for form in forms:
+    for form, info in forms.items():
         cells = " | ".join(f"{summary[form][k][0]:.3f} ± {summary[form][k][1]:.3f}" for k in METRIC_KEYS)
-        print(f"| {form} | {report['bytes_per_sample'][form] / 2**20:.2f} | {cells} |")
-    for k in ("balanced_accuracy", "auc"):
-        diff, spread, same = against_spread(*summary["int8"][k], *summary["float16"][k])
-        word = "no difference" if same else ("int8 better" if diff > 0 else "int8 worse")
-        print(f"{k}: int8 - float16 = {diff:+.3f}, seed spread {spread:.3f}: {word}")
-    err = report["embedding_relative_error"]
-    print(f"embedding relative error (L2, {err['rows']} samples): mean {err['mean']:.2e}, max {err['max']:.2e}")
+        print(f"| {form} | {info['bytes'] / 2**20:.2f} | {cells} |")
+    for form, diffs in paired.items():
+        for k, d in diffs.items():
+            print(f"{k}: {form} - float16 = {d['mean']:+.3f}, 95 % interval [{d['low']:+.3f}, {d['high']:+.3f}] "
+                  f"over {d['n']} seeds: {verdict(d, 0.005)}")
+        err = forms[form]["error"]
+        print(f"{form} embedding relative error (L2, {err['rows']} samples): mean {err['mean']:.2e}, max {err['max']:.2e}")
 
 
 if __name__ == "__main__":

@@ -8,18 +8,13 @@ from typing import Optional
 
 import typer
 
-from ._common import console, err_console, run, user_errors
+from ._common import console, err_console, run, say, user_errors, warn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run a frozen SAM-family encoder over a dataset once and store the embeddings.")
+                  help="Run a frozen SAM-family encoder over a dataset once and store the embeddings. "
+                       "Add --debug anywhere to see the traceback of an error.")
 
 EXIT_SKIPPED = 3
-
-
-def _errors():
-    from sam_cache import DatasetError, EncoderError, StoreError
-
-    return user_errors(DatasetError, EncoderError, StoreError, FileNotFoundError, ValueError)
 
 
 @app.command()
@@ -48,7 +43,7 @@ def extract(
     """Extract one 256x64x64 embedding per image into a store. A rerun resumes."""
     from sam_cache import extract_dataset
 
-    with _errors():
+    with user_errors():
         result = extract_dataset(
             dataset, out, encoder, checkpoint=checkpoint, random_weights=random_weights, dtype=dtype,
             image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
@@ -66,7 +61,7 @@ def extract(
     if result.skipped:
         err_console.print(f"[bold yellow]skipped {len(result.skipped)} image(s)[/] that could not be read:")
         for s in result.skipped:
-            err_console.print(f"  {s['source']}: {s['error']}", highlight=False)
+            warn(f"  {s['source']}: {s['error']}")
         err_console.print("They are recorded in the store (samcache info) and retried by the next run.")
         raise typer.Exit(EXIT_SKIPPED)
 
@@ -83,7 +78,7 @@ def convert(
     """Re-encode a store's embeddings in another stored form, without running the encoder."""
     from sam_cache import convert_store
 
-    with _errors():
+    with user_errors():
         r = convert_store(store, out, dtype, shard_size=shard_size, overwrite=overwrite, progress=progress)
     console.print(f"converted {r['rows']} rows into {out} ({r['done']} done in all): "
                   f"{r['src_bytes'] / 2**20:.2f} -> {r['dst_bytes'] / 2**20:.2f} MiB of embedding per sample")
@@ -97,7 +92,7 @@ def info(
     """Summarize a store: samples, encoder, signature, labels per split."""
     from sam_cache import summarize_store
 
-    with _errors():
+    with user_errors():
         summary = summarize_store(store)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -145,7 +140,7 @@ def verify(store: str = typer.Argument(..., help="Store path.")) -> None:
 
     from sam_cache import EmbeddingStore, verify_store
 
-    with _errors():
+    with user_errors():
         with EmbeddingStore.open(store) as s:
             n = int(s.done.sum())
         with Progress(console=err_console, transient=True) as bar:

@@ -40,12 +40,12 @@ def test_train_bench_writes_its_ratios(tmp_path):
 @pytest.mark.slow
 def test_stored_form_bench_compares_float16_with_int8(tiny_store, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "stored_form.py"), "--store", str(tiny_store),
-                          "--out", str(tmp_path), "--seeds", "0,1", "--epochs", "1", "--img-size", "32",
-                          "--batch-size", "4", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path), "--seeds", "0-1", "--device", "cpu", "--set", "epochs=1",
+                          "img_size=32", "batch_size=4", "min_steps=0"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads((tmp_path / "stored_form.json").read_text())
-    assert set(r["test"]) == {"float16", "int8"} and r["bytes_per_sample"]["int8"] < r["bytes_per_sample"]["float16"]
-    assert 0 < r["embedding_relative_error"]["mean"] < 0.02
+    assert set(r["test"]) == {"float16", "int8"} and r["forms"]["int8"]["bytes"] < r["forms"]["float16"]["bytes"]
+    assert 0 < r["forms"]["int8"]["error"]["mean"] < 0.02 and r["paired"]["int8"]["balanced_accuracy"]["n"] == 2
     assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + 4
     assert "| int8 | 1.00 |" in run.stdout and "balanced_accuracy: int8 - float16" in run.stdout
 
@@ -57,7 +57,7 @@ def test_gate_strength_measures_how_far_trained_gates_moved(tiny_store, tmp_path
     from trainer import TrainConfig, train
 
     base = dict(cache=str(tiny_store), epochs=1, batch_size=4, img_size=32, device="cpu")
-    train(TrainConfig(out=str(tmp_path / "slca"), lr=0.05, **base), log=lambda s: None)
+    train(TrainConfig(out=str(tmp_path / "slca"), lr=0.05, **base), log=lambda s: None)  # TrainConfig(...) as users write it
     moved = gate_strength(tmp_path / "slca", rows=3)
     assert list(moved) == ["layer1", "layer2", "layer3", "layer4"]
     assert all(0 < m <= x for m, x in moved.values())  # a trained gate is no longer exactly 1

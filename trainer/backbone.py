@@ -1,132 +1,131 @@
-"""A timm classification backbone with SLCA gates on its stages, registered through forward hooks.
+"""timm backbones, with pretrained weights the way timm users expect them.
 
-Any timm model that exposes ``feature_info`` works: ResNets, SE-ResNets/SENets, ConvNeXts, Swin
-V2 and others. Stage outputs may be ``NCHW`` (CNNs) or ``NHWC`` (Swin); the layout is found by a
-dry run at construction, so the gate is applied on the right axis instead of being skipped.
+- ``pretrained=False`` (default): random initialization; nothing is read or downloaded.
+- ``pretrained=True``: timm's default weights for the name, through timm and its cache
+  (``timm.create_model(name, pretrained=True)``). Tagged names (``resnet50.a1_in1k``), ``hf-hub:``
+  and ``local-dir:`` names work as they do in timm, and so does timm's offline behaviour
+  (``HF_HUB_OFFLINE=1``: only what is cached).
+- ``pretrained_path=FILE``: a local weights file (a state dict, or one under ``state_dict`` or
+  ``model``), loaded by timm; a classifier of another size is re-initialized.
+- ``pretrained_path="litemedsam"``: LiteMedSAM's TinyViT encoder mapped onto
+  ``tiny_vit_5m_224`` (:mod:`trainer.litemedsam_weights`).
+
+:func:`create_backbone` returns the model and a record of where its weights came from, with their
+sha256, which the run folder keeps.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from .slca import SLCA, SLCAConfig
+from .errors import BackboneError
+from .litemedsam_weights import LITEMEDSAM, TIMM_MODEL, litemedsam_tiny_vit_state_dict
 
-__all__ = ["SLCAClassifier", "create_backbone", "BackboneError"]
-
-
-class BackboneError(ValueError):
-    """A backbone cannot be built or wired as asked."""
+__all__ = ["create_backbone", "BackboneError", "weights_sha256"]
 
 
-def create_backbone(name: str, num_classes: int, img_size: int, pretrained: str | Path | None = None,
-                    **kwargs) -> nn.Module:
-    """``timm.create_model`` with a local weights file and the input size where the model needs one.
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    from sam_cache.encoders import file_sha256
+
+    return file_sha256(path)
+
+
+def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool = False,
+                    pretrained_path: str | Path | None = None, in_chans: int = 3,
+                    **kwargs) -> tuple[nn.Module, dict]:
+    """``timm.create_model`` with pretrained weights by flag, by file, or LiteMedSAM's.
 
     Arguments:
-      name: a timm model name (``resnet18``, ``seresnet50``, ``swinv2_tiny_window8_256``...).
+      name: a timm model name, tagged name, ``hf-hub:`` or ``local-dir:`` name.
       num_classes: the classifier's outputs.
       img_size: passed to models built for a fixed input size (ViT, Swin); ignored by CNNs.
-      pretrained: a local weights file; timm loads it and re-initializes a classifier of another
-        size. None: random initialization (nothing is downloaded).
+      pretrained: timm's default weights for ``name`` (through its cache or hub).
+      pretrained_path: a local weights file, or ``"litemedsam"``; implies ``pretrained``.
+      in_chans: input channels (4 for ``--focus channel``; timm adapts pretrained stems).
       kwargs: more model arguments (e.g. ``embed_dim`` for a small test Swin).
 
+    Returns:
+      ``(model, weights)``; ``weights`` is ``{"source", "sha256"}``: ``source`` is ``random``, the
+      timm name, the file path or ``litemedsam``; ``sha256`` that of the file, or of the loaded
+      tensors when no single file is known (None for random weights).
+
     Raises:
-      BackboneError: unknown model, missing weights file, or a model without ``feature_info``.
+      BackboneError: an unknown model, a missing file, weights that cannot be reached or do
+        not fit, or a model without ``feature_info``.
     """
-    if not timm.is_model(name):
+    special = str(pretrained_path) == LITEMEDSAM if pretrained_path is not None else False
+    source_name = name.split(":", 1)[0] if ":" in name else None
+    if source_name not in (None, "hf-hub", "local-dir"):
+        raise BackboneError(f"backbone {name!r}: unknown source {source_name!r} (timm knows hf-hub: and local-dir:)")
+    if source_name is None and not timm.is_model(name.split(".")[0]):
         raise BackboneError(f"unknown timm model {name!r}")
-    extra = {}
-    if pretrained is not None:
-        if not Path(pretrained).is_file():
-            raise BackboneError(f"pretrained weights {pretrained} do not exist (nothing is downloaded)")
-        extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}}
+    if special and name.split(".")[0] != TIMM_MODEL:
+        raise BackboneError(f"--pretrained-path litemedsam needs --backbone {TIMM_MODEL} (LiteMedSAM's TinyViT), "
+                            f"not {name!r}")
+    extra: dict = {}
+    weights = {"source": "random", "sha256": None}
+    if pretrained_path is not None and not special:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise BackboneError(f"pretrained weights {path} do not exist (nothing is downloaded for a path)")
+        extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+        weights = {"source": str(path), "sha256": _file_sha256(path)}
+    elif pretrained and not special:
+        extra = {"pretrained": True}
+        weights = {"source": f"timm:{name}", "sha256": None}
     try:
-        model = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs, **extra)
-    except TypeError as exc:
-        if "img_size" not in str(exc):
-            raise
-        model = timm.create_model(name, num_classes=num_classes, **kwargs, **extra)
+        try:
+            model = timm.create_model(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                                      **kwargs, **extra)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+            model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs, **extra)
+    except BackboneError:
+        raise
+    except Exception as exc:  # timm and huggingface_hub raise many kinds for unreachable or bad weights
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = "" if not extra else " with pretrained weights (offline? timm reads them from its cache or the hub)"
+        raise BackboneError(f"cannot build backbone {name!r}{where}: {first}") from None
+    if special:
+        _load_litemedsam(model, in_chans)
+        weights = {"source": LITEMEDSAM, "sha256": None}
+    if weights["source"] != "random" and weights["sha256"] is None:
+        weights["sha256"] = weights_sha256({k: v for k, v in model.state_dict().items()
+                                            if not k.startswith(_classifier_prefix(model))})
     if not getattr(model, "feature_info", None):
         raise BackboneError(f"timm model {name!r} exposes no feature_info, so SLCA cannot find its stages")
-    return model
+    return model, weights
 
 
-class SLCAClassifier(nn.Module):
-    """A backbone whose chosen stages are gated by SLCA (or not, with ``slca=None``).
+def _classifier_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the model's classifier, which a new class count re-initializes."""
+    name = getattr(model, "default_cfg", {}).get("classifier", "fc")
+    return name if isinstance(name, str) else name[0]
 
-    Arguments:
-      backbone: a timm model with ``feature_info``.
-      slca: the SLCA design, or None for the plain backbone (``--no-slca``).
-      img_size: input side used for the dry run that finds each stage's grid and layout.
 
-    ``forward(images, embeddings)`` takes ``Bx3xTxT`` images and, with SLCA, the ``Bx256x64x64``
-    embeddings of the same crops.
-    """
-
-    def __init__(self, backbone: nn.Module, slca: SLCAConfig | None, img_size: int):
-        super().__init__()
-        self.backbone = backbone
-        info = list(backbone.feature_info)
-        self.stage_names = [f["module"] for f in info]
-        self.slca = None
-        self.stages: list[int] = []
-        self.channels_last_dim: dict[int, bool] = {}
-        if slca is None:
-            return
-        stages = slca.stages if slca.stages is not None else [i for i, f in enumerate(info) if f["reduction"] >= 4]
-        bad = [s for s in stages if not 0 <= s < len(info)]
-        if bad or not stages:
-            raise BackboneError(f"SLCA stages {stages} do not index this backbone's {len(info)} feature stages "
-                                f"({', '.join(self.stage_names)})")
-        self.stages = sorted(stages)
-        self._find_layouts(info, img_size)
-        self.slca = SLCA(slca, {s: info[s]["num_chs"] for s in self.stages})
-        modules = dict(backbone.named_modules())
-        for s in self.stages:
-            modules[self.stage_names[s]].register_forward_hook(self._hook(s))
-
-    def _find_layouts(self, info, img_size: int) -> None:
-        modules = dict(self.backbone.named_modules())
-        shapes, handles = {}, []
-        for s in self.stages:
-            handles.append(modules[self.stage_names[s]].register_forward_hook(
-                lambda m, i, o, s=s: shapes.__setitem__(s, tuple(o.shape))))
-        was_training = self.backbone.training
-        try:
-            with torch.no_grad():
-                self.backbone.eval()(torch.zeros(1, 3, img_size, img_size))
-        finally:
-            self.backbone.train(was_training)
-            for h in handles:
-                h.remove()
-        for s in self.stages:
-            c, shape = info[s]["num_chs"], shapes[s]
-            if len(shape) != 4 or (shape[1] != c and shape[3] != c):
-                raise BackboneError(f"stage {self.stage_names[s]} gives shape {shape}, not {c} channels in NCHW/NHWC")
-            # NHWC (Swin) when the last axis holds the channels; if both axes could, ask the model
-            self.channels_last_dim[s] = shape[3] == c and (shape[1] != c or getattr(self.backbone, "output_fmt", "") == "NHWC")
-
-    def _hook(self, stage: int):
-        def hook(module, inputs, output):
-            return self.slca.gate_stage(stage, output, self.channels_last_dim[stage])
-        return hook
-
-    def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        if self.slca is None:
-            return self.backbone(images)
-        if embeddings is None:
-            raise ValueError("this model has SLCA: pass the batch's embeddings")
-        self.slca.set_embedding(embeddings)
-        try:
-            return self.backbone(images)
-        finally:
-            self.slca.set_embedding(None)
-
-    def stage_grid(self, stage: int, img_size: int) -> tuple[int, int]:
-        """The ``(H, W)`` grid of a stage for a square input of ``img_size``."""
-        r = self.backbone.feature_info[stage]["reduction"]
-        return img_size // r, img_size // r
+def _load_litemedsam(model: nn.Module, in_chans: int) -> None:
+    state = litemedsam_tiny_vit_state_dict()
+    if in_chans != 3:
+        w = state["patch_embed.conv1.conv.weight"]
+        extra = w.mean(1, keepdim=True).repeat(1, in_chans - 3, 1, 1)
+        state["patch_embed.conv1.conv.weight"] = torch.cat([w, extra], 1)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise BackboneError(f"LiteMedSAM weights do not fit {TIMM_MODEL}: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")

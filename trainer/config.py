@@ -1,99 +1,355 @@
-"""The training recipe as one dataclass; the run folder keeps it as ``config.yaml``."""
+"""The training recipe, defined once: every option's type, default, choices, bounds and help.
+
+:class:`TrainConfig` nests :class:`SLCAConfig` and :class:`AugmentConfig`. Everything else is
+derived from these three dataclasses, so a field is written in exactly one place:
+
+- the ``slca-train`` options (``cli/_options.py`` turns :func:`options` into typer options);
+- the names a sweep may vary (:func:`options` with ``sweep=True``);
+- ``config.yaml`` in a run folder (:meth:`TrainConfig.to_dict`, nested) and its reading back.
+
+Every value is checked when a config is made, whatever it came from (command line, YAML file,
+sweep): its type, its choices and its bounds. A mistake fails at once with one line naming the
+option, never later inside AdamW or after an epoch. Each leaf option has one *flat name*, unique
+across the nesting (``lr``, ``window``, ``slca`` for ``slca.enabled``, ``slca_lr_mult``,
+``crop_scale_min``); flags, sweeps and :meth:`TrainConfig.from_dict` all accept flat names, and
+``from_dict`` also accepts the nested form that ``config.yaml`` holds.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .data import AugmentConfig
-from .slca import SLCAConfig
+from sam_cache.errors import ConfigError
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "SLCAConfig", "AugmentConfig", "Option", "options", "METRIC_KEYS"]
+
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+INFO_KEYS = ("backbone_weights",)  # written into config.yaml for the record; not options
+POOLS = ("avg", "max", "avgmax")
+GATES = ("scaled", "residual")
+FUSIONS = ("none", "mean", "meanstd")
+FOCUS_MODES = ("none", "background", "crop", "channel")
+
+
+def opt(default=dataclasses.MISSING, *, help: str, choices: tuple | None = None, low=None, high=None,
+        sweep: bool = False, flat: str | None = None, factory=None, flag: str | None = None):
+    """A config field with what the CLI, sweeps and validation need to know about it.
+
+    ``low``/``high`` bound numbers (inclusive); ``flat`` renames the leaf's flat name; ``flag`` is
+    the typer declaration of a boolean flag pair (e.g. ``"--slca/--no-slca"``).
+    """
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "sweep": sweep, "flat": flat, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SLCAConfig:
+    """The SLCA design space; :mod:`trainer.slca` explains each choice."""
+
+    enabled: bool = opt(True, flat="slca", flag="--slca/--no-slca", sweep=True,
+                        help="SLCA gates on the backbone's stages; --no-slca trains the same backbone, data order "
+                             "and recipe without them (the ablation).")
+    window: int = opt(4, low=1, high=64, sweep=True, help="SLCA local region side, in embedding cells (divides 64).")
+    pool: str = opt("avg", choices=POOLS, sweep=True, help="SLCA region pooling.")
+    reduction: int = opt(4, low=1, high=256, sweep=True, help="SLCA MLP bottleneck ratio (256/r hidden channels).")
+    stages: list[int] | None = opt(None, sweep=True,
+                                   help="Gated stages as feature_info indices, e.g. 1,2,3,4 (default: every stage "
+                                        "with stride >= 4).")
+    gate: str = opt("scaled", choices=GATES, sweep=True, help="Gate form; both are the identity at initialization.")
+    lr_mult: float = opt(1.0, low=0.0, flat="slca_lr_mult", sweep=True,
+                         help="Learning-rate multiplier of the SLCA parameters (their own group, no weight decay).")
+    embed_dim: int = 256
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if 64 % self.window:
+            raise ConfigError(f"window: the SLCA window must divide 64, got {self.window}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.embed_dim * (2 if self.pool == "avgmax" else 1)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; each one moves image, mask and embedding together (:mod:`trainer.data`)."""
+
+    hflip: bool = opt(True, flag="--hflip/--no-hflip", sweep=True, help="Flip left-right with probability 1/2.")
+    crop_scale_min: float = opt(0.5, low=0.01, high=1.0, sweep=True,
+                                help="Smallest random-resized-crop area, as a fraction of the image (1: no crop).")
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        self.crop_ratio = tuple(float(v) for v in self.crop_ratio)
+        _validate(self)
+
+    @property
+    def crop_scale(self) -> tuple[float, float]:
+        return (self.crop_scale_min, 1.0)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run (defaults in brackets).
+    """Everything that decides a training run; see :func:`options` for each field's help."""
 
-    Data: ``cache`` (store path), ``train_fraction`` / ``shots`` with ``subset_seed`` (a
-    stratified subset of the train split), ``img_size`` [224], ``residency`` [auto], ``shuffle``
-    [auto: ``shards`` when the store's embeddings would stream, else ``global``] and
-    ``shuffle_buffer`` [512 samples held at once by shard-sequential streaming].
-    Model: ``backbone`` [resnet18], ``backbone_kwargs``, ``pretrained`` (local weights file; default
-    random init), ``slca`` [True] and the SLCA design (``window``, ``pool``, ``reduction``,
-    ``stages``, ``gate``; see :mod:`trainer.slca`).
-    Recipe: AdamW (``lr`` [1e-3], ``weight_decay`` [0.05]) with cosine decay per step over
-    ``epochs`` [30], ``batch_size`` [32], ``label_smoothing`` [0], augmentation (``hflip``,
-    ``crop_scale``), ``seed`` [0], ``patience`` (early stopping on the selection metric; None: off),
-    ``select_metric`` [balanced_accuracy], ``amp`` (bf16 autocast on CUDA) and ``channels_last``.
-    Under torchrun, ``batch_size`` is per rank and ``sync_bn`` turns BatchNorm into SyncBatchNorm
-    on CUDA (otherwise each rank keeps its own batch statistics, as plain DDP does).
-    """
+    cache: str = opt(help="Store made by `samcache extract` (with --image-size).")
+    out: str = opt(help="Run folder (config, metrics, checkpoints, figures).")
+    # model
+    backbone: str = opt("resnet18", sweep=True,
+                        help="timm model name with feature_info; tagged, hf-hub: and local-dir: names work too.")
+    backbone_kwargs: dict = opt(factory=dict, help="JSON of extra timm model arguments.")
+    pretrained: bool = opt(False, flag="--pretrained", help="Load timm's default weights for the backbone (from timm's "
+                                                           "cache or hub; honours HF_HUB_OFFLINE).")
+    pretrained_path: str | None = opt(None, help="Local backbone weights file (implies --pretrained).")
+    slca: SLCAConfig = field(default_factory=SLCAConfig)
+    fuse: str = opt("none", choices=FUSIONS, sweep=True,
+                    help="Join statistics of the cached embedding (over the image crop) to the head: mean (256) or "
+                         "mean and std (512) per channel.")
+    focus: str = opt("none", choices=FOCUS_MODES, sweep=True,
+                     help="Use the store's SAM mask (`samcache masks`) as a visual prompt: darken the background, "
+                          "crop to the mask's box, or add it as a fourth input channel.")
+    # data
+    img_size: int = opt(224, low=16, sweep=True, help="Training image side.")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train_fraction: float | None = opt(None, low=1e-9, high=1.0, sweep=True,
+                                       help="Stratified fraction of the train split.")
+    shots: int | None = opt(None, low=1, sweep=True, help="Stratified k images per class of the train split.")
+    subset_seed: int = opt(0, sweep=True, help="Seed of the train subset.")
+    allow_partial: bool = opt(False, flag="--allow-partial",
+                              help="Train on a store whose extraction has not finished (only its done samples).")
+    residency: str = opt("auto", choices=("auto", "gpu", "host", "stream"), help="Where the cache lives.")
+    shuffle: str = opt("auto", choices=("auto", "global", "shards"),
+                       help="Epoch order: global, shards (shard by shard through a buffer) or auto (shards when "
+                            "the embeddings would stream).")
+    shuffle_buffer: int = opt(512, low=1, help="Samples held at once by shard-by-shard streaming.")
+    # recipe
+    epochs: int = opt(30, low=1, sweep=True, help="Epochs (evaluation rounds; see --min-steps).")
+    min_steps: int = opt(0, low=0, sweep=True,
+                         help="Train at least this many optimizer steps in all: an epoch of a small subset then "
+                              "takes several passes over it.")
+    batch_size: int = opt(32, low=2, sweep=True, help="Samples per step (per rank under torchrun; at least 2 for "
+                                                     "BatchNorm).")
+    lr: float = opt(1e-3, low=0.0, sweep=True, help="AdamW peak learning rate.")
+    weight_decay: float = opt(0.05, low=0.0, sweep=True, help="AdamW weight decay (not on biases, norms, gates).")
+    warmup_steps: int = opt(0, low=0, sweep=True, help="Linear learning-rate warmup, in steps, before cosine decay.")
+    label_smoothing: float = opt(0.0, low=0.0, high=1.0, sweep=True, help="Cross-entropy label smoothing.")
+    class_balance: str = opt("none", choices=("none", "loss"), sweep=True,
+                             help="loss: weight each class by n / (K n_c) of the training subset.")
+    seed: int = opt(0, sweep=True, help="Seed of the initialization, the data order and the augmentation.")
+    patience: int | None = opt(None, low=1, help="Early stop after this many epochs without val improvement.")
+    select_metric: str = opt("balanced_accuracy", choices=METRIC_KEYS, help="Validation metric that picks best.pt.")
+    # machinery
+    device: str | None = opt(None, help="cuda, cpu, ...; default: cuda when available.")
+    amp: bool = opt(True, flag="--amp/--no-amp", help="bf16 autocast on CUDA.")
+    channels_last: bool = opt(True, flag="--channels-last/--no-channels-last", help="channels_last layout on CUDA.")
+    sync_bn: bool = opt(False, flag="--sync-bn", help="Under torchrun on CUDA: SyncBatchNorm.")
+    log_interval: int = opt(50, low=1, help="Steps between host syncs that check the loss (and between progress "
+                                           "updates of metrics).")
+    tensorboard: bool = opt(False, flag="--tensorboard", help="Also log scalars to OUT/tb (needs tensorboard).")
+    attention_images: int = opt(6, low=0, help="Test images drawn in attention.png.")
 
-    cache: str
-    out: str
-    backbone: str = "resnet18"
-    backbone_kwargs: dict = field(default_factory=dict)
-    pretrained: str | None = None
-    slca: bool = True
-    window: int = 4
-    pool: str = "avg"
-    reduction: int = 4
-    stages: list[int] | None = None
-    gate: str = "scaled"
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.0
-    img_size: int = 224
-    hflip: bool = True
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    train_fraction: float | None = None
-    shots: int | None = None
-    subset_seed: int = 0
-    seed: int = 0
-    patience: int | None = None
-    select_metric: str = "balanced_accuracy"
-    device: str | None = None
-    residency: str = "auto"
-    shuffle: str = "auto"
-    shuffle_buffer: int = 512
-    amp: bool = True
-    channels_last: bool = True
-    sync_bn: bool = False
-    attention_images: int = 6
+    def __post_init__(self) -> None:
+        if isinstance(self.slca, bool):  # TrainConfig(..., slca=False): the ablation, as on the command line
+            self.slca = SLCAConfig(enabled=self.slca)
+        if isinstance(self.slca, dict):
+            self.slca = SLCAConfig(**self.slca)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        _validate(self)
+        if self.train_fraction is not None and self.shots is not None:
+            raise ConfigError("train_fraction and shots: pass one of them, not both")
+        if self.pretrained_path is not None:
+            self.pretrained = True
 
-    def slca_config(self) -> SLCAConfig | None:
-        if not self.slca:
-            return None
-        return SLCAConfig(window=self.window, pool=self.pool, reduction=self.reduction, stages=self.stages, gate=self.gate)
+    # construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """Build from a nested dict (``config.yaml``) or flat option names, checking every value.
 
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(hflip=self.hflip, crop_scale=tuple(self.crop_scale))
+        Raises:
+          ConfigError: an unknown option, or a value of the wrong type, range or choice; the
+            message names ``source`` and the option.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of options, got {type(d).__name__}")
+        nested = _nest({k: v for k, v in d.items() if k not in INFO_KEYS}, source)
+        try:
+            return cls(**nested)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"{source}: {exc}") from None
 
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a ``config.yaml`` (or a sweep's ``best.yaml``).
+
+        Raises:
+          ConfigError: the file is missing, not YAML, or holds a bad option.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data or {}, source=str(path))
+
+    def replace(self, **flat) -> "TrainConfig":
+        """A copy with some options changed, by flat name; checked like any config."""
+        return TrainConfig.from_dict({**self.to_dict(), **flat})
+
+    # output ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Nested, YAML-ready: what ``config.yaml`` and checkpoints hold."""
         d = dataclasses.asdict(self)
-        d["crop_scale"] = list(self.crop_scale)
+        d["augment"]["crop_ratio"] = list(self.augment.crop_ratio)
         return d
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        if "crop_scale" in d:
-            d["crop_scale"] = tuple(d["crop_scale"])
-        return cls(**d)
+    def flat(self) -> dict:
+        """``{flat name: value}`` of every option."""
+        return {o.name: o.get(self) for o in options()}
 
-    @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+# the option table ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """One leaf option: its flat name, where it lives, and what it accepts."""
+
+    name: str
+    path: tuple[str, ...]
+    type: object
+    default: object
+    help: str
+    choices: tuple | None
+    low: object
+    high: object
+    sweep: bool
+    flag: str | None
+    required: bool
+
+    def get(self, cfg):
+        for p in self.path:
+            cfg = getattr(cfg, p)
+        return cfg
+
+
+def options(cls=TrainConfig, prefix: tuple[str, ...] = ()) -> list[Option]:
+    """Every leaf option of ``cls`` (nested configs flattened), in declaration order.
+
+    Fields without help (``embed_dim``, ``crop_ratio``) are fixed design constants, not options.
+    """
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += options(tp, prefix + (f.name,))
+            continue
+        if "help" not in f.metadata:
+            continue
+        m = f.metadata
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            None if required else f.default_factory())
+        out.append(Option(m["flat"] or f.name, prefix + (f.name,), tp, default, m["help"], m["choices"], m["low"],
+                          m["high"], m["sweep"], m["flag"], required))
+    return out
+
+
+def _nest(d: dict, source: str) -> dict:
+    """Flat option names -> the nested layout of :class:`TrainConfig`; nested input passes through."""
+    by_flat = {o.name: o for o in options()}
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    nested: dict = {}
+    unknown = []
+    for key, value in d.items():
+        if key == "slca" and isinstance(value, bool):
+            nested.setdefault("slca", {})["enabled"] = value
+        elif key in ("slca", "augment") and isinstance(value, dict):
+            sub = nested.setdefault(key, {})
+            allowed = {f.name for f in dataclasses.fields(SLCAConfig if key == "slca" else AugmentConfig)}
+            bad = set(value) - allowed
+            unknown += [f"{key}.{b}" for b in sorted(bad)]
+            sub.update({k: v for k, v in value.items() if k in allowed})
+        elif key in by_flat:
+            path = by_flat[key].path
+            target = nested
+            for p in path[:-1]:
+                target = target.setdefault(p, {})
+            target[path[-1]] = value
+        elif key in top:
+            nested[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"{source}: unknown training options: {', '.join(sorted(unknown))}")
+    return nested
+
+
+def _validate(obj) -> None:
+    """Check and normalize every option field of a config dataclass in place."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if "help" not in f.metadata:
+            continue
+        m = f.metadata
+        name = m["flat"] or f.name
+        value = _coerce(name, getattr(obj, f.name), hints[f.name])
+        if value is not None and m["choices"] is not None and value not in m["choices"]:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}; got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if m["low"] is not None and value < m["low"]:
+                raise ConfigError(f"{name} must be at least {m['low']}; got {value!r}")
+            if m["high"] is not None and value > m["high"]:
+                raise ConfigError(f"{name} must be at most {m['high']}; got {value!r}")
+        setattr(obj, f.name, value)
+
+
+def _coerce(name: str, value, tp):
+    """``value`` as type ``tp`` (only lossless conversions), or :class:`ConfigError`."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be a number; got {value!r}{hint}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be text; got {value!r}")
+    if origin is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [int(v) for v in value]
+        raise ConfigError(f"{name} must be a list of integers; got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{name} must be a mapping; got {value!r}")
+    return value

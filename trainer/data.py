@@ -10,16 +10,20 @@ always describes the same image region before and after the transform. (Bilinear
 the outermost output row or column of an image that does not fill the frame reach less than half
 a stored pixel into the zero padding.)
 
+Masks (``--focus``) travel as a fourth image channel (0 or 1, from ``samcache masks``), so the
+one crop and flip that moves the image moves its mask too.
+
 Residency (:class:`PairedCache`): the rows a run needs are loaded once into GPU memory when they
 fit, else into (pinned) host memory when that fits, else streamed from the store (``stream``):
 during training, shard by shard through a shuffle buffer (:mod:`trainer.stream`), and per batch
-for evaluation. The chosen mode is reported.
+for evaluation. The chosen mode is reported. Rows are checked against their stored checksums as
+they are loaded, so a corrupted shard stops a run instead of training on it. Host-resident
+batches reach a GPU through two pinned staging buffers, so the copy is asynchronous.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,28 +31,14 @@ from torchvision.ops import roi_align
 
 from sam_cache.store import EmbeddingStore
 
+from .config import AugmentConfig
+from .errors import TrainError
 from .stream import ShardStream
 
 __all__ = ["AugmentConfig", "PairedCache", "sample_boxes", "paired_views", "image_regions", "plan_residency",
-           "cache_bytes"]
+           "cache_bytes", "mask_regions"]
 
 GRID = 64
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation; each moves image and embedding together.
-
-    Arguments:
-      hflip: flip left-right with probability 1/2.
-      crop_scale: area range of the random resized crop, as fractions of the image region;
-        ``(1, 1)`` turns cropping off.
-      crop_ratio: aspect-ratio range of the crop (width / height), sampled log-uniformly.
-    """
-
-    hflip: bool = True
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 def image_regions(orig_size: np.ndarray) -> np.ndarray:
@@ -56,6 +46,25 @@ def image_regions(orig_size: np.ndarray) -> np.ndarray:
     h, w = orig_size[:, 0].astype(np.float64), orig_size[:, 1].astype(np.float64)
     m = np.maximum(h, w)
     return np.stack([np.zeros_like(h), np.zeros_like(h), GRID * w / m, GRID * h / m], 1)
+
+
+def mask_regions(masks: np.ndarray, regions: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """Grid boxes around each mask (``(N, 1, R, R)``, nonzero inside), grown by ``margin`` of their
+    size on each side and clipped to the image region; an empty mask keeps the whole region."""
+    out = np.array(regions, dtype=np.float64, copy=True)
+    r = masks.shape[-1]
+    for k, m in enumerate(masks[:, 0]):
+        ys, xs = np.nonzero(m)
+        if not len(ys):
+            continue
+        x0, x1 = xs.min() * GRID / r, (xs.max() + 1) * GRID / r
+        y0, y1 = ys.min() * GRID / r, (ys.max() + 1) * GRID / r
+        dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+        box = np.array([max(x0 - dx, regions[k, 0]), max(y0 - dy, regions[k, 1]),
+                        min(x1 + dx, regions[k, 2]), min(y1 + dy, regions[k, 3])])
+        if (box[2:] - box[:2]).min() > 0.5:  # at least half a grid cell each way
+            out[k] = box
+    return out
 
 
 def sample_boxes(regions: np.ndarray, aug: AugmentConfig | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +95,14 @@ def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, b
     """Cut the same box out of images and embeddings and flip both alike.
 
     Arguments:
-      images: ``Bx3xRxR`` stored frames (any dtype; resampled in float), or None.
+      images: ``BxCxRxR`` stored frames (any dtype; resampled in float; a fourth channel is a
+        mask), or None.
       embeddings: ``Bx256x64x64``, or None (``--no-slca`` needs none).
       boxes: ``(B, 4)`` boxes in grid units; flips: ``(B,)`` bools.
       out_size: the training image side T.
 
     Returns:
-      ``(Bx3xTxT float in 0..255, Bx256x64x64)``; either is None when its input was.
+      ``(BxCxTxT float, Bx256x64x64)``; either is None when its input was.
     """
     dev = (images if images is not None else embeddings).device
     b = torch.as_tensor(boxes, dtype=torch.float32, device=dev)
@@ -113,11 +123,11 @@ def _flip_some(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def cache_bytes(store: EmbeddingStore, n: int, embeddings: bool = True) -> int:
-    """Bytes that ``n`` rows of ``store`` take in memory (images, and embeddings at 2 or 4 bytes a value)."""
-    emb = n * 256 * GRID * GRID * (2 if store.meta["dtype"] != "float32" else 4) if embeddings else 0
+def cache_bytes(store: EmbeddingStore, n: int, embeddings: bool = True, masks: bool = False) -> int:
+    """Bytes that ``n`` rows of ``store`` take in memory (images, masks, embeddings at 2 or 4 bytes a value)."""
+    emb = n * 256 * GRID * GRID * (4 if store.dtype == "float32" else 2) if embeddings else 0
     img = n * int(np.prod(store.images.shape[1:])) if store.images is not None else 0
-    return emb + img
+    return emb + img + (img // 3 if masks else 0)
 
 
 def plan_residency(nbytes: int, device: torch.device, fraction: float = 0.5) -> str:
@@ -136,48 +146,93 @@ def plan_residency(nbytes: int, device: torch.device, fraction: float = 0.5) -> 
     return "host" if nbytes < fraction * avail else "stream"
 
 
+class _PinnedStaging:
+    """Two pinned host buffers that batches are gathered into before an asynchronous copy to the GPU.
+
+    ``index_select`` of a pinned tensor returns pageable memory, whose copy to the GPU blocks the
+    host. Gathering into a pinned buffer instead lets the copy overlap with compute; a buffer is
+    reused two batches later, after the event recorded behind its copy has completed.
+    """
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def to_device(self, source: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        k, self.turn = self.turn, 1 - self.turn
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the copy out of this buffer has landed
+        buf = self.buffers[k]
+        if buf is None or buf.dtype != source.dtype or buf.shape[1:] != source.shape[1:] or buf.shape[0] < len(index):
+            buf = torch.empty((max(len(index), 1),) + tuple(source.shape[1:]), dtype=source.dtype).pin_memory()
+            self.buffers[k] = buf
+        staged = buf[: len(index)]
+        torch.index_select(source, 0, index, out=staged)
+        out = staged.to(device, non_blocking=True)
+        self.events[k] = torch.cuda.Event()
+        self.events[k].record()
+        return out
+
+
 class PairedCache:
-    """The rows of a store that a run uses: embeddings, images, labels and image regions.
+    """The rows of a store that a run uses: embeddings, images (with masks), labels and image regions.
 
     Arguments:
       store: an open store with images (``samcache extract --image-size R``).
       indices: store rows, e.g. the union of the train, val and test rows used.
       device: where training runs.
       residency: ``auto``, ``gpu``, ``host`` or ``stream``.
-      embeddings: False to leave embeddings out (``--no-slca``).
+      embeddings: False to leave embeddings out (a model without SLCA or fusion).
+      masks: True to carry the store's SAM masks as a fourth image channel (``--focus``).
       budget_fraction: ``auto`` keeps a cache in a memory only under this share of what is free.
 
+    Use it in a ``with`` block (or call :meth:`close`): a streaming pass holds a reader thread.
+
     Raises:
-      ValueError: the store keeps no images.
+      TrainError: the store keeps no images, or lacks masks for a row when masks are asked for.
+      StoreError: rows that do not match their checksums.
     """
 
     def __init__(self, store: EmbeddingStore, indices: np.ndarray, device: torch.device, residency: str = "auto",
-                 embeddings: bool = True, budget_fraction: float = 0.5):
+                 embeddings: bool = True, masks: bool = False, budget_fraction: float = 0.5):
         if store.images is None:
-            raise ValueError(f"store {store.path} keeps no images; extract it again with --image-size (e.g. 224)")
+            raise TrainError(f"store {store.path} keeps no images; extract it again with --image-size (e.g. 224)")
         self.store, self.device = store, device
         self.rows = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)
         self.position = {int(r): k for k, r in enumerate(self.rows)}
         self.labels = store.labels[self.rows]
         self.regions = image_regions(store.orig_size[self.rows])
         self.with_embeddings = embeddings
-        self.bytes = cache_bytes(store, len(self.rows), embeddings)
+        self.with_masks = masks
+        self.mask_regions = None
+        if masks:
+            missing = self.rows[~store.mask_done[self.rows]] if store.has_masks else self.rows
+            if len(missing):
+                raise TrainError(f"store {store.path} has no SAM masks for {len(missing)} of the {len(self.rows)} "
+                                 f"samples this run uses; run `samcache masks {store.path}` first")
+            self.mask_regions = mask_regions(store.read_rows(self.rows, "masks"), self.regions)
+        self.bytes = cache_bytes(store, len(self.rows), embeddings, masks)
         self.mode = residency if residency != "auto" else plan_residency(self.bytes, device, budget_fraction)
         self.emb = self.img = None
         self._stream: ShardStream | None = None
+        self._staging = _PinnedStaging() if self.mode == "host" and device.type == "cuda" else None
         if self.mode in ("gpu", "host"):
             target = device if self.mode == "gpu" else torch.device("cpu")
-            self.img = self._load("images", target)
-            self.emb = self._load("embeddings", target) if embeddings else None
+            self.img = self._load(self.rows, target, "images")
+            self.emb = self._load(self.rows, target, "embeddings") if embeddings else None
 
     def _read(self, rows: np.ndarray, name: str) -> torch.Tensor:
+        if name == "images" and self.with_masks:
+            img = self.store.read_rows(rows, "images")
+            return torch.from_numpy(np.concatenate([img, self.store.read_rows(rows, "masks")], 1))
         t = torch.from_numpy(self.store.read_rows(rows, name))
-        if name == "embeddings" and t.dtype == torch.float32 and self.store.meta["dtype"] != "float32":
+        if name == "embeddings" and t.dtype == torch.float32 and self.store.dtype != "float32":
             t = t.half()  # bfloat16 and int8 stores come back widened; keep the cache at 2 bytes a value
         return t
 
-    def _load(self, name: str, target: torch.device) -> torch.Tensor:
-        t = self._read(self.rows, name)
+    def _load(self, rows: np.ndarray, target: torch.device, name: str) -> torch.Tensor:
+        t = self._read(rows, name)
         if target.type == "cuda":
             return t.to(target)
         return t.pin_memory() if self.device.type == "cuda" else t
@@ -187,7 +242,7 @@ class PairedCache:
         return f"{len(self.rows)} samples, {self.bytes / 2**20:.0f} MiB, in {where}"
 
     def start_epoch(self, groups: list[np.ndarray] | None) -> None:
-        """Stream the coming epoch buffer by buffer (``groups`` from :func:`trainer.stream.shard_order`).
+        """Stream the coming pass buffer by buffer (``groups`` from :func:`trainer.stream.shard_order`).
 
         Only the ``stream`` mode reads ahead; the others, or ``groups=None``, keep per-batch access.
         """
@@ -201,23 +256,39 @@ class PairedCache:
             self._stream = ShardStream(read, groups, pin=self.device.type == "cuda")
 
     def end_epoch(self) -> None:
-        """Stop the epoch's read-ahead, if any, and free its buffers."""
+        """Stop the pass's read-ahead, if any, and free its buffers."""
         if self._stream is not None:
             self._stream.close()
             self._stream = None
 
-    def regions_of(self, store_rows: np.ndarray) -> np.ndarray:
-        """Image regions (grid boxes) of ``store_rows``, without touching images or embeddings."""
-        return self.regions[[self.position[int(r)] for r in store_rows]]
+    def close(self) -> None:
+        """Stop any read-ahead; the cache stays usable for per-batch access."""
+        self.end_epoch()
+
+    def __enter__(self) -> "PairedCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def regions_of(self, store_rows: np.ndarray, focus_crop: bool = False) -> np.ndarray:
+        """Boxes (grid units) to crop ``store_rows`` from: the image regions, or with ``focus_crop``
+        the boxes around their masks; nothing is read from the store."""
+        pos = [self.position[int(r)] for r in store_rows]
+        if focus_crop:
+            if self.mask_regions is None:
+                raise TrainError("focus crop needs a cache that holds masks")
+            return self.mask_regions[pos]
+        return self.regions[pos]
 
     def covers(self, store_rows: np.ndarray) -> bool:
         """Whether every row in ``store_rows`` is held by this cache."""
         return all(int(r) in self.position for r in store_rows)
 
     def batch(self, store_rows: np.ndarray, embeddings: bool = True
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, np.ndarray]:
-        """Images, embeddings (None when asked not to, or not held), labels and regions of
-        ``store_rows``, on the device."""
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Images (with a mask channel when the cache holds masks), embeddings (None when asked not
+        to, or not held) and labels of ``store_rows``, on the device."""
         pos = np.array([self.position[int(r)] for r in store_rows])
         embeddings = embeddings and self.with_embeddings
         if self._stream is not None and all(int(r) in self._stream.owner for r in store_rows):
@@ -228,6 +299,10 @@ class PairedCache:
             inverse = np.argsort(order)
             img = self._read(store_rows[order], "images")[inverse]
             emb = self._read(store_rows[order], "embeddings")[inverse] if embeddings else None
+        elif self._staging is not None:  # host memory -> GPU through pinned staging buffers
+            p = torch.from_numpy(pos)
+            img = self._staging.to_device(self.img, p, self.device)
+            emb = self._staging.to_device(self.emb, p, self.device) if embeddings else None
         else:
             p = torch.from_numpy(pos).to(self.img.device)
             img = self.img.index_select(0, p)
@@ -236,4 +311,4 @@ class PairedCache:
         img = img.to(self.device, non_blocking=non_blocking)
         emb = emb.to(self.device, non_blocking=non_blocking) if emb is not None else None
         labels = torch.from_numpy(self.labels[pos]).to(self.device)
-        return img, emb, labels, self.regions[pos]
+        return img, emb, labels

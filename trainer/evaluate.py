@@ -1,4 +1,11 @@
-"""Building a model from a config, predicting on a split, and re-evaluating a checkpoint."""
+"""Re-using a trained model: rebuild it from a checkpoint, and evaluate it on a store.
+
+A checkpoint is tied to the *encoder side* of the store it was trained on: the encoder, its
+weights, and the preprocessing. Any store that matches those is accepted, whatever its dataset
+(an external test set), because its embeddings mean the same thing; a store made with another
+encoder or preprocessing is refused, naming every difference. Its class names must match too
+when it has labels to score.
+"""
 
 from __future__ import annotations
 
@@ -6,112 +13,88 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from sam_cache.distributed import DistContext
 from sam_cache.store import EmbeddingStore, StoreMismatchError
 
-from .backbone import SLCAClassifier, create_backbone
+from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .data import PairedCache, paired_views, sample_boxes
+from .data import PairedCache
+from .errors import TrainError
 from .metrics import classification_metrics
+from .model import Classifier, build_model
+from .step import BatchPipeline, predict
+from .train import resolve_device
 
-__all__ = ["TrainError", "build_model", "predict", "evaluate_checkpoint", "normalizer", "resolve_device"]
+__all__ = ["load_run_model", "check_encoder_side", "evaluate_checkpoint", "ENCODER_SIDE"]
 
-
-class TrainError(RuntimeError):
-    """Training or evaluation cannot go on: bad data, a missing split, a NaN loss."""
-
-
-def resolve_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+ENCODER_SIDE = ("encoder", "checkpoint_sha256", "random_weights", "preprocessing")
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> SLCAClassifier:
-    """The backbone (seeded by ``cfg.seed``, built first so that ``--no-slca`` gets the same
-    initial weights) and, unless ``cfg.slca`` is False, its SLCA gates."""
-    torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained, **cfg.backbone_kwargs)
-    return SLCAClassifier(backbone, cfg.slca_config(), cfg.img_size)
+def load_run_model(checkpoint: str | Path, device: str | torch.device | None = None
+                   ) -> tuple[Classifier, TrainConfig, dict]:
+    """The trained model of a run, in eval mode on ``device``, with its config and checkpoint.
 
-
-def normalizer(model: SLCAClassifier, device: torch.device):
-    """A function mapping 0..255 float images to the backbone's expected mean/std."""
-    import timm.data
-
-    data_cfg = timm.data.resolve_data_config({}, model=model.backbone)
-    mean = torch.tensor(data_cfg["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(data_cfg["std"], device=device).view(1, 3, 1, 1) * 255
-    return lambda x: (x - mean) / std
-
-
-@torch.no_grad()
-def predict(model: SLCAClassifier, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig, device: torch.device,
-            norm, ctx: DistContext | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class probabilities for store ``rows`` on the un-augmented image regions.
-
-    Under torchrun each rank predicts every world-th row and the results are gathered, so every
-    rank returns the same, complete arrays. Returns ``(labels, probs, mean_loss)``.
+    Raises:
+      TrainError: the checkpoint is missing, unsafe or unreadable (see :func:`load_checkpoint`).
     """
-    if ctx is not None and ctx.world > 1:
-        parts = ctx.gather(predict(model, cache, rows[ctx.rank::ctx.world], cfg, device, norm))
-        n = [len(rows[r::ctx.world]) for r in range(ctx.world)]
-        loss = sum(p[2] * k for p, k in zip(parts, n)) / max(len(rows), 1)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), float(loss)
-    model.eval()
-    probs, labels, losses = [], [], []
-    for start in range(0, len(rows), cfg.batch_size):
-        chunk = rows[start:start + cfg.batch_size]
-        img, emb, y, regions = cache.batch(chunk, cfg.slca)
-        boxes, flips = sample_boxes(regions, None, None)
-        x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
-        x = norm(x)
-        if cfg.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            logits = model(x, e).float()
-        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-        probs.append(torch.softmax(logits, 1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-    return np.concatenate(labels), np.concatenate(probs), float(np.sum(losses) / max(len(rows), 1))
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
+    dev = resolve_device(str(device) if device is not None else None)
+    cfg = cfg.replace(device=str(dev), pretrained=False, pretrained_path=None)  # the weights come from the checkpoint
+    model, _ = build_model(cfg, len(state["class_names"]))
+    model.load_state_dict(state["model"])
+    return model.to(dev).eval(), cfg, state
+
+
+def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Path) -> None:
+    """Refuse a store whose encoder, weights or preprocessing differ from the training store's.
+
+    Raises:
+      StoreMismatchError: naming every field that differs.
+    """
+    from sam_cache.store import _flatten
+
+    want = _flatten({k: state["store_signature"].get(k) for k in ENCODER_SIDE})
+    have = _flatten({k: store.signature.get(k) for k in ENCODER_SIDE})
+    diffs = [f"{k}: store has {have.get(k)!r}, the model was trained on {want.get(k)!r}"
+             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diffs:
+        raise StoreMismatchError(f"store {store.path} was not made the way the store of {checkpoint} was; its "
+                                 "embeddings would mean something else:\n  " + "\n  ".join(diffs))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None, split: str = "test",
                         device: str | None = None) -> dict:
-    """Re-evaluate a saved checkpoint on a split of a store.
+    """Evaluate a saved model on a split of a store.
 
     Arguments:
       checkpoint: ``best.pt`` or ``last.pt`` from a run folder.
-      cache: the store; default the one the run trained on.
-      split: ``train``, ``val`` or ``test``.
+      cache: the store; default the one the run trained on. Another store (an external test
+        set) is accepted when its encoder side matches (:func:`check_encoder_side`).
+      split: ``train``, ``val``, ``test`` or ``all``.
       device: default CUDA when available.
 
     Returns:
-      :func:`~trainer.metrics.classification_metrics` plus ``loss``, ``split`` and ``checkpoint``.
+      :func:`~trainer.metrics.classification_metrics` plus ``loss``, ``split``, ``store`` and ``checkpoint``.
 
     Raises:
-      TrainError: the checkpoint is unreadable, or the split is empty.
-      StoreMismatchError: the store's signature differs from the one trained on.
+      TrainError: an unreadable checkpoint, other class names, or an empty split.
+      StoreMismatchError: the store's encoder side differs from the one trained on.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise TrainError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig.from_dict(state["config"])
-    cfg.cache = str(cache or cfg.cache)
-    dev = resolve_device(device)
-    cfg.device = str(dev)
-    with EmbeddingStore.open(cfg.cache) as store:
-        if store.signature != state["store_signature"]:
-            raise StoreMismatchError(f"store {cfg.cache} differs from the store checkpoint {path} was trained on")
-        rows = store.split_indices(split)
+    model, cfg, state = load_run_model(checkpoint, device)
+    path = str(cache or cfg.cache)
+    with EmbeddingStore.open(path) as store:
+        check_encoder_side(store, state, checkpoint)
+        if store.class_names != state["class_names"]:
+            raise TrainError(f"store {path} has classes {store.class_names}, the model {state['class_names']}")
+        rows = np.flatnonzero(store.done) if split == "all" else store.split_indices(split)
         if not len(rows):
-            raise TrainError(f"store {cfg.cache} has no done samples in split {split!r}")
-        model = build_model(cfg, len(state["class_names"]))
-        model.load_state_dict(state["model"])
-        model.to(dev)
-        c = PairedCache(store, rows, dev, cfg.residency, embeddings=cfg.slca)
-        y, p, loss = predict(model, c, rows, cfg, dev, normalizer(model, dev))
+            raise TrainError(f"store {path} has no done samples in split {split!r}")
+        dev = next(model.parameters()).device
+        with PairedCache(store, rows, dev, cfg.residency, embeddings=model.needs_embeddings,
+                         masks=cfg.focus != "none") as c:
+            y, p, loss = predict(model, BatchPipeline(model, cfg, dev), c, rows, cfg.batch_size,
+                                 cfg.amp and dev.type == "cuda")
     out = classification_metrics(y, p)
-    out.update(loss=loss, split=split, checkpoint=str(path))
+    out.update(loss=loss, split=split, store=path, checkpoint=str(checkpoint))
     return out

@@ -1,67 +1,127 @@
-"""The data-fraction study: does SLCA beat the same backbone without it, and at which fractions?
+"""The study protocol: methods compared in paired runs over train fractions and seeds.
 
-For one dataset: extract a store once (LiteMedSAM by default), then for every train fraction
-and seed train SLCA + backbone and the backbone alone (``--no-slca``) from one shared in-memory
-cache, and fit a linear probe (scikit-learn logistic regression on the globally average-pooled
-embedding of the image region) on the same training subset. Validation and test splits are the
-store's, fixed and stratified, identical for every method and fraction: only the training subset
-shrinks (stratified, seeded, nested across fractions).
+For one store, every (fraction, seed) trains each method from one shared in-memory cache:
 
-Outputs in the study folder: ``runs.csv`` (one row per method, fraction and seed; a rerun skips
-rows already there), ``summary.csv`` and ``summary.md`` (mean ± std over seeds, and a verdict:
-a difference between SLCA and the backbone alone smaller than the larger of their two seed
-spreads is reported as no difference), and ``fraction_<metric>.png``.
+=============  ==========================================================================
+method         what is trained
+=============  ==========================================================================
+backbone       the backbone alone (``--no-slca``)
+slca           backbone + SLCA gates
+fuse           backbone + fused embedding statistics (``--fuse``)
+fuse_slca      both
+focus          backbone with the SAM mask as a visual prompt (``--focus``; needs masks)
+focus_slca     focus + SLCA
+linear_probe   logistic regression on the per-channel mean of the embedding over the image
+probe_meanstd  the same on its mean and standard deviation (what ``--fuse meanstd`` sees)
+=============  ==========================================================================
+
+Pairing: a seed fixes the training subset (stratified, nested across fractions), the data order
+and crops, and the backbone's initialization, for every method alike (tests check all three).
+Validation and test splits are the store's, the same for every method and fraction.
+
+Budget: the recipe's ``min_steps`` makes small fractions train as many optimizer steps as the
+full set, instead of a handful of one-step epochs; ``runs.csv`` records the steps of each run.
+
+Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction; ``paired.csv``
+gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
+and a 95 % t-interval, the test for "does SLCA change anything". A rerun resumes: rows already in
+``runs.csv`` are kept.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
-from sam_cache import EmbeddingStore, extract_dataset
+from sam_cache import EmbeddingStore
 
-from .config import TrainConfig
-from .data import PairedCache
-from .evaluate import resolve_device
+from .config import METRIC_KEYS, TrainConfig
+from .data import PairedCache, paired_views
 from .metrics import classification_metrics
+from .model import embedding_stats
 from .records import read_rows, write_rows
 from .subset import stratified_subset
-from .train import METRIC_KEYS, train
+from .train import resolve_device, train
 
-__all__ = ["StudyConfig", "run_fraction_study", "summarize_study", "linear_probe", "mean_std", "against_spread"]
+__all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "summarize_study", "linear_probe", "pooled_features",
+           "mean_std", "paired_difference"]
 
-METHODS = ("slca", "backbone", "linear_probe")
+# method -> training options on top of the recipe (None: a linear probe, with its pooling)
+METHODS: dict[str, dict | None] = {
+    "backbone": {"slca": False},
+    "slca": {"slca": True},
+    "fuse": {"slca": False, "fuse": "meanstd"},
+    "fuse_slca": {"slca": True, "fuse": "meanstd"},
+    "focus": {"slca": False, "focus": "background"},
+    "focus_slca": {"slca": True, "focus": "background"},
+    "linear_probe": None,
+    "probe_meanstd": None,
+}
+# (a, b): the paired differences a - b reported per fraction
+PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("focus", "backbone"),
+         ("focus_slca", "focus"), ("fuse", "linear_probe"))
 
 
 @dataclass
 class StudyConfig:
-    """The protocol. CPU-sized defaults; raise ``img_size``, ``epochs`` and the backbone on a GPU."""
+    """The protocol: fractions, seeds (``extra_seeds`` for chosen fractions), methods, recipe."""
 
-    fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    encoder: str = "litemedsam"
-    store_image_size: int = 128
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    extra_seeds: dict = field(default_factory=dict)  # {fraction: (more seeds,)}
+    methods: tuple[str, ...] = ("backbone", "slca", "fuse", "fuse_slca", "linear_probe", "probe_meanstd")
+    focus: str = "background"
     train: dict = field(default_factory=lambda: {
-        "backbone": "resnet18", "img_size": 64, "epochs": 8, "patience": 3, "batch_size": 32, "lr": 1e-3})
+        "backbone": "resnet18", "img_size": 64, "epochs": 20, "min_steps": 300, "batch_size": 32, "lr": 1e-3})
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            from .errors import ConfigError
+
+            raise ConfigError(f"unknown study methods {unknown}; known: {', '.join(METHODS)}")
+
+    def seeds_for(self, fraction: float) -> tuple[int, ...]:
+        more = self.extra_seeds.get(fraction) or self.extra_seeds.get(str(fraction)) or ()
+        return tuple(self.seeds) + tuple(s for s in more if s not in self.seeds)
+
+    def options(self, method: str, store: str, fraction: float, seed: int, out: Path) -> TrainConfig:
+        extra = dict(METHODS[method])
+        if "focus" in extra:
+            extra["focus"] = self.focus
+        return TrainConfig.from_dict({**self.train, **extra, "cache": store, "seed": seed, "subset_seed": seed,
+                                      "train_fraction": None if fraction >= 1 else fraction, "out": str(out)})
 
 
-def _pooled(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray:
-    """Mean of each embedding over its valid (image) cells: ``(n, 256)`` float32."""
-    out = np.empty((len(rows), 256), dtype=np.float32)
-    for k, r in enumerate(rows):
-        vr, vc = store.valid[r]
-        out[k] = store.read_embeddings(int(r), int(r) + 1)[0, :, :vr, :vc].astype(np.float32).mean((1, 2))
-    return out
+@torch.no_grad()
+def pooled_features(cache: PairedCache, rows: np.ndarray, kind: str = "mean", batch: int = 64) -> np.ndarray:
+    """Embedding statistics of ``rows`` over their image regions, from the loaded cache.
+
+    The region, the resampling and the statistics are the ones ``--fuse`` uses
+    (:func:`~trainer.data.paired_views`, :func:`~trainer.model.embedding_stats`).
+
+    Returns:
+      ``(len(rows), 256)`` for ``mean``, ``(len(rows), 512)`` for ``meanstd``, float32.
+    """
+    out = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        _, emb, _ = cache.batch(chunk, embeddings=True)
+        _, e = paired_views(None, emb, cache.regions_of(chunk), np.zeros(len(chunk), dtype=bool), 64)
+        out.append(embedding_stats(e, kind).cpu().numpy().astype(np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 256 if kind == "mean" else 512), np.float32)
 
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray, test_pos: np.ndarray,
                  seed: int = 0) -> dict:
-    """Standardized logistic regression on frozen features; test metrics as the trainer reports them."""
+    """Standardized logistic regression (scikit-learn defaults, C = 1) on frozen features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -74,69 +134,65 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray
     return classification_metrics(labels[test_pos], probs)
 
 
-def run_fraction_study(dataset: str | Path | None, out: str | Path, cfg: StudyConfig, store: str | Path | None = None,
-                       device: str | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run the protocol on one dataset; resume a study already in ``out``.
-
-    Arguments:
-      dataset: the dataset path (extracted into ``out/store.zarr``); or None with ``store``.
-      out: the study folder.
-      cfg: fractions, seeds, encoder and the fixed training recipe.
-      store: use this existing store instead of extracting.
-      device: default CUDA when available.
-      log: where progress lines go.
+def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str | None = None,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Run the protocol on one store; resume a study already in ``out``.
 
     Returns:
       The summary rows (see :func:`summarize_study`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if store is None:
-        store = out / "store.zarr"
-        log(f"extracting {dataset} with {cfg.encoder} into {store} (resumes if present)")
-        extract_dataset(dataset, store, cfg.encoder, image_size=cfg.store_image_size, batch_size=8, progress=False)
-    (out / "study.json").write_text(json.dumps({"dataset": str(dataset), "store": str(store),
-                                                "fractions": list(cfg.fractions), "seeds": list(cfg.seeds),
-                                                "encoder": cfg.encoder, "train": cfg.train}, indent=2))
+    (out / "study.json").write_text(json.dumps({
+        "store": str(store), "fractions": list(cfg.fractions), "seeds": list(cfg.seeds),
+        "extra_seeds": {str(k): list(v) for k, v in cfg.extra_seeds.items()}, "methods": list(cfg.methods),
+        "focus": cfg.focus, "train": cfg.train}, indent=2))
     dev = resolve_device(device)
     rows = read_rows(out / "runs.csv")
     done = {(r["method"], float(r["fraction"]), int(r["seed"])) for r in rows}
+    masks = any(METHODS[m] and "focus" in METHODS[m] for m in cfg.methods)
 
-    with EmbeddingStore.open(store) as s:
-        cache = PairedCache(s, np.flatnonzero(s.done), dev, "auto", embeddings=True)
+    with EmbeddingStore.open(store) as s, PairedCache(s, np.flatnonzero(s.done), dev, "auto", embeddings=True,
+                                                      masks=masks) as cache:
         log(f"cache: {cache.describe()}")
         train_rows, test_rows = s.split_indices("train"), s.split_indices("test")
-        features = _pooled(s, np.arange(len(s)))
+        features = {}
         for fraction in cfg.fractions:
-            for seed in cfg.seeds:
+            for seed in cfg.seeds_for(fraction):
                 subset = train_rows[stratified_subset(s.labels[train_rows], None if fraction >= 1 else fraction,
                                                       None, seed)]
-                for method in METHODS:
+                for method in cfg.methods:
                     if (method, float(fraction), seed) in done:
                         continue
                     t0 = time.perf_counter()
-                    if method == "linear_probe":
-                        m = linear_probe(features, s.labels, subset, test_rows, seed)
-                        best_epoch = ""
+                    if METHODS[method] is None:
+                        kind = "meanstd" if method == "probe_meanstd" else "mean"
+                        if kind not in features:
+                            features[kind] = dict(zip(cache.rows.tolist(), pooled_features(cache, cache.rows, kind)))
+                        f = features[kind]
+                        both = np.concatenate([subset, test_rows])
+                        m = linear_probe(np.stack([f[int(r)] for r in both]), s.labels[both],
+                                         np.arange(len(subset)), np.arange(len(subset), len(both)), seed)
+                        best_epoch, steps = "", ""
                     else:
-                        tcfg = TrainConfig.from_dict({
-                            **cfg.train, "cache": str(store), "slca": method == "slca", "seed": seed,
-                            "subset_seed": seed, "train_fraction": None if fraction >= 1 else fraction,
-                            "device": str(dev), "out": str(out / "runs" / f"{method}-f{fraction}-s{seed}")})
+                        tcfg = cfg.options(method, str(store), fraction, seed, out / "runs" / f"{method}-f{fraction}-s{seed}")
                         result = train(tcfg, overwrite=True, log=lambda _: None, cache=cache)
-                        m, best_epoch = result["test"], result["best_epoch"]
+                        m, best_epoch, steps = result["test"], result["best_epoch"], result["steps"]
                     row = {"method": method, "fraction": fraction, "seed": seed, "train_samples": len(subset),
-                           **{k: m[k] for k in METRIC_KEYS}, "best_epoch": best_epoch,
+                           **{k: m[k] for k in METRIC_KEYS}, "best_epoch": best_epoch, "steps": steps,
                            "seconds": round(time.perf_counter() - t0, 1)}
                     rows.append(row)
                     write_rows(rows, out / "runs.csv")
-                    log(f"{method:>12}  fraction {fraction:<5} seed {seed}  n={len(subset):<4} "
-                        f"bal.acc {m['balanced_accuracy']:.3f}  AUC {m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
-                        f"  {row['seconds']:.0f} s")
+                    log(f"{method:>13}  fraction {fraction:<5} seed {seed}  n={len(subset):<4} "
+                        f"bal.acc {m['balanced_accuracy']:.3f}  AUC {_fmt(m['auc'])}  {row['seconds']:.0f} s")
     return summarize_study(out)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def mean_std(values: list) -> tuple[float, float]:
     """Mean and sample std (ddof 1; 0 for one value) of the values that are set; NaNs when none are."""
     v = np.array([x for x in values if x is not None and x != ""], dtype=float)
     if not len(v):
@@ -144,58 +200,85 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def summarize_study(out: str | Path, plot_metric: str = "balanced_accuracy") -> list[dict]:
-    """Aggregate ``runs.csv`` into ``summary.csv``, ``summary.md`` and a plot; return the summary rows."""
+def paired_difference(a: list[float], b: list[float], level: float = 0.95) -> dict:
+    """Per-seed differences ``a - b``: their mean, std and a ``level`` t-interval of the mean.
+
+    Returns:
+      ``{"n", "mean", "std", "low", "high"}``; the interval is NaN for fewer than 2 pairs.
+    """
+    from scipy import stats
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(d)
+    if n == 0:
+        return {"n": 0, "mean": float("nan"), "std": float("nan"), "low": float("nan"), "high": float("nan")}
+    mean = float(d.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": 0.0, "low": float("nan"), "high": float("nan")}
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": sd, "low": mean - half, "high": mean + half}
+
+
+def verdict(diff: dict, margin: float = 0.05) -> str:
+    """Words for a paired difference: an effect, no effect within ``margin``, or not resolved."""
+    if diff["n"] < 2 or not np.isfinite(diff["low"]):
+        return "n/a"
+    if diff["low"] > 0:
+        return "better"
+    if diff["high"] < 0:
+        return "worse"
+    if diff["low"] > -margin and diff["high"] < margin:
+        return f"no effect (within ±{margin:g})"
+    return "not resolved"
+
+
+def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[dict]:
+    """``summary.csv``/``.md`` (mean ± std), ``paired.csv``/``.md`` (differences with 95 % intervals) and a plot."""
     out = Path(out)
     rows = read_rows(out / "runs.csv")
     fractions = sorted({float(r["fraction"]) for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     summary = []
-    for method in METHODS:
+    for method in methods:
         for f in fractions:
             sel = [r for r in rows if r["method"] == method and float(r["fraction"]) == f]
             if not sel:
                 continue
-            entry = {"method": method, "fraction": f, "seeds": len(sel)}
+            entry = {"method": method, "fraction": f, "seeds": len(sel),
+                     "steps": sel[0].get("steps", "")}
             for k in METRIC_KEYS:
                 entry[f"{k}_mean"], entry[f"{k}_std"] = mean_std([r[k] for r in sel])
             summary.append(entry)
+    paired = []
+    for a, b in PAIRS:
+        for f in fractions:
+            va = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == a and float(r["fraction"]) == f}
+            vb = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == b and float(r["fraction"]) == f}
+            seeds = sorted(set(va) & set(vb))
+            if not seeds:
+                continue
+            d = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
+            paired.append({"a": a, "b": b, "fraction": f, "metric": metric, **d, "verdict": verdict(d)})
     write_rows(summary, out / "summary.csv")
-    (out / "summary.md").write_text(_markdown(summary, fractions))
-    _plot(summary, fractions, out / f"fraction_{plot_metric}.png", plot_metric)
+    write_rows(paired, out / "paired.csv")
+    (out / "summary.md").write_text(_markdown(summary, paired))
+    _plot(summary, fractions, out / f"fraction_{metric}.png", metric)
     return summary
 
 
-def against_spread(mean_a: float, std_a: float, mean_b: float, std_b: float) -> tuple[float, float, bool]:
-    """The project's reporting rule: ``(a - b, the larger seed std, whether |a - b| <= it)``.
-
-    A difference no larger than the seed spread is reported as no difference.
-    """
-    diff, spread = mean_a - mean_b, max(std_a, std_b)
-    return diff, spread, bool(abs(diff) <= spread)
-
-
-def verdict(summary: list[dict], fraction: float, metric: str) -> str:
-    """SLCA against the backbone alone at one fraction, judged against the seed spread."""
-    get = {(e["method"], e["fraction"]): e for e in summary}
-    a, b = get.get(("slca", fraction)), get.get(("backbone", fraction))
-    if a is None or b is None:
-        return "n/a"
-    diff, spread, same = against_spread(a[f"{metric}_mean"], a[f"{metric}_std"], b[f"{metric}_mean"], b[f"{metric}_std"])
-    if not np.isfinite(diff):
-        return "n/a"
-    if same:
-        return f"no difference ({diff:+.3f}, spread {spread:.3f})"
-    return f"SLCA {'better' if diff > 0 else 'worse'} by {abs(diff):.3f} (spread {spread:.3f})"
-
-
-def _markdown(summary: list[dict], fractions: list[float]) -> str:
-    lines = ["| method | fraction | seeds | accuracy | balanced accuracy | macro-F1 | AUC |", "|---|---|---|---|---|---|---|"]
+def _markdown(summary: list[dict], paired: list[dict]) -> str:
+    lines = ["| method | fraction | seeds | steps | accuracy | balanced accuracy | macro-F1 | AUC |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in summary:
         cells = [f"{e[f'{k}_mean']:.3f} ± {e[f'{k}_std']:.3f}" for k in METRIC_KEYS]
-        lines.append(f"| {e['method']} | {e['fraction']:g} | {e['seeds']} | " + " | ".join(cells) + " |")
-    lines += ["", "| fraction | SLCA vs backbone alone, balanced accuracy | SLCA vs backbone alone, AUC |", "|---|---|---|"]
-    for f in fractions:
-        lines.append(f"| {f:g} | {verdict(summary, f, 'balanced_accuracy')} | {verdict(summary, f, 'auc')} |")
+        lines.append(f"| {e['method']} | {e['fraction']:g} | {e['seeds']} | {e['steps']} | " + " | ".join(cells) + " |")
+    lines += ["", "| difference (balanced accuracy) | fraction | pairs | mean | 95 % interval | verdict |",
+              "|---|---|---|---|---|---|"]
+    for p in paired:
+        interval = "—" if not np.isfinite(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
+        lines.append(f"| {p['a']} − {p['b']} | {p['fraction']:g} | {p['n']} | {p['mean']:+.3f} | {interval} | "
+                     f"{p['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +288,7 @@ def _plot(summary: list[dict], fractions: list[float], path: Path, metric: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method in METHODS:
         pts = [e for e in summary if e["method"] == method]
         if pts:
@@ -214,7 +297,7 @@ def _plot(summary: list[dict], fractions: list[float], path: Path, metric: str) 
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.set_xlabel("train fraction"), ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -44,11 +44,12 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str
 
 
 def plot_attention(images: np.ndarray, maps: np.ndarray | None, titles: list[str], path: str | Path,
-                   stage_name: str) -> None:
-    """Each test image with the SLCA gate's deviation from identity over it.
+                   stage_name: str, masks: np.ndarray | None = None) -> None:
+    """Each test image with the SLCA gate's deviation from identity over it, and its SAM mask.
 
     Arguments:
-      images: ``(n, T, T, 3)`` uint8; maps: ``(n, T, T)`` or None for a run without SLCA.
+      images: ``(n, T, T, 3)`` uint8; maps: ``(n, T, T)`` or None for a run without SLCA;
+      masks: ``(n, T, T)`` in 0..1, drawn as a cyan outline (``--focus`` runs), or None.
     """
     n = len(images)
     fig, axes = plt.subplots(1, max(n, 1), figsize=(2.6 * max(n, 1), 3), squeeze=False)
@@ -59,8 +60,13 @@ def plot_attention(images: np.ndarray, maps: np.ndarray | None, titles: list[str
         ax.imshow(images[k])
         if maps is not None:
             ax.imshow(maps[k], cmap="inferno", alpha=0.45)
+        if masks is not None and masks[k].max() > 0.5:
+            ax.contour(masks[k], levels=[0.5], colors="cyan", linewidths=1.2)
         ax.set_title(titles[k], fontsize=8)
-    fig.suptitle(f"SLCA |gate - 1| at {stage_name}" if maps is not None else "no SLCA (--no-slca)", fontsize=10)
+    title = f"SLCA |gate - 1| at {stage_name}" if maps is not None else "no SLCA (--no-slca)"
+    if masks is not None:
+        title += "; SAM mask outlined in cyan"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -17,7 +17,7 @@ most when labels are scarce. What follows is *our reading*; every choice is a fl
                                                per-channel weights
         F_s' = F_s * gate(A_s)                 identity at initialization
 
-Choices and their flags (:class:`SLCAConfig`):
+Choices and their flags (:class:`~trainer.config.SLCAConfig`):
 
 - ``window`` (k, default 4): the side of a local region in embedding cells (4 cells = 64 px of
   a 1024 frame). 1 keeps the full 64x64 grid; 64 collapses it to one global vector, which is
@@ -27,6 +27,10 @@ Choices and their flags (:class:`SLCAConfig`):
 - ``reduction`` (r, default 4): the MLP's bottleneck, ``256 // r`` hidden channels.
 - ``stages``: which backbone stages are gated, as indices into timm's ``feature_info``
   (default: every stage with stride >= 4, i.e. all but a stem).
+- ``lr_mult`` (``--slca-lr-mult``): the SLCA parameters train in their own optimizer group, at
+  this multiple of the learning rate and without weight decay. Gates start at the identity; with
+  the backbone's rate and decay they barely move in a short recipe (``bench/gate_strength.py``
+  measured 0.2-1 % after 8 epochs), so the group is what lets them act.
 - ``gate``: ``scaled`` (default) is ``F * 2*sigmoid(z)`` with the MLP's last layer
   zero-initialized, so ``2*sigmoid(0) = 1`` and the MLP learns from the first step;
   ``residual`` is ``F * (1 + gamma * (2*sigmoid(z) - 1))`` with a per-channel ``gamma``
@@ -40,42 +44,13 @@ took 81 % of the step time; pooling straight to the stage grid costs almost noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import SLCAConfig
+
 __all__ = ["SLCAConfig", "SLCAGate", "SLCA", "pool_embedding", "resize_to_grid"]
-
-POOLS = ("avg", "max", "avgmax")
-GATES = ("scaled", "residual")
-
-
-@dataclass
-class SLCAConfig:
-    """The SLCA design space; see the module docstring for each field."""
-
-    window: int = 4
-    pool: str = "avg"
-    reduction: int = 4
-    stages: list[int] | None = None
-    gate: str = "scaled"
-    embed_dim: int = 256
-
-    def __post_init__(self) -> None:
-        if self.window < 1 or 64 % self.window:
-            raise ValueError(f"SLCA window must divide 64, got {self.window}")
-        if self.pool not in POOLS:
-            raise ValueError(f"SLCA pool must be one of {POOLS}, got {self.pool!r}")
-        if self.gate not in GATES:
-            raise ValueError(f"SLCA gate must be one of {GATES}, got {self.gate!r}")
-        if self.reduction < 1 or self.embed_dim // self.reduction < 1:
-            raise ValueError(f"SLCA reduction must be between 1 and {self.embed_dim}, got {self.reduction}")
-
-    @property
-    def in_channels(self) -> int:
-        return self.embed_dim * (2 if self.pool == "avgmax" else 1)
 
 
 def pool_embedding(emb: torch.Tensor, window: int, pool: str) -> torch.Tensor:

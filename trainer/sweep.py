@@ -34,43 +34,50 @@ import yaml
 
 from sam_cache.store import EmbeddingStore
 
-from .config import TrainConfig
+from .config import METRIC_KEYS, TrainConfig, options
 from .data import PairedCache
-from .evaluate import TrainError, resolve_device
+from .errors import ConfigError, TrainError
 from .records import read_rows, write_rows
-from .train import METRIC_KEYS, train
+from .train import resolve_device, train
 
 __all__ = ["SweepSpace", "load_space", "run_sweep"]
 
-SWEEPABLE = {"lr", "weight_decay", "window", "pool", "reduction", "stages", "gate", "backbone", "train_fraction",
-             "shots", "seed", "slca", "batch_size", "label_smoothing", "epochs", "img_size", "subset_seed"}
+SWEEPABLE = frozenset(o.name for o in options() if o.sweep)  # marked in trainer/config.py, nowhere else
 
 
 class SweepSpace:
-    """A parsed, checked space file."""
+    """A parsed, checked space file.
+
+    Raises:
+      ConfigError: naming the file and the problem: a bad method or metric, an option that cannot
+        be swept, or a base or grid value that the config refuses (checked now, not mid-sweep).
+    """
 
     def __init__(self, spec: dict, source: str = "<dict>"):
         self.method = spec.get("method", "grid")
         if self.method not in ("grid", "optuna"):
-            raise ValueError(f"{source}: method must be grid or optuna, got {self.method!r}")
+            raise ConfigError(f"{source}: method must be grid or optuna, got {self.method!r}")
         self.metric = spec.get("metric", "balanced_accuracy")
         if self.metric not in METRIC_KEYS:
-            raise ValueError(f"{source}: metric must be one of {METRIC_KEYS}, got {self.metric!r}")
+            raise ConfigError(f"{source}: metric must be one of {METRIC_KEYS}, got {self.metric!r}")
         self.base = dict(spec.get("base") or {})
         self.params = dict(spec.get("params") or {})
         self.trials = int(spec.get("trials", 0))
         self.seed = int(spec.get("seed", 0))
         if not self.params:
-            raise ValueError(f"{source}: 'params' names no flag to sweep")
+            raise ConfigError(f"{source}: 'params' names no flag to sweep")
         unknown = set(self.params) - SWEEPABLE
         if unknown:
-            raise ValueError(f"{source}: cannot sweep {sorted(unknown)}; sweepable: {sorted(SWEEPABLE)}")
+            raise ConfigError(f"{source}: cannot sweep {sorted(unknown)}; sweepable: {sorted(SWEEPABLE)}")
         for name, values in self.params.items():
             if self.method == "grid" and not isinstance(values, list):
-                raise ValueError(f"{source}: grid parameter {name!r} needs a list of values")
+                raise ConfigError(f"{source}: grid parameter {name!r} needs a list of values")
         if self.method == "optuna" and self.trials < 1:
-            raise ValueError(f"{source}: an optuna sweep needs 'trials' >= 1")
-        TrainConfig.from_dict({"cache": "", "out": "", **self.base})  # refuse unknown base fields now
+            raise ConfigError(f"{source}: an optuna sweep needs 'trials' >= 1")
+        TrainConfig.from_dict({"cache": "", "out": "", **self.base}, source=f"{source} base")  # refuse bad fields now
+        if self.method == "grid":
+            for params in self.grid():
+                TrainConfig.from_dict({"cache": "", "out": "", **self.base, **params}, source=f"{source} params")
 
     def grid(self) -> list[dict]:
         names = list(self.params)
@@ -78,10 +85,10 @@ class SweepSpace:
 
 
 def load_space(path: str | Path) -> SweepSpace:
-    """Read and check a space file. Raises ValueError naming the file and the problem."""
+    """Read and check a space file. Raises ConfigError naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"sweep space {path} does not exist")
+        raise ConfigError(f"sweep space {path} does not exist")
     return SweepSpace(yaml.safe_load(path.read_text()) or {}, str(path))
 
 
@@ -101,7 +108,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
       ``{"best": row, "trials": rows, "best_config": path}``.
 
     Raises:
-      TrainError, StoreError, ValueError: as a single training run would.
+      TrainError, StoreError, ConfigError: as a single training run would.
     """
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
@@ -115,9 +122,17 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
 
     # the store, once, for all trials
     store = EmbeddingStore.open(cache)
-    needs_emb = space.base.get("slca", True) or True in space.params.get("slca", [])
-    residency = space.base.get("residency", "auto")
-    cache_obj = PairedCache(store, np.flatnonzero(store.done), dev, residency, embeddings=needs_emb)
+    configs = [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base, **p}) for p in space.grid()] \
+        if space.method == "grid" else [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base})]
+    needs_emb = any(c.slca.enabled or c.fuse != "none" for c in configs) or "fuse" in space.params \
+        or True in space.params.get("slca", [])
+    masks = any(c.focus != "none" for c in configs) or "focus" in space.params
+    try:
+        cache_obj = PairedCache(store, np.flatnonzero(store.done), dev, configs[0].residency, embeddings=needs_emb,
+                                masks=masks)
+    except BaseException:
+        store.close()
+        raise
     log(f"cache: {cache_obj.describe()}, shared by every trial")
 
     def run_one(number: int, params: dict, report=None) -> dict:
@@ -147,6 +162,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
         else:
             _optuna(space, out, rows, run_one, finish)
     finally:
+        cache_obj.close()
         store.close()
 
     complete = [r for r in rows if r["status"] == "complete"]
@@ -177,7 +193,7 @@ def _optuna(space: SweepSpace, out: Path, rows: list[dict], run_one, finish) -> 
             if isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
                 return trial.suggest_int(name, spec["low"], spec["high"])
             return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
-        raise ValueError(f"optuna parameter {name!r} needs a list or {{low, high[, log]}}, got {spec!r}")
+        raise ConfigError(f"optuna parameter {name!r} needs a list or {{low, high[, log]}}, got {spec!r}")
 
     def objective(trial):
         params = {name: suggest(trial, name, spec) for name, spec in space.params.items()}

@@ -1,17 +1,28 @@
-"""The training loop: one cache, one backbone, SLCA or not; reads top to bottom.
+"""The training loop: one cache, one model (backbone, SLCA or not, fusion or not); reads top to bottom.
 
-A run folder (timm's habit) holds ``config.yaml`` (the resolved recipe), ``metrics.csv`` (one
-row per epoch), ``last.pt`` and ``best.pt`` (selected on the validation split), ``metrics.json``
-(test metrics of the best checkpoint), and ``curves.png``, ``confusion.png``, ``attention.png``.
+A run folder (timm's habit) holds ``config.yaml`` (the resolved recipe and where the backbone's
+weights came from), ``metrics.csv`` (one row per epoch), ``last.pt`` and ``best.pt`` (selected on
+the validation split), ``metrics.json`` (test metrics of the best checkpoint), and
+``curves.png``, ``confusion.png``, ``attention.png``.
+
+Steps, not epochs, are the budget that matters for small subsets: an epoch is
+``max(steps per pass, ceil(min_steps / epochs))`` optimizer steps, taken from consecutive passes
+over the training rows, so a 5 % subset trains as many steps as ``--min-steps`` asks. Pass ``p``
+visits the rows in an order drawn from ``(seed, p)`` and step ``j`` of it crops with a generator
+seeded by ``(seed, p, j)``: the data a step sees depends on nothing else, never on the model, so
+``--no-slca``, ``--fuse`` and ``--focus`` runs of one seed see the same batches (``data_order``
+in ``metrics.csv`` is their digest) and a resumed run sees what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -22,302 +33,401 @@ import torch.nn.functional as F
 from sam_cache import distributed
 from sam_cache.store import EmbeddingStore
 
-from .config import TrainConfig
-from .data import PairedCache, cache_bytes, paired_views, plan_residency, sample_boxes
-from .evaluate import TrainError, build_model, normalizer, predict, resolve_device
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import METRIC_KEYS, TrainConfig
+from .data import PairedCache, cache_bytes, paired_views, plan_residency
+from .errors import TrainError
 from .metrics import classification_metrics
-from .records import write_rows
+from .model import build_model
 from .plots import plot_attention, plot_confusion, plot_learning_curves
+from .records import write_rows
+from .step import BatchPipeline, predict, train_step
 from .stream import shard_order
-from .subset import stratified_subset
+from .subset import split_rows
 
-__all__ = ["train", "TrainError", "epoch_order"]
+__all__ = ["train", "TrainError", "epoch_order", "StepPlan", "plan_steps", "resolve_device", "METRIC_KEYS"]
 
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+RUN_FILES = "config.yaml metrics.csv metrics.json last.pt best.pt curves.png confusion.png attention.png"
 
 
-def epoch_order(rows: np.ndarray, seed: int, epoch: int, shards: tuple[int, int] | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray] | None, np.random.Generator]:
-    """The epoch's shuffled rows, its stream buffers, and the generator that then draws its augmentations.
+def resolve_device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def epoch_order(rows: np.ndarray, seed: int, pass_index: int, shards: tuple[int, int] | None = None
+                ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Pass ``pass_index``'s shuffled rows, and its stream buffers.
 
     Arguments:
       rows: the training rows.
-      seed, epoch: what the order depends on.
+      seed, pass_index: what the order depends on.
       shards: ``(shard_size, buffer_shards)`` for a shard-sequential order
         (:func:`trainer.stream.shard_order`); None for a global permutation.
 
     Returns:
-      ``(order, groups, rng)``; ``groups`` is None for a global permutation. All depend only on
-      the arguments, never on the model: ``--no-slca`` sees exactly the same batches and crops.
+      ``(order, groups)``; ``groups`` is None for a global permutation.
     """
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, pass_index])
     if shards is None:
-        return rng.permutation(rows), None, rng
-    order, groups = shard_order(rows, shards[0], shards[1], rng)
-    return order, groups, rng
+        return rng.permutation(rows), None
+    return shard_order(rows, shards[0], shards[1], rng)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps a pass, an epoch and the run take."""
+
+    steps_per_pass: int
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def plan_steps(n_train: int, global_batch: int, world: int, epochs: int, min_steps: int,
+               steps_per_epoch: int | None = None) -> StepPlan:
+    """The step plan; ``steps_per_epoch`` pins an existing run's (resume keeps it).
+
+    A pass drops a last batch smaller than 2 samples per rank (BatchNorm cannot train on one).
+
+    Raises:
+      TrainError: too few training samples for one batch of 2 per rank.
+    """
+    per_pass = math.ceil(n_train / global_batch)
+    if per_pass and n_train - (per_pass - 1) * global_batch < 2 * world:
+        per_pass -= 1
+    if per_pass < 1:
+        raise TrainError(f"{n_train} training sample(s) cannot make one batch of at least 2 per rank")
+    spe = steps_per_epoch or max(per_pass, math.ceil(min_steps / epochs))
+    return StepPlan(per_pass, spe, epochs)
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """Learning-rate factor at a step: linear warmup over ``warmup`` steps, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
 
 
 def _shuffle_plan(cfg: TrainConfig, store: EmbeddingStore, n_rows: int, device: torch.device) -> tuple[int, int] | None:
-    """``(shard_size, buffer_shards)`` when the epoch order is shard-sequential, else None.
+    """``(shard_size, buffer_shards)`` when the order is shard-sequential, else None.
 
-    ``auto`` asks whether the SLCA run's cache (embeddings included, whether or not this run
-    uses them) would stream, so that an ablation pair resolves it the same way.
+    ``auto`` asks whether an SLCA run's cache (embeddings included, whether or not this run
+    uses them) would stream, so that every run of a comparison resolves it the same way.
     """
-    if cfg.shuffle not in ("auto", "global", "shards"):
-        raise TrainError(f"shuffle must be auto, global or shards, not {cfg.shuffle!r}")
     shuffle = cfg.shuffle
     if shuffle == "auto":
         planned = cfg.residency if cfg.residency != "auto" else plan_residency(cache_bytes(store, n_rows), device)
         shuffle = "shards" if planned == "stream" else "global"
     if shuffle == "global":
         return None
-    shard = int(store.meta.get("shard_size") or 1)
-    return shard, max(1, cfg.shuffle_buffer // shard)
+    return store.shard_size, max(1, cfg.shuffle_buffer // store.shard_size)
 
 
-def _check_store(store: EmbeddingStore, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    k = len(store.class_names)
-    if k < 2:
-        raise TrainError(f"store {store.path} has {k} class; classification needs at least 2")
-    bad = np.flatnonzero((store.labels < 0) | (store.labels >= k))
-    if len(bad):
-        raise TrainError(f"store {store.path}: labels of samples {bad[:5].tolist()} are outside 0..{k - 1}")
-    splits = {}
-    for split in ("train", "val", "test"):
-        rows = store.split_indices(split)
-        if not len(rows):
-            have = "no such split" if not (store.splits == split).any() else "no done samples"
-            raise TrainError(f"store {store.path} has {have} in split {split!r}; training needs train, val and test")
-        splits[split] = rows
-    train_rows = splits["train"]
-    keep = stratified_subset(store.labels[train_rows], cfg.train_fraction, cfg.shots, cfg.subset_seed)
-    return train_rows[keep], splits["val"], splits["test"]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and gate scales (1-D parameters), as timm does."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _class_weights(labels: np.ndarray, k: int, device: torch.device) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    return torch.tensor(len(labels) / (k * np.maximum(counts, 1)), dtype=torch.float32, device=device)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None,
-          cache: PairedCache | None = None) -> dict:
-    """Train SLCA + backbone (or the backbone alone) on a store; write the run folder.
+          cache: PairedCache | None = None, progress: bool = False) -> dict:
+    """Train a model on a store; write the run folder.
 
     Arguments:
       cfg: the recipe.
-      resume: continue from ``out/last.pt``.
+      resume: continue from ``out/last.pt``; the recipe must be the same, except that ``epochs``
+        may be raised to extend a finished run (the cosine schedule is stretched to the new end).
       overwrite: replace an existing run folder's results.
       log: where progress lines go.
       on_epoch: called with each epoch's metrics row.
-      cache: a :class:`PairedCache` already loaded (sweeps load the store once for all trials);
-        by default the run loads its own from ``cfg.cache``.
+      cache: a :class:`PairedCache` already loaded (sweeps and studies load a store once for all
+        runs); by default the run loads its own from ``cfg.cache``.
+      progress: show a progress bar within each epoch (use it on a terminal only).
 
     Returns:
       The content of ``metrics.json``: test metrics of the best checkpoint, best epoch, cache mode.
 
     Raises:
-      TrainError: an existing run folder (without resume/overwrite), bad labels, an empty or
-        missing split, a store without images, or a NaN loss.
+      TrainError: an existing run folder (without resume/overwrite), a changed recipe on resume,
+        bad labels, an incomplete store, an empty or missing split, a store without images, a
+        loss that is not finite, or a run folder that cannot be written.
+      StoreError, BackboneError: the store or the backbone cannot be used.
     """
-    out = Path(cfg.out)
     want_cuda = resolve_device(cfg.device).type == "cuda"
-    ctx = distributed.context("cuda" if want_cuda else "cpu")
-    try:
-        return _train(cfg, ctx, resume, overwrite, log if ctx.is_main else (lambda s: None), on_epoch, cache)
-    finally:
-        ctx.close()
+    with distributed.context("cuda" if want_cuda else "cpu") as ctx, contextlib.ExitStack() as stack:
+        return _train(cfg, ctx, stack, resume, overwrite, log if ctx.is_main else (lambda s: None), on_epoch, cache,
+                      progress and ctx.is_main)
 
 
-def _train(cfg, ctx, resume, overwrite, log, on_epoch, cache) -> dict:
+def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -> dict:
     out = Path(cfg.out)
     main = ctx.is_main
     if (out / "last.pt").exists() and not (resume or overwrite):
         raise TrainError(f"run folder {out} has a run already; pass --resume to continue it or --overwrite")
     if resume and not (out / "last.pt").exists():
         raise TrainError(f"cannot resume: {out / 'last.pt'} does not exist")
+    state = load_checkpoint(out / "last.pt") if resume else None
+    if state is not None:
+        _check_resume(cfg, state, out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainError(f"cannot create run folder {out}: {exc.strerror or exc}") from None
     device = resolve_device(cfg.device)
     if ctx.world > 1 and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    torch.manual_seed(cfg.seed)
 
     # data
-    own_cache = cache is None
-    store = EmbeddingStore.open(cfg.cache) if own_cache else cache.store
-    train_rows, val_rows, test_rows = _check_store(store, cfg)
-    needed = np.concatenate([train_rows, val_rows, test_rows])
-    if own_cache:
-        try:
-            cache = PairedCache(store, needed, device, cfg.residency, embeddings=cfg.slca)
-        except ValueError as exc:
-            raise TrainError(str(exc)) from None
-    elif not cache.covers(needed) or (cfg.slca and not cache.with_embeddings):
-        raise TrainError("the shared cache lacks rows or embeddings that this run needs")
+    if cache is None:
+        store = stack.enter_context(EmbeddingStore.open(cfg.cache))
+    else:
+        store = cache.store
+    rows = split_rows(store, cfg.train_fraction, cfg.shots, cfg.subset_seed, cfg.allow_partial, log)
     class_names = store.class_names
+    needs_emb = cfg.slca.enabled or cfg.fuse != "none"
+    masks = cfg.focus != "none"
+    if cache is None:
+        cache = stack.enter_context(PairedCache(store, rows.all, device, cfg.residency, embeddings=needs_emb,
+                                                masks=masks))
+    elif not cache.covers(rows.all) or (needs_emb and not cache.with_embeddings) or (masks and not cache.with_masks):
+        raise TrainError("the shared cache lacks rows, embeddings or masks that this run needs")
     log(f"cache: {cache.describe()}" + (f", on each of {ctx.world} ranks" if ctx.world > 1 else ""))
-    shards = _shuffle_plan(cfg, store, len(needed), device)
+    shards = _shuffle_plan(cfg, store, len(rows.all), device)
     if shards is not None:
         log(f"order: shard by shard, shuffle buffer of {shards[1]} shards ({shards[0] * shards[1]} samples)")
-    log(f"data: {len(train_rows)} train / {len(val_rows)} val / {len(test_rows)} test, {len(class_names)} classes"
+    log(f"data: {len(rows.train)} train / {len(rows.val)} val / {len(rows.test)} test, {len(class_names)} classes"
         + (f" (train fraction {cfg.train_fraction})" if cfg.train_fraction else "")
         + (f" ({cfg.shots} shots per class)" if cfg.shots else ""))
 
     # model
-    model = build_model(cfg, len(class_names)).to(device)
+    model, weights = build_model(cfg, len(class_names))
+    model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    n_slca = sum(p.numel() for p in model.slca.parameters()) if model.slca is not None else 0
-    log(f"model: {cfg.backbone} ({'random init' if cfg.pretrained is None else 'weights ' + cfg.pretrained}), "
-        + (f"SLCA on stages {[model.stage_names[s] for s in model.stages]}, window {cfg.window}, pool {cfg.pool}, "
-           f"gate {cfg.gate}, {n_slca / 1e6:.2f} M parameters" if cfg.slca else "no SLCA"))
+    log(_describe_model(cfg, model, weights))
     net = model
     if ctx.world > 1:  # DDP: each rank takes every world-th sample of a global batch of batch_size * world
         if cfg.sync_bn and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {ctx.world} ranks, {cfg.batch_size} per rank, global batch {cfg.batch_size * ctx.world}")
-    norm = normalizer(model, device)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    pipeline = BatchPipeline(model, cfg, device)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.slca.lr_mult))
     bs = cfg.batch_size * ctx.world
-    steps = math.ceil(len(train_rows) / bs)
-    if len(train_rows) - (steps - 1) * bs < 2 * ctx.world:
-        steps -= 1  # a last batch of 1 per rank breaks BatchNorm
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * max(steps, 1)))
-    aug = cfg.augment()
+    plan = plan_steps(len(rows.train), bs, ctx.world, cfg.epochs, cfg.min_steps,
+                      state["steps_per_epoch"] if state is not None else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, plan.total))
+    weight = _class_weights(store.labels[rows.train], len(class_names), device) if cfg.class_balance == "loss" else None
+    loss_fn = partial(F.cross_entropy, weight=weight, label_smoothing=cfg.label_smoothing)
     amp = cfg.amp and device.type == "cuda"
+    if plan.steps_per_epoch > plan.steps_per_pass:
+        log(f"steps: {plan.steps_per_epoch} per epoch ({plan.steps_per_epoch / plan.steps_per_pass:.1f} passes over "
+            f"the {len(rows.train)} train samples), {plan.total} in all (--min-steps {cfg.min_steps})")
 
     # resume
     start, history, best = 0, [], None
-    if resume:
-        state = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        if state["config"] != cfg.to_dict():
-            raise TrainError(f"cannot resume {out}: the recipe differs from {out / 'config.yaml'}")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
-        log(f"resumed from {out / 'last.pt'} at epoch {start}")
+        log(f"resumed from {out / 'last.pt'} at epoch {start + 1} of {cfg.epochs}")
     if main:
-        cfg.save(out / "config.yaml")
+        _write(out / "config.yaml", lambda p: p.write_text(_config_text(cfg, weights)))
+    tb = _tensorboard(out, cfg) if main else None
+    if tb is not None:
+        stack.callback(tb.close)
 
     # training loop
     since_best = 0 if best is None else start - 1 - best["epoch"]
+    order = None
     for epoch in range(start, cfg.epochs):
         net.train()
-        order, groups, rng = epoch_order(train_rows, cfg.seed, epoch, shards)
-        cache.start_epoch(groups)
         digest = hashlib.sha1()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        for step in range(steps):
-            rows = order[step * bs:(step + 1) * bs]
-            boxes, flips = sample_boxes(cache.regions_of(rows), aug, rng)  # drawn for the global batch
-            digest.update(rows.tobytes()), digest.update(np.round(boxes, 4).tobytes()), digest.update(flips.tobytes())
-            mine = slice(ctx.rank, None, ctx.world)
-            rows, boxes, flips = rows[mine], boxes[mine], flips[mine]
-            img, emb, y, _ = cache.batch(rows, cfg.slca)
-            x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
-            x = norm(x)
-            if cfg.channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                logits = net(x, e)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if not ctx.all_finite(loss):
-                raise TrainError(f"loss is {loss.item()} at epoch {epoch}, step {step}: lower --lr, "
-                                 f"or check the store with `samcache verify {cfg.cache}`")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(rows)
-            loss_sum += loss.item() * len(rows)
-            correct += (logits.argmax(1) == y).sum().item()
-        cache.end_epoch()
+        t0, seen = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        with _progress_bar(progress, f"epoch {epoch + 1}/{cfg.epochs}", plan.steps_per_epoch) as advance:
+            for k in range(plan.steps_per_epoch):
+                g = epoch * plan.steps_per_epoch + k
+                p, j = divmod(g, plan.steps_per_pass)
+                if j == 0 or order is None:
+                    order, groups = epoch_order(rows.train, cfg.seed, p, shards)
+                    cache.start_epoch(groups)
+                batch = order[j * bs:(j + 1) * bs]
+                boxes, flips = pipeline.boxes(cache, batch, np.random.default_rng([cfg.seed, p, j]))
+                digest.update(batch.tobytes()), digest.update(np.round(boxes, 4).tobytes()), digest.update(flips.tobytes())
+                mine = slice(ctx.rank, None, ctx.world)
+                x, e, y = pipeline(cache, batch[mine], boxes[mine], flips[mine])
+                loss, right = train_step(net, x, e, y, optimizer, scheduler, loss_fn, amp)
+                finite &= torch.isfinite(loss)
+                loss_sum += loss * len(y)
+                correct += right
+                seen += len(y)
+                if (k + 1) % cfg.log_interval == 0 or k + 1 == plan.steps_per_epoch:
+                    _check_finite(ctx, finite, epoch, k, cfg)  # the one host sync of an interval
+                advance()
         seconds = time.perf_counter() - t0
-        seen, loss_sum, correct = (sum(v) for v in zip(*ctx.gather((seen, loss_sum, correct))))
+        seen, loss_total, right_total = (sum(v) for v in zip(*ctx.gather((seen, float(loss_sum), int(correct)))))
 
         # validation and checkpoints
-        yv, pv, val_loss = predict(model, cache, val_rows, cfg, device, norm, ctx)
+        yv, pv, val_loss = predict(model, pipeline, cache, rows.val, cfg.batch_size, amp, ctx)
         val = classification_metrics(yv, pv)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-               "train_accuracy": correct / max(seen, 1), "val_loss": val_loss,
-               **{f"val_{k}": val[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
+        row = {"epoch": epoch, "step": (epoch + 1) * plan.steps_per_epoch,
+               "lr": float(optimizer.param_groups[0]["lr"]), "train_loss": loss_total / max(seen, 1),
+               "train_accuracy": right_total / max(seen, 1), "val_loss": val_loss,
+               **{f"val_{m}": val[m] for m in METRIC_KEYS}, "seconds": round(seconds, 3),
                "img_per_s": round(seen / max(seconds, 1e-9), 1), "data_order": digest.hexdigest()[:16]}
         history.append(row)
-        score = (val[cfg.select_metric] if val[cfg.select_metric] is not None else -1.0, -val_loss)
-        improved = best is None or score > tuple(best["score"])
+        score = [val[cfg.select_metric] if val[cfg.select_metric] is not None else -1.0, -val_loss]
+        improved = best is None or score > list(best["score"])
         if improved:
-            best, since_best = {"epoch": epoch, "score": list(score)}, 0
+            best, since_best = {"epoch": epoch, "score": score}, 0
         else:
             since_best += 1
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(),
-                 "class_names": class_names, "store_signature": store.signature}
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(), "class_names": class_names,
+                "store_signature": store.signature, "steps_per_epoch": plan.steps_per_epoch, "weights": weights}
         if main:  # only rank 0 writes the run folder
-            write_rows(history, out / "metrics.csv")
-            _atomic_save(state, out / "last.pt")
+            _write(out / "metrics.csv", lambda p: write_rows(history, p))
+            save_checkpoint(ckpt, out / "last.pt")
             if improved:
-                _atomic_save({k: state[k] for k in ("model", "epoch", "config", "class_names", "store_signature")},
-                             out / "best.pt")
+                save_checkpoint({k: ckpt[k] for k in ("model", "epoch", "config", "class_names", "store_signature",
+                                                      "weights")}, out / "best.pt")
+            if tb is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                        tb.add_scalar(key, value, row["step"])
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}  "
-            f"val loss {val_loss:.4f}  {cfg.select_metric} {val[cfg.select_metric]:.3f}  "
+            f"val loss {val_loss:.4f}  {cfg.select_metric} {_fmt(val[cfg.select_metric])}  "
             f"{row['img_per_s']:.0f} img/s{'  *' if improved else ''}")
         if on_epoch is not None:
             on_epoch(row)
         if cfg.patience is not None and since_best >= cfg.patience:
             log(f"early stop: no val improvement in {cfg.patience} epochs")
             break
+    cache.end_epoch()
 
     # test with the best checkpoint
     ctx.barrier()  # best.pt is written
-    best_state = torch.load(out / "best.pt", map_location=device, weights_only=False)
+    best_state = load_checkpoint(out / "best.pt", map_location=device)
     model.load_state_dict(best_state["model"])
-    yt, pt, test_loss = predict(model, cache, test_rows, cfg, device, norm, ctx)
+    yt, pt, test_loss = predict(model, pipeline, cache, rows.test, cfg.batch_size, amp, ctx)
     test = classification_metrics(yt, pt)
     best_row = next(h for h in history if h["epoch"] == best_state["epoch"])
     result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state["epoch"], "epochs_run": len(history),
-              "val_best": {k: best_row[f"val_{k}"] for k in METRIC_KEYS},
-              "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca, "backbone": cfg.backbone,
-              "train_samples": int(len(train_rows)), "device": str(device), "world_size": ctx.world}
+              "steps": history[-1]["step"], "val_best": {m: best_row[f"val_{m}"] for m in METRIC_KEYS},
+              "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca.enabled, "fuse": cfg.fuse,
+              "focus": cfg.focus, "backbone": cfg.backbone, "weights": weights, "train_samples": int(len(rows.train)),
+              "device": str(device), "world_size": ctx.world}
     if not main:
-        if own_cache:
-            store.close()
         return result
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    _write(out / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=2)))
 
     # figures
     plot_learning_curves(history, out / "curves.png", cfg.select_metric)
     plot_confusion(test["confusion"], class_names, out / "confusion.png", f"test, best epoch {best_state['epoch'] + 1}")
-    _attention_figure(model, cache, test_rows[: cfg.attention_images], cfg, device, norm, class_names, out / "attention.png")
-    if own_cache:
-        store.close()
+    attention_figure(model, pipeline, cache, rows.test[: cfg.attention_images], cfg, class_names, out / "attention.png")
     log(f"test: accuracy {test['accuracy']:.3f}  balanced accuracy {test['balanced_accuracy']:.3f}  "
-        f"macro-F1 {test['macro_f1']:.3f}  AUC {test['auc'] if test['auc'] is None else round(test['auc'], 3)}")
-    log(f"wrote {out}/: config.yaml metrics.csv metrics.json last.pt best.pt curves.png confusion.png attention.png")
+        f"macro-F1 {test['macro_f1']:.3f}  AUC {_fmt(test['auc'])}")
+    log(f"wrote {out}/: {RUN_FILES}")
     return result
 
 
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _describe_model(cfg: TrainConfig, model, weights: dict) -> str:
+    source = "random init" if weights["source"] == "random" else f"weights {weights['source']}"
+    parts = [f"model: {cfg.backbone} ({source})"]
+    if model.slca is not None:
+        n = sum(p.numel() for p in model.slca.parameters())
+        parts.append(f"SLCA on stages {[model.stage_names[s] for s in model.stages]}, window {cfg.slca.window}, "
+                     f"pool {cfg.slca.pool}, gate {cfg.slca.gate}, lr x{cfg.slca.lr_mult:g}, {n / 1e6:.2f} M parameters")
+    else:
+        parts.append("no SLCA")
+    if model.fuse is not None:
+        parts.append(f"fused embedding {cfg.fuse}")
+    if cfg.focus != "none":
+        parts.append(f"focus {cfg.focus}")
+    return ", ".join(parts)
+
+
+def _config_text(cfg: TrainConfig, weights: dict) -> str:
+    import yaml
+
+    return (yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            + "# where the backbone's weights came from (information; not an option)\n"
+            + yaml.safe_dump({"backbone_weights": weights}, sort_keys=False))
+
+
+def _check_resume(cfg: TrainConfig, state: dict, out: Path) -> None:
+    old = TrainConfig.from_dict(state["config"], source=str(out / "last.pt"))
+    changed = sorted(k for k, v in cfg.flat().items() if old.flat().get(k) != v and k != "epochs")
+    if changed:
+        raise TrainError(f"cannot resume {out}: the recipe differs from {out / 'config.yaml'} in "
+                         f"{', '.join(changed)} (only --epochs may change, to extend a run)")
+    if cfg.epochs < state["epoch"] + 1:
+        raise TrainError(f"cannot resume {out} with --epochs {cfg.epochs}: it has run {state['epoch'] + 1} already")
+
+
+def _check_finite(ctx, finite: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
+    if not ctx.all_finite(torch.where(finite, 0.0, float("nan"))):
+        raise TrainError(f"loss is not finite in epoch {epoch + 1}, by step {step + 1}: lower --lr, "
+                         f"or check the store with `samcache verify {cfg.cache}`")
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    try:
+        write(path)
+    except OSError as exc:
+        raise TrainError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, title: str, total: int):
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(title, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _tensorboard(out: Path, cfg: TrainConfig):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--tensorboard needs the tensorboard package: pip install 'samcache[tensorboard]'") from None
+    return SummaryWriter(str(out / "tb"))
+
+
 @torch.no_grad()
-def _attention_figure(model, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig, device, norm, class_names,
-                      path: Path) -> None:
+def attention_figure(model, pipeline: BatchPipeline, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig,
+                     class_names: list[str], path: Path) -> None:
+    """``attention.png``: test images with SLCA's gate deviation and, in focus runs, the SAM mask."""
+    if not len(rows):
+        return
     model.eval()
-    img, emb, y, regions = cache.batch(rows, cfg.slca)
-    boxes, flips = sample_boxes(regions, None, None)
-    x, e = paired_views(img, emb, boxes, flips, cfg.img_size)
-    logits = model(norm(x), e)
-    pictures = x.clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    boxes, flips = pipeline.boxes(cache, rows)
+    x, e, y = pipeline(cache, rows, boxes, flips)
+    logits = model(x, e)
+    img, _, _ = cache.batch(rows, embeddings=False)
+    raw, _ = paired_views(img, None, boxes, flips, cfg.img_size)
+    pictures = raw[:, :3].clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    masks = raw[:, 3].cpu().numpy() if raw.shape[1] == 4 else None
     titles = [f"{class_names[t]} -> {class_names[p]}" for t, p in zip(y.tolist(), logits.argmax(1).tolist())]
     maps, stage_name = None, ""
     if model.slca is not None:
@@ -326,4 +436,4 @@ def _attention_figure(model, cache: PairedCache, rows: np.ndarray, cfg: TrainCon
         grid = model.stage_grid(stage, cfg.img_size)
         m = model.slca.attention_maps(e.float(), stage, grid)
         maps = F.interpolate(m[:, None], size=(cfg.img_size, cfg.img_size), mode="nearest")[:, 0].cpu().numpy()
-    plot_attention(pictures, maps, titles, path, stage_name)
+    plot_attention(pictures, maps, titles, path, stage_name, masks)

@@ -32,7 +32,7 @@ def test_bright_square_lands_on_the_same_embedding_cells_after_crop_and_flip():
     img, emb, regions = _square_pair(128)
     assert regions.tolist() == [[0, 0, 64, 48]]
     rng = np.random.default_rng(0)
-    aug = AugmentConfig(hflip=True, crop_scale=(0.3, 1.0))
+    aug = AugmentConfig(hflip=True, crop_scale_min=0.3)
     t = 96
     checked = flipped = 0
     for _ in range(60):
@@ -94,7 +94,7 @@ def test_paired_cache_returns_store_rows(tiny_store, residency):
         rows = np.array([7, 2, 11])
         cache = PairedCache(store, np.arange(len(store)), torch.device("cpu"), residency)
         assert cache.mode == residency
-        img, emb, y, regions = cache.batch(rows)
+        img, emb, y = cache.batch(rows)
         assert torch.equal(emb, torch.from_numpy(store.read_rows(np.sort(rows))[np.argsort(np.argsort(rows))]))
         assert torch.equal(img, torch.from_numpy(np.asarray(store.images[:])[rows]))
         assert y.tolist() == store.labels[rows].tolist()

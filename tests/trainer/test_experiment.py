@@ -1,35 +1,64 @@
 import csv
+import math
 
 import numpy as np
+import pytest
+import torch
 
-from trainer.experiment import StudyConfig, run_fraction_study, verdict
+from trainer.experiment import StudyConfig, paired_difference, pooled_features, run_study, verdict
+
+RECIPE = {"backbone": "resnet18", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}
 
 
-def test_fraction_study_end_to_end_and_resume(tiny_store, tmp_path):
-    cfg = StudyConfig(fractions=(0.5, 1.0), seeds=(0, 1),
-                      train={"backbone": "resnet18", "img_size": 32, "epochs": 1, "batch_size": 4})
+def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_path):
+    cfg = StudyConfig(fractions=(0.5, 1.0), seeds=(0, 1), extra_seeds={1.0: (2,)},
+                      methods=("backbone", "slca", "fuse", "linear_probe"), train=RECIPE)
     logged = []
-    summary = run_fraction_study(None, tmp_path, cfg, store=tiny_store, device="cpu", log=logged.append)
+    summary = run_study(tiny_store, tmp_path, cfg, device="cpu", log=logged.append)
     with open(tmp_path / "runs.csv") as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 2 * 2 * 3  # fractions x seeds x methods
-    assert {r["method"] for r in runs} == {"slca", "backbone", "linear_probe"}
+    assert len(runs) == 4 * 2 + 4 * 3  # methods x seeds, the full fraction with an extra seed
+    assert {r["method"] for r in runs} == {"backbone", "slca", "fuse", "linear_probe"}
     # only the training subset shrinks: 9 train rows, stratified -> 6 at half (2 per class), 9 at full
     assert {r["fraction"]: r["train_samples"] for r in runs} == {"0.5": "6", "1.0": "9"}
-    assert len(summary) == 3 * 2 and all(e["seeds"] == 2 for e in summary)
+    # the step budget: 6 samples at batch 4 are 1 step a pass, 9 are 2; --min-steps 4 makes both 4
+    assert {r["steps"] for r in runs if r["method"] != "linear_probe"} == {"4"}
+    assert len(summary) == 4 * 2
+    with open(tmp_path / "paired.csv") as f:
+        paired = {(r["a"], r["b"], r["fraction"]): r for r in csv.DictReader(f)}
+    full = paired[("slca", "backbone", "1.0")]
+    assert full["n"] == "3" and float(full["low"]) <= float(full["mean"]) <= float(full["high"])
     table = (tmp_path / "summary.md").read_text()
-    assert "| slca | 0.5 | 2 |" in table and "±" in table and "SLCA vs backbone alone" in table
+    assert "| slca | 0.5 | 2 | 4 |" in table and "| slca − backbone | 1 | 3 |" in table
     assert (tmp_path / "fraction_balanced_accuracy.png").stat().st_size > 1000
-    again = run_fraction_study(None, tmp_path, cfg, store=tiny_store, device="cpu", log=logged.append)
-    assert len(again) == len(summary) and sum("seed" in line for line in logged) == 12  # nothing rerun
+    again = run_study(tiny_store, tmp_path, cfg, device="cpu", log=logged.append)
+    assert len(again) == len(summary) and sum("seed" in line for line in logged) == 20  # nothing rerun
 
 
-def test_verdict_respects_the_seed_spread():
-    base = {"fraction": 0.1, "seeds": 3}
-    s = [dict(base, method="slca", balanced_accuracy_mean=0.70, balanced_accuracy_std=0.05),
-         dict(base, method="backbone", balanced_accuracy_mean=0.67, balanced_accuracy_std=0.02)]
-    assert verdict(s, 0.1, "balanced_accuracy").startswith("no difference")
-    s[0]["balanced_accuracy_mean"] = 0.80
-    assert verdict(s, 0.1, "balanced_accuracy").startswith("SLCA better by 0.130")
-    s[0]["balanced_accuracy_mean"] = np.nan
-    assert verdict(s, 0.1, "balanced_accuracy") == "n/a"
+def test_paired_difference_is_a_t_interval():
+    d = paired_difference([0.70, 0.72, 0.68, 0.75], [0.60, 0.65, 0.66, 0.70])
+    diffs = np.array([0.10, 0.07, 0.02, 0.05])
+    half = 3.182446305284263 * diffs.std(ddof=1) / math.sqrt(4)  # t(0.975, 3)
+    assert d["n"] == 4 and d["mean"] == pytest.approx(diffs.mean())
+    assert (d["low"], d["high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert verdict(d) == "better"
+    assert verdict(paired_difference([0.5, 0.51, 0.49], [0.5, 0.5, 0.5])) == "no effect (within ±0.05)"
+    assert verdict(paired_difference([0.5, 0.8, 0.2], [0.5, 0.5, 0.5])) == "not resolved"
+    assert verdict(paired_difference([0.5], [0.4])) == "n/a"
+
+
+def test_probe_features_are_the_region_mean_of_the_embedding(tiny_store):
+    """The probe pools the image's region of the 64x64 grid (the sample images are 3:4, so part of
+    the grid is padding): close to the mean over the valid cells, and far from the padded mean."""
+    from sam_cache import EmbeddingStore
+    from trainer.data import PairedCache
+
+    with EmbeddingStore.open(tiny_store) as s, PairedCache(s, np.arange(len(s)), torch.device("cpu"), "host") as c:
+        rows = np.array([0, 1])
+        f = pooled_features(c, rows, "mean")
+        emb = s.read_rows(rows).astype(np.float32)
+        valid = np.stack([emb[k, :, :vr, :vc].mean((1, 2)) for k, (vr, vc) in enumerate(s.valid[rows])])
+        padded = emb.mean((2, 3))
+        assert f.shape == (2, 256)
+        assert np.abs(f - valid).mean() < 0.25 * np.abs(f - padded).mean()
+        assert pooled_features(c, rows, "meanstd").shape == (2, 512)

@@ -1,18 +1,24 @@
 import pytest
 import torch
 
-from trainer.backbone import BackboneError, SLCAClassifier, create_backbone
-from trainer.slca import SLCAConfig, pool_embedding, resize_to_grid
+from trainer.backbone import BackboneError, create_backbone
+from trainer.config import ConfigError, SLCAConfig
+from trainer.model import Classifier
+from trainer.slca import pool_embedding, resize_to_grid
 
 SMALL_SWIN = dict(window_size=4, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 BACKBONES = [("resnet18", {}), ("seresnet18", {}), ("swinv2_tiny_window8_256", SMALL_SWIN)]
 
 
+def _backbone(name, **kwargs):
+    return create_backbone(name, 3, 64, **kwargs)[0]
+
+
 def _pair(name, kwargs, slca):
     torch.manual_seed(0)
-    plain = SLCAClassifier(create_backbone(name, 3, 64, **kwargs), None, 64).eval()
+    plain = Classifier(_backbone(name, **kwargs), 3, SLCAConfig(enabled=False), img_size=64).eval()
     torch.manual_seed(0)
-    gated = SLCAClassifier(create_backbone(name, 3, 64, **kwargs), slca, 64).eval()
+    gated = Classifier(_backbone(name, **kwargs), 3, slca, img_size=64).eval()
     return plain, gated
 
 
@@ -27,16 +33,20 @@ def test_identity_at_initialization(name, kwargs, gate):
 
 @pytest.mark.parametrize("name,kwargs", BACKBONES)
 def test_gates_change_every_stage_once_trained(name, kwargs):
-    """The gate reaches the features: with non-zero weights the output depends on the embedding."""
+    """Each gate reaches its stage: with only that gate's weights set, the output depends on the embedding."""
     _, gated = _pair(name, kwargs, SLCAConfig())
-    with torch.no_grad():
-        for p in gated.slca.parameters():
-            p.normal_(0, 0.5)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        a, b = gated(x, torch.randn(2, 256, 64, 64)), gated(x, torch.randn(2, 256, 64, 64))
-    assert not torch.allclose(a, b)
+    e1, e2 = torch.randn(2, 256, 64, 64), torch.randn(2, 256, 64, 64)
     assert len(gated.slca.gates) == 4
+    for stage, gate in gated.slca.gates.items():
+        with torch.no_grad():
+            for p in gated.slca.parameters():
+                p.zero_()
+            for p in gate.parameters():
+                p.normal_(0, 0.5)
+            if hasattr(gate, "gamma"):
+                gate.gamma.fill_(1.0)
+            assert not torch.allclose(gated(x, e1), gated(x, e2)), f"stage {stage} has no effect"
 
 
 def test_swin_stages_are_found_nhwc_and_resnet_nchw():
@@ -65,22 +75,26 @@ def test_pooling_and_resizing():
 
 
 def test_bad_designs_are_refused():
-    with pytest.raises(ValueError, match="window must divide 64"):
+    with pytest.raises(ConfigError, match="window must divide 64"):
         SLCAConfig(window=5)
-    with pytest.raises(ValueError, match="pool must be one of"):
+    with pytest.raises(ConfigError, match="pool must be one of"):
         SLCAConfig(pool="median")
     with pytest.raises(BackboneError, match=r"stages \[7\] do not index"):
-        SLCAClassifier(create_backbone("resnet18", 3, 64), SLCAConfig(stages=[7]), 64)
+        Classifier(_backbone("resnet18"), 3, SLCAConfig(stages=[7]), img_size=64)
     with pytest.raises(BackboneError, match="unknown timm model"):
         create_backbone("resnet_nope", 3, 64)
     with pytest.raises(BackboneError, match="do not exist"):
-        create_backbone("resnet18", 3, 64, pretrained="/nonexistent/r18.pth")
+        create_backbone("resnet18", 3, 64, pretrained_path="/nonexistent/r18.pth")
 
 
 def test_pretrained_backbone_loads_from_a_local_file(tmp_path):
     torch.manual_seed(1)
-    source = create_backbone("resnet18", 1000, 64)
+    source = _backbone("resnet18")
     torch.save(source.state_dict(), tmp_path / "r18.pth")
-    model = create_backbone("resnet18", 3, 64, pretrained=tmp_path / "r18.pth")
+    model, weights = create_backbone("resnet18", 5, 64, pretrained_path=tmp_path / "r18.pth")
     assert torch.equal(model.conv1.weight, source.conv1.weight)
-    assert model.fc.out_features == 3
+    assert model.fc.out_features == 5
+    from sam_cache.encoders import file_sha256
+
+    assert weights == {"source": str(tmp_path / "r18.pth"), "sha256": file_sha256(tmp_path / "r18.pth")}
+    assert create_backbone("resnet18", 3, 64)[1] == {"source": "random", "sha256": None}

@@ -68,7 +68,7 @@ def small_shards(sample_dir, tmp_path_factory):
 def test_streamed_batches_equal_the_in_memory_ones(small_shards):
     with EmbeddingStore.open(small_shards) as store:
         rows = store.split_indices("train")
-        order, groups, _ = epoch_order(rows, seed=0, epoch=0, shards=(2, 2))
+        order, groups = epoch_order(rows, seed=0, pass_index=0, shards=(2, 2))
         host = PairedCache(store, rows, torch.device("cpu"), "host")
         stream = PairedCache(store, rows, torch.device("cpu"), "stream")
         stream.start_epoch(groups)

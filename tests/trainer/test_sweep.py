@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from cli.slca_train import app
 from sam_cache.store import EmbeddingStore
-from trainer import TrainConfig
+from trainer import ConfigError, TrainConfig
 from trainer.sweep import SweepSpace, load_space, run_sweep
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -33,7 +33,7 @@ def test_grid_sweep_of_eight_trials_reads_the_store_once_and_resumes(tiny_store,
         (lr, w, p) for lr in ("0.001", "0.0003") for w in ("2", "8") for p in ("avg", "max")}
     best = TrainConfig.load(result["best_config"])
     assert best.out.endswith("best") and best.epochs == 1
-    assert str(best.window) == str(result["best"]["window"])
+    assert str(best.slca.window) == str(result["best"]["window"])
 
     # interrupt: forget the last three trials; the rerun runs exactly those
     with open(tmp_path / "sweep" / "trials.csv", "w", newline="") as f:
@@ -52,7 +52,7 @@ def test_best_config_reruns_as_is(tiny_store, tmp_path):
     out = runner.invoke(app, ["--config", result["best_config"], "--device", "cpu"])
     assert out.exit_code == 0, out.output
     rerun = yaml.safe_load((tmp_path / "s" / "best" / "config.yaml").read_text())
-    assert rerun["window"] == int(result["best"]["window"]) and rerun["epochs"] == 1
+    assert rerun["slca"]["window"] == int(result["best"]["window"]) and rerun["epochs"] == 1
 
 
 def test_optuna_sweep_with_pruning_resumes(tiny_store, tmp_path):
@@ -78,12 +78,25 @@ def test_cli_sweep_prints_a_table(tiny_store, tmp_path):
 
 def test_bad_space_files_are_named(tmp_path):
     (tmp_path / "s.yaml").write_text("method: random\nparams: {lr: [1]}\n")
-    with pytest.raises(ValueError, match=r"s\.yaml: method must be grid or optuna"):
+    with pytest.raises(ConfigError, match=r"s\.yaml: method must be grid or optuna"):
         load_space(tmp_path / "s.yaml")
-    with pytest.raises(ValueError, match=r"cannot sweep \['cache'\]"):
+    with pytest.raises(ConfigError, match=r"cannot sweep \['cache'\]"):
         SweepSpace({"params": {"cache": ["x"]}})
-    with pytest.raises(ValueError, match="unknown training options: nonsense"):
+    with pytest.raises(ConfigError, match="unknown training options: nonsense"):
         SweepSpace({"base": {"nonsense": 1}, "params": {"lr": [1]}})
+    # values are checked when the space is read, not in the middle of a sweep
+    with pytest.raises(ConfigError, match=r"params: pool must be one of avg, max, avgmax; got 'median'"):
+        SweepSpace({"params": {"pool": ["avg", "median"]}})
+    with pytest.raises(ConfigError, match=r"base: lr must be a number; got '1e-3'"):
+        SweepSpace({"base": {"lr": "1e-3"}, "params": {"window": [4]}})
+
+
+def test_sweepable_names_come_from_the_config():
+    from trainer.config import options
+    from trainer.sweep import SWEEPABLE
+
+    assert {"lr", "window", "slca", "slca_lr_mult", "fuse", "focus", "min_steps"} <= SWEEPABLE
+    assert SWEEPABLE == {o.name for o in options() if o.sweep} and "cache" not in SWEEPABLE
 
 
 def test_example_space_is_valid():

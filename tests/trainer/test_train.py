@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from cli.slca_train import app
 from sam_cache import EmbeddingStore, extract_dataset
-from trainer import TrainConfig, TrainError, train
-from trainer.evaluate import build_model
+from trainer import TrainConfig, TrainError, build_model, train
 
 RUN_FILES = {"config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt", "curves.png", "confusion.png",
              "attention.png"}
@@ -20,7 +19,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def _cfg(store, out, **kw):
     base = dict(cache=str(store), out=str(out), epochs=2, batch_size=4, img_size=32, device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def _csv(path):
@@ -46,7 +45,8 @@ def test_two_epoch_run_writes_every_file(slca_run):
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["n"] == 3 and set(m["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion"}
     assert np.array(m["test"]["confusion"]).sum() == 3 and m["cache_mode"] == "host" and m["slca"] is True
-    assert TrainConfig.load(out / "config.yaml").slca is True
+    assert TrainConfig.load(out / "config.yaml").slca.enabled is True
+    assert "backbone_weights" in (out / "config.yaml").read_text()
     assert "random init" in output and "SLCA on stages ['layer1', 'layer2', 'layer3', 'layer4']" in output
 
 
@@ -69,12 +69,50 @@ def test_no_slca_trains_the_same_backbone_on_the_same_data_order(slca_run, tiny_
     assert "no SLCA" in result.output
     plain, slca = _csv(tmp_path / "plain" / "metrics.csv"), _csv(out / "metrics.csv")
     assert [r["data_order"] for r in plain] == [r["data_order"] for r in slca]
-    a = build_model(_cfg(tiny_store, tmp_path, slca=False), 3).backbone.state_dict()
-    b = build_model(_cfg(tiny_store, tmp_path, slca=True), 3).backbone.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
     # a different seed changes the order: the digest is not a constant
     other = train(_cfg(tiny_store, tmp_path / "seed1", seed=1, epochs=1), log=lambda s: None)
     assert other and _csv(tmp_path / "seed1" / "metrics.csv")[0]["data_order"] != slca[0]["data_order"]
+
+
+@pytest.mark.parametrize("extra", [{"slca": True}, {"fuse": "meanstd"}, {"slca": True, "fuse": "mean"},
+                                   {"slca": True, "slca_lr_mult": 10.0, "gate": "residual"}])
+def test_paired_methods_start_from_the_same_backbone(tiny_store, tmp_path, extra):
+    """Building SLCA gates or a fusion head does not shift the backbone's random initialization,
+    nor the generator state that the run continues with."""
+    plain, _ = build_model(_cfg(tiny_store, tmp_path, slca=False), 3)
+    after_plain = torch.rand(3)
+    other, _ = build_model(_cfg(tiny_store, tmp_path, **extra), 3)
+    after_other = torch.rand(3)
+    a, b = plain.backbone.state_dict(), other.backbone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(after_plain, after_other)
+    seed1, _ = build_model(_cfg(tiny_store, tmp_path, slca=False, seed=1), 3)
+    assert not torch.equal(seed1.backbone.conv1.weight, plain.backbone.conv1.weight)
+
+
+def test_step_budget_is_honoured(tiny_store, tmp_path):
+    """9 train samples at batch 4 are 2 steps a pass; --min-steps 10 over 2 epochs makes 5 a epoch."""
+    train(_cfg(tiny_store, tmp_path / "short"), log=lambda s: None)
+    assert [int(r["step"]) for r in _csv(tmp_path / "short" / "metrics.csv")] == [2, 4]
+    lines = []
+    result = train(_cfg(tiny_store, tmp_path / "long", min_steps=10), log=lines.append)
+    rows = _csv(tmp_path / "long" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [5, 10] and result["steps"] == 10
+    assert any("5 per epoch (2.5 passes over the 9 train samples), 10 in all" in line for line in lines)
+    # the budget does not change what the first steps see
+    assert rows[0]["data_order"] != _csv(tmp_path / "short" / "metrics.csv")[0]["data_order"]
+
+
+def test_fusion_model_trains_evaluates_and_reloads(tiny_store, tmp_path):
+    out = tmp_path / "fuse"
+    result = train(_cfg(tiny_store, out, slca=False, fuse="meanstd", lr=0.01), log=lambda s: None)
+    assert result["fuse"] == "meanstd" and result["test"]["n"] == 3
+    state = torch.load(out / "best.pt", weights_only=True)
+    assert any(k.startswith("fuse.head.") for k in state["model"])
+    assert state["model"]["fuse.head.weight"].abs().sum() > 0  # it trained
+    again = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.pt"), "--json", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["confusion"] == result["test"]["confusion"]
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_store, tmp_path):
@@ -97,11 +135,24 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_store, tmp_
 def test_nan_loss_is_a_clear_error(tiny_store, tmp_path):
     bad = tmp_path / "nan.zarr"
     shutil.copytree(tiny_store, bad)
-    with EmbeddingStore.open(bad, "r+") as s:
+    with EmbeddingStore.open(bad, "r+") as s:  # NaNs written through the store: checksums agree with them
         rows = s.read_embeddings(0, len(s))
-        rows[:, :, :, :] = np.nan  # a damaged store: what `samcache verify` would report
-        s.embeddings[:] = rows
-    with pytest.raises(TrainError, match=r"loss is nan at epoch 0, step 0: lower --lr, or check the store"):
+        rows[:] = np.nan
+        s.write_rows(0, rows, s.orig_size, s.valid, s.window, np.asarray(s.images[:]))
+    with pytest.raises(TrainError, match=r"loss is not finite in epoch 1, by step 2: lower --lr, or check the store"):
+        train(_cfg(bad, tmp_path / "r"), log=lambda s: None)
+
+
+def test_a_corrupted_shard_stops_training_by_name(tiny_store, tmp_path):
+    from sam_cache import StoreError
+
+    bad = tmp_path / "flipped.zarr"
+    shutil.copytree(tiny_store, bad)
+    shard = bad / "embeddings" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"embeddings of 1 sample\(s\) do not match their checksums .*embeddings/c/0/0/0"):
         train(_cfg(bad, tmp_path / "r"), log=lambda s: None)
 
 
