@@ -91,7 +91,7 @@ def _crop(x: torch.Tensor, boxes: torch.Tensor, out: int, scale: float) -> torch
 
 
 def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, boxes: np.ndarray, flips: np.ndarray,
-                 out_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 out_size: int, emb_size: int = GRID) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Cut the same box out of images and embeddings and flip both alike.
 
     Arguments:
@@ -100,9 +100,13 @@ def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, b
       embeddings: ``Bx256x64x64``, or None (``--no-slca`` needs none).
       boxes: ``(B, 4)`` boxes in grid units; flips: ``(B,)`` bools.
       out_size: the training image side T.
+      emb_size: the side G of the embedding view (default 64). A model that only reads the crop
+        pooled to a coarser grid (SLCA's average pooling, fusion's statistics) asks for that grid:
+        the box is then resampled straight to it (2x2 bilinear samples per cell), not to 64x64
+        and pooled after, which on a CPU cost as much as the training step itself.
 
     Returns:
-      ``(BxCxTxT float, Bx256x64x64)``; either is None when its input was.
+      ``(BxCxTxT float, Bx256xGxG)``; either is None when its input was.
     """
     dev = (images if images is not None else embeddings).device
     b = torch.as_tensor(boxes, dtype=torch.float32, device=dev)
@@ -112,7 +116,7 @@ def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, b
         img_out = _flip_some(_crop(images.float(), b, out_size, images.shape[-1] / GRID), flipped)
     if embeddings is not None:
         e = embeddings if embeddings.is_cuda and embeddings.dtype == torch.float16 else embeddings.float()
-        emb_out = _flip_some(_crop(e, b, GRID, 1.0), flipped)
+        emb_out = _flip_some(_crop(e, b, emb_size, 1.0), flipped)
     return img_out, emb_out
 
 

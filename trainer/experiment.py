@@ -45,7 +45,7 @@ from sam_cache import EmbeddingStore
 from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache, paired_views
 from .metrics import classification_metrics
-from .model import embedding_stats
+from .model import FUSE_GRID, embedding_stats
 from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import resolve_device, train
@@ -104,8 +104,8 @@ class StudyConfig:
 def pooled_features(cache: PairedCache, rows: np.ndarray, kind: str = "mean", batch: int = 64) -> np.ndarray:
     """Embedding statistics of ``rows`` over their image regions, from the loaded cache.
 
-    The region, the resampling and the statistics are the ones ``--fuse`` uses
-    (:func:`~trainer.data.paired_views`, :func:`~trainer.model.embedding_stats`).
+    The region, the resampling (to :data:`~trainer.model.FUSE_GRID`) and the statistics are the
+    ones ``--fuse`` uses (:func:`~trainer.data.paired_views`, :func:`~trainer.model.embedding_stats`).
 
     Returns:
       ``(len(rows), 256)`` for ``mean``, ``(len(rows), 512)`` for ``meanstd``, float32.
@@ -114,7 +114,7 @@ def pooled_features(cache: PairedCache, rows: np.ndarray, kind: str = "mean", ba
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         _, emb, _ = cache.batch(chunk, embeddings=True)
-        _, e = paired_views(None, emb, cache.regions_of(chunk), np.zeros(len(chunk), dtype=bool), 64)
+        _, e = paired_views(None, emb, cache.regions_of(chunk), np.zeros(len(chunk), dtype=bool), 64, FUSE_GRID)
         out.append(embedding_stats(e, kind).cpu().numpy().astype(np.float32))
     return np.concatenate(out) if out else np.zeros((0, 256 if kind == "mean" else 512), np.float32)
 

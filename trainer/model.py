@@ -9,7 +9,8 @@
   cached embedding; forward hooks put them in any timm model with ``feature_info`` (ResNets,
   SE-ResNets, ConvNeXts, TinyViT, Swin V2 with its NHWC stages, found by a dry run).
 - **Fusion** (``--fuse mean|meanstd``) gives the head what a linear probe on the cache sees: the
-  per-channel mean (and standard deviation) of the embedding over the image crop, standardized
+  per-channel mean (and standard deviation) of the embedding over the image crop (resampled to
+  the model's :attr:`~Classifier.embedding_grid`: 16x16, or SLCA's grid), standardized
   by a BatchNorm without affine parameters (a running z-score), through a linear layer added to
   the backbone's logits. Adding logits is a linear head on the concatenated features, and it
   keeps the backbone's own classifier, so ``slca-train export`` still yields a plain timm model.
@@ -30,7 +31,9 @@ from .config import SLCAConfig, TrainConfig
 from .errors import BackboneError
 from .slca import SLCA
 
-__all__ = ["Classifier", "build_model", "EmbeddingStats", "embedding_stats"]
+__all__ = ["Classifier", "build_model", "EmbeddingStats", "embedding_stats", "FUSE_GRID"]
+
+FUSE_GRID = 16  # embedding statistics of --fuse (and the study's probes) are taken over a 16x16 resampling
 
 
 def embedding_stats(emb: torch.Tensor, kind: str) -> torch.Tensor:
@@ -103,6 +106,17 @@ class Classifier(nn.Module):
     def needs_embeddings(self) -> bool:
         """Whether :meth:`forward` reads the embeddings (SLCA or fusion)."""
         return self.slca is not None or self.fuse is not None
+
+    @property
+    def embedding_grid(self) -> int:
+        """The side of the embedding view this model reads (what the batch pipeline resamples to).
+
+        SLCA with average pooling reads its ``64/window`` grid; max pooling needs all 64; fusion
+        alone takes its statistics over :data:`FUSE_GRID` (the mean is the same at any grid).
+        """
+        if self.slca is not None:
+            return 64 if self.slca.config.pool != "avg" else max(1, 64 // self.slca.config.window)
+        return FUSE_GRID
 
     def _find_layouts(self, info, img_size: int) -> None:
         modules = dict(self.backbone.named_modules())

@@ -39,6 +39,7 @@ class BatchPipeline:
         self.std = torch.tensor(data_cfg["std"][:3], device=device).view(1, 3, 1, 1) * 255
         self.img_size, self.focus, self.augment = cfg.img_size, cfg.focus, cfg.augment
         self.embeddings = model.needs_embeddings
+        self.emb_size = model.embedding_grid
         self.channels_last = cfg.channels_last and device.type == "cuda"
 
     def boxes(self, cache: PairedCache, rows: np.ndarray, rng: np.random.Generator | None = None
@@ -56,7 +57,7 @@ class BatchPipeline:
     def views(self, img: torch.Tensor, emb: torch.Tensor | None, y: torch.Tensor, boxes: np.ndarray,
               flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Stored frames (and full-frame embeddings, e.g. from an encoder run online) -> ``(x, e, y)``."""
-        x, e = paired_views(img, emb, boxes, flips, self.img_size)
+        x, e = paired_views(img, emb, boxes, flips, self.img_size, self.emb_size)
         rgb, extra = apply_focus(x, self.focus)
         x = (rgb - self.mean) / self.std
         if extra is not None:

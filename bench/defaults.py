@@ -1,0 +1,111 @@
+"""Choose recipe defaults on validation data: one lever at a time against a base, over paired seeds.
+
+    python bench/defaults.py --store runs/busi.zarr --out runs/defaults-busi --seeds 0-2
+    python bench/defaults.py --store runs/isic.zarr --out runs/defaults-isic --seeds 0-2 \\
+        --variant "lr_x10: slca_lr_mult=10" --variant "balanced: class_balance=loss"
+
+Every variant changes the base recipe in one place and trains on the same seeds (same subset,
+order, crops and initialization). Only validation metrics are read: the selected epoch's, and the
+last epoch's (which no selection touched). The test split is never scored here, so choosing on
+these numbers does not tune on test. Writes ``OUT/levers.csv`` (a rerun resumes) and prints,
+per variant, the mean ± std over seeds and the paired difference to the base with a 95 %
+t-interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+
+from sam_cache import EmbeddingStore  # noqa: E402
+from trainer import TrainConfig, train  # noqa: E402
+from trainer.data import PairedCache  # noqa: E402
+from trainer.experiment import StudyConfig, mean_std, paired_difference  # noqa: E402
+from trainer.records import read_rows, write_rows  # noqa: E402
+
+VARIANTS = {
+    "base": {},
+    "slca_lr_x10": {"slca_lr_mult": 10.0},
+    "class_balanced": {"class_balance": "loss"},
+    "warmup_30": {"warmup_steps": 30},
+    "last_stages": {"stages": [3, 4]},
+    "fuse_meanstd": {"fuse": "meanstd"},
+}
+
+
+def _parse(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    opts = {}
+    for item in rest.split():
+        k, _, v = item.partition("=")
+        opts[k] = yaml.safe_load(v)
+    return name.strip(), opts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", default="0-2")
+    p.add_argument("--fraction", type=float, default=1.0)
+    p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="the base recipe, over the study's")
+    p.add_argument("--variant", action="append", default=[], metavar="'NAME: opt=value ...'",
+                   help="variants to try instead of the built-in levers")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    base = dict(StudyConfig().train, slca=True)
+    for item in a.set:
+        k, _, v = item.partition("=")
+        base[k.replace("-", "_")] = yaml.safe_load(v)
+    variants = dict([_parse(v) for v in a.variant]) if a.variant else VARIANTS
+    variants = {"base": {}, **variants}
+    lo, _, hi = a.seeds.partition("-")
+    seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(s) for s in a.seeds.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(out / "levers.csv")
+    done = {(r["variant"], int(r["seed"])) for r in rows}
+    dev = torch.device(a.device)
+    with EmbeddingStore.open(a.store) as s, PairedCache(s, np.flatnonzero(s.done), dev, "host") as cache:
+        for seed in seeds:
+            for name, opts in variants.items():
+                if (name, seed) in done:
+                    continue
+                cfg = TrainConfig.from_dict({**base, **opts, "cache": a.store, "seed": seed, "subset_seed": seed,
+                                             "device": a.device, "out": str(out / "runs" / f"{name}-s{seed}"),
+                                             "train_fraction": None if a.fraction >= 1 else a.fraction})
+                t0 = time.perf_counter()
+                result = train(cfg, overwrite=True, log=lambda _: None, cache=cache)
+                last = read_rows(out / "runs" / f"{name}-s{seed}" / "metrics.csv")[-1]
+                rows.append({"variant": name, "seed": seed, "val_best_balanced_accuracy": result["val_best"]["balanced_accuracy"],
+                             "val_last_balanced_accuracy": float(last["val_balanced_accuracy"]),
+                             "val_last_loss": float(last["val_loss"]), "best_epoch": result["best_epoch"],
+                             "steps": result["steps"], "seconds": round(time.perf_counter() - t0, 1)})
+                write_rows(rows, out / "levers.csv")
+                print(f"{name:>15} seed {seed}  val best {rows[-1]['val_best_balanced_accuracy']:.3f}  "
+                      f"last {rows[-1]['val_last_balanced_accuracy']:.3f}", flush=True)
+    (out / "levers.yaml").write_text(yaml.safe_dump({"base": base, "variants": variants}, sort_keys=False))
+    print(f"| variant | changes | val bal. acc. (selected epoch) | last epoch | Δ last epoch vs base, 95 % interval |")
+    print("|---|---|---|---|---|")
+    by = lambda v, k: {int(r["seed"]): float(r[k]) for r in rows if r["variant"] == v}  # noqa: E731
+    for name, opts in variants.items():
+        b, l_ = by(name, "val_best_balanced_accuracy"), by(name, "val_last_balanced_accuracy")
+        base_l = by("base", "val_last_balanced_accuracy")
+        common = sorted(set(l_) & set(base_l))
+        d = paired_difference([l_[s] for s in common], [base_l[s] for s in common])
+        diff = "—" if name == "base" or d["n"] < 2 else f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        mb, sb = mean_std(list(b.values()))
+        ml, sl = mean_std(list(l_.values()))
+        print(f"| {name} | {opts or '-'} | {mb:.3f} ± {sb:.3f} | {ml:.3f} ± {sl:.3f} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
