@@ -85,6 +85,30 @@ def convert(
 
 
 @app.command()
+def masks(
+    store: str = typer.Argument(..., help="A store with images (samcache extract --image-size)."),
+    prompt: str = typer.Option("box", help="box (the whole image), candidates (7 boxes, best predicted IoU) or "
+                                          "csv (--boxes)."),
+    boxes: Optional[Path] = typer.Option(None, help="CSV of boxes for --prompt csv: id,x0,y0,x1,y1 in image pixels."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The encoder checkpoint the store was made with (SAM ViTs, "
+                                                        "medsam; litemedsam uses its packaged one)."),
+    threshold: float = typer.Option(0.0, help="Mask logit threshold (0: probability 0.5)."),
+    batch_size: int = typer.Option(16, help="Samples read and written per step."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace masks made differently (embeddings are kept)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Decode a SAM mask per sample from the cached embeddings (no encoder pass) into the store. A rerun resumes."""
+    from sam_cache.masks import decode_masks
+
+    with user_errors():
+        r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
+                         batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
+    say(f"stored {r['written']} new masks in {store} ({r['already_done']} already done, {r['total']} in all); "
+        f"mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty")
+
+
+@app.command()
 def info(
     store: str = typer.Argument(..., help="Store path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
@@ -108,6 +132,7 @@ def info(
         ("checkpoint", str(summary["checkpoint_sha256"] or "-")[:16]),
         ("input", f"{summary['preprocessing']['input_size']} px, window {summary['preprocessing']['window']}"),
         ("images", f"{summary['image_size']} px" if summary["image_size"] else "not stored"),
+        ("masks", _masks_line(summary["masks"])),
         ("skipped", str(len(summary["skipped"]))),
         ("created", f"{summary['created']} by samcache {summary['package_version']}"),
     ]
@@ -121,6 +146,12 @@ def info(
     for name in summary["class_names"]:
         counts.add_row(name, *(str(summary["label_counts"][s][name]) for s in summary["label_counts"]))
     console.print(counts)
+
+
+def _masks_line(m: dict | None) -> str:
+    if not m:
+        return "none (samcache masks adds them)"
+    return f"{m['done']} done, prompt {m['prompt']}, decoder {m['decoder']}, mean predicted IoU {m['mean_iou']:.3f}"
 
 
 def _size(n: int | None) -> str:

@@ -149,25 +149,76 @@ def _class_index(names: list[str]) -> tuple[list[str], dict[str, int]]:
 def stratified_splits(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
     """Assign train/val/test to each label, stratified by class and reproducible from ``seed``.
 
+    scikit-learn's stratified draw, as long as every class is large enough for it. When a class
+    is too small (a few images), each class is split on its own instead: one image of each class
+    with at least 3 goes to test, one to val (more when the fractions ask for more), the rest to
+    train, so that every class is seen in every split.
+
     Raises:
-      DatasetError: fractions out of range, or a class too small to appear in every split.
+      DatasetError: fractions out of range, or a class with fewer than 3 images (naming it and
+        what to do).
     """
     from sklearn.model_selection import train_test_split
 
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DatasetError(f"bad split fractions val={val_fraction} test={test_fraction}")
     idx = np.arange(len(labels))
+    out = np.empty(len(labels), dtype=object)
     try:
         rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
         val = np.array([], dtype=int)
         if val_fraction > 0:
             rel = val_fraction / (1 - test_fraction)
             rest, val = train_test_split(rest, test_size=rel, stratify=labels[rest], random_state=seed)
-    except ValueError as exc:
-        raise DatasetError(f"cannot draw a stratified split: {exc}") from exc
-    out = np.empty(len(labels), dtype=object)
+    except ValueError:
+        return _small_class_splits(labels, seed, val_fraction, test_fraction)
     out[rest], out[val], out[test] = "train", "val", "test"
     return out.tolist()
+
+
+def _small_class_splits(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """Per-class split for datasets too small for a global stratified draw (see :func:`stratified_splits`)."""
+    need = 2 + (val_fraction > 0)
+    counts = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+    small = [c for c, n in counts.items() if n < need]
+    if small:
+        raise DatasetError(
+            f"cannot draw a stratified split: class index(es) {small} have fewer than {need} images, so they cannot "
+            "appear in train, val and test. Add images, give the splits yourself (split folders, or a split column "
+            "in the CSV), or pass --val-fraction 0 to draw no validation split")
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), dtype=object)
+    for c, n in counts.items():
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_test = max(1, int(round(test_fraction * n)))
+        n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
+        while n - n_test - n_val < 1:  # keep one for training
+            if n_val > 1 and n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
+        out[members[:n_test]] = "test"
+        out[members[n_test:n_test + n_val]] = "val"
+        out[members[n_test + n_val:]] = "train"
+    return out.tolist()
+
+
+def draw_val_from_train(labels: np.ndarray, splits: list[str], seed: int, val_fraction: float) -> list[str]:
+    """Move a stratified, seeded ``val_fraction`` of the whole dataset from train to val.
+
+    For data that comes with train and test splits but no validation split (``Training/`` and
+    ``Testing/`` folders are common in public medical sets).
+    """
+    splits = list(splits)
+    train = np.flatnonzero(np.array(splits) == "train")
+    if val_fraction <= 0 or len(train) < 2:
+        return splits
+    share = min(0.5, val_fraction * len(labels) / len(train))
+    drawn = stratified_splits(labels[train], seed, 0.0, share)  # its "test" part becomes val
+    for i, s in zip(train, drawn):
+        if s == "test":
+            splits[i] = "val"
+    return splits
 
 
 def _finish(root, kind, entries, seed, val_fraction, test_fraction) -> DatasetManifest:
@@ -179,6 +230,9 @@ def _finish(root, kind, entries, seed, val_fraction, test_fraction) -> DatasetMa
     given = [e[2] for e in entries]
     if all(s is not None for s in given):
         splits, info = given, {"source": "given"}
+        if "val" not in splits and val_fraction > 0:
+            splits = draw_val_from_train(labels, splits, seed, val_fraction)
+            info = {"source": "given", "val": "drawn from train", "seed": seed, "val_fraction": val_fraction}
     elif any(s is not None for s in given):
         raise DatasetError(f"dataset {root}: some rows have a split and some do not")
     else:

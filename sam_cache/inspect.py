@@ -28,7 +28,8 @@ def summarize_store(path: str | Path) -> dict:
       ``{"path", "format", "samples", "done", "embedding_shape", "dtype", "encoder",
       "checkpoint_sha256", "random_weights", "class_names", "labels", "label_counts"
       (per split, per class), "skipped", "image_size", "preprocessing", "manifest_sha256",
-      "schema_version", "package_version", "created", "disk_bytes"}``.
+      "schema_version", "package_version", "created", "disk_bytes", "checksums", "masks"}``;
+      ``masks`` is None, or their signature with ``done`` and ``mean_iou``.
 
     Raises:
       StoreError: the path is not a readable store.
@@ -62,7 +63,17 @@ def summarize_store(path: str | Path) -> dict:
             "package_version": meta["package_version"],
             "created": meta["created"],
             "disk_bytes": _disk_bytes(str(path)),
+            "checksums": store.has_checksums,
+            "masks": _masks(store),
         }
+
+
+def _masks(store: EmbeddingStore) -> dict | None:
+    if not store.has_masks:
+        return None
+    done = store.mask_done
+    iou = store.mask_iou[done]
+    return {**store.meta["masks"], "done": int(done.sum()), "mean_iou": float(iou.mean()) if len(iou) else float("nan")}
 
 
 def verify_store(path: str | Path, progress=None) -> list[str]:

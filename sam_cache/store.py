@@ -23,12 +23,18 @@ checksums       (N, 2)                  uint32    CRC-32 of the row's stored emb
                                                   (with its int8 scales) and of its image bytes
                                                   (0 without images); schema 2 and later
 scales          (N, 256)                float32   int8 stores only: per-sample channel scales
+masks           (N, 1, R, R)            uint8     optional (``samcache masks``): a SAM mask, 0/1,
+                                                  in the images' frame
+mask_iou        (N,)                    float32   the decoder's predicted IoU of that mask
+mask_box        (N, 4)                  float32   its box prompt, encoder-frame pixels
+mask_done       (N,)                    bool      set only after the sample's mask is written
 ==============  ======================  ========  ==========================================
 
 Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``encoder``,
 ``checkpoint_sha256``, ``random_weights``, ``preprocessing``, ``dtype``, ``manifest_sha256``,
 ``image_size``), ``class_names``, ``split_info``, ``dataset``, ``package_version``, ``created``,
-and ``skipped``: the images the last run could not decode, each with its id, source and error.
+``skipped``: the images the last run could not decode, each with its id, source and error; and,
+once masks exist, ``masks``: their own signature (:mod:`sam_cache.masks`).
 
 Encoding belongs to the store: :meth:`EmbeddingStore.write_rows` takes float embeddings (numpy or
 torch, any float dtype) and stores them as the store's ``dtype`` (bfloat16 as raw bits, int8 with
@@ -195,6 +201,9 @@ class _ZarrBackend:
     def __contains__(self, name):
         return name in self.root
 
+    def delete(self, name):
+        del self.root[name]
+
     def get_meta(self) -> dict:
         return dict(self.root.attrs.get("samcache", {}))
 
@@ -237,6 +246,9 @@ class _H5Backend:
 
     def __contains__(self, name):
         return name in self.file
+
+    def delete(self, name):
+        del self.file[name]
 
     def get_meta(self) -> dict:
         raw = self.file.attrs.get("samcache")
@@ -677,6 +689,63 @@ class EmbeddingStore:
             self._b["done"][start:stop] = np.ones(stop - start, dtype=bool)
         self._b.flush()
         self.done[indices] = True  # in memory only once the flags are on disk
+
+    def prepare_masks(self, signature: dict, overwrite: bool = False) -> None:
+        """Make the mask arrays for ``signature``, or check that the existing ones have it.
+
+        Raises:
+          StoreError: the store keeps no images; or it has masks of another signature and not
+            ``overwrite`` (which deletes only the mask arrays and starts them over).
+        """
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only")
+        if self.image_size is None:
+            raise StoreError(f"store {self.path} keeps no images, so masks have no frame")
+        have = self.meta.get("masks")
+        if have is not None and have != signature:
+            if not overwrite:
+                diffs = [f"{k}: store has {have.get(k)!r}, this run asks for {signature.get(k)!r}"
+                         for k in sorted(set(have) | set(signature)) if have.get(k) != signature.get(k)]
+                raise StoreError(f"store {self.path} has masks made differently:\n  " + "\n  ".join(diffs)
+                                 + "\nPass --overwrite to replace the masks (the embeddings are kept).")
+            self._drop_masks()
+            have = None
+        if have is None or "masks" not in self._b:
+            n, r = len(self), self.image_size
+            block = min(n, self.block_size)
+            shape = (1, r, r)
+            self._b.create_array("masks", (n,) + shape, "uint8", (1,) + shape,
+                                 (min(self.shard_size, n),) + shape if self.format == "zarr" else None)
+            self._b.create_array("mask_iou", (n,), "float32", (block,))
+            self._b.create_array("mask_box", (n, 4), "float32", (block, 4))
+            self._b.create_array("mask_done", (n,), "bool", (block,))
+            self.update_meta(masks=signature)
+
+    def _drop_masks(self) -> None:
+        for name in ("masks", "mask_iou", "mask_box", "mask_done"):
+            if name in self._b:
+                self._b.delete(name)
+        self.meta.pop("masks", None)
+        self._b.set_meta(self.meta)
+        self._b.flush()
+
+    def write_masks(self, rows: np.ndarray, masks: np.ndarray, iou: np.ndarray, boxes: np.ndarray) -> None:
+        """Write masks of sorted ``rows`` (``(n, 1, R, R)`` 0/1), then set their ``mask_done`` flags."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for pos, start, stop in contiguous_runs(rows):
+            sl = slice(pos, pos + stop - start)
+            self._b["masks"][start:stop] = np.ascontiguousarray(masks[sl], dtype=np.uint8)
+            self._b["mask_iou"][start:stop] = iou[sl]
+            self._b["mask_box"][start:stop] = boxes[sl]
+        self._b.flush()
+        for _, start, stop in contiguous_runs(rows):
+            self._b["mask_done"][start:stop] = np.ones(stop - start, dtype=bool)
+        self._b.flush()
+
+    @property
+    def mask_iou(self) -> np.ndarray:
+        """``(N,)`` predicted IoU of each stored mask (0 where none)."""
+        return np.asarray(self._b["mask_iou"][:]) if self.has_masks else np.zeros(len(self), np.float32)
 
     def set_skipped(self, skipped: list[dict]) -> None:
         """Record the images that could not be read in the last run (replaces the old report)."""

@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .data import PairedCache
 from .errors import TrainError
 from .metrics import classification_metrics
-from .model import Classifier, build_model
+from .model import Classifier, build_model, load_weights
 from .step import BatchPipeline, predict
 from .train import resolve_device
 
@@ -42,8 +42,8 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device | None = N
     dev = resolve_device(str(device) if device is not None else None)
     cfg = cfg.replace(device=str(dev), pretrained=False, pretrained_path=None)  # the weights come from the checkpoint
     model, _ = build_model(cfg, len(state["class_names"]))
-    model.load_state_dict(state["model"])
-    return model.to(dev).eval(), cfg, state
+    load_weights(model, state["model"])
+    return model.to(dev), cfg, state
 
 
 def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Path) -> None:

@@ -31,7 +31,7 @@ from .config import SLCAConfig, TrainConfig
 from .errors import BackboneError
 from .slca import SLCA
 
-__all__ = ["Classifier", "build_model", "EmbeddingStats", "embedding_stats", "FUSE_GRID"]
+__all__ = ["Classifier", "build_model", "load_weights", "EmbeddingStats", "embedding_stats", "FUSE_GRID"]
 
 FUSE_GRID = 16  # embedding statistics of --fuse (and the study's probes) are taken over a 16x16 resampling
 
@@ -206,3 +206,15 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Classifier, dict]:
     torch.manual_seed(cfg.seed + 1)
     return model, weights
 
+
+
+def load_weights(model: nn.Module, state: dict) -> None:
+    """Load a state dict and leave the model in eval mode, with no stale caches.
+
+    Some timm models (TinyViT) cache tensors derived from their weights, such as attention
+    biases, while in eval mode, and only ``train()`` clears them. A state dict loaded into a
+    model that is already in eval mode would leave those caches describing the old weights.
+    """
+    model.train()
+    model.load_state_dict(state)
+    model.eval()

