@@ -27,22 +27,30 @@ warnings.filterwarnings("ignore", message="Importing from timm", category=Future
 import numpy as np  # noqa: E402
 
 from sam_cache import EmbeddingStore, convert_store  # noqa: E402
+from sam_cache.store import pool_to_grid  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
 from trainer.config import METRIC_KEYS  # noqa: E402
 from trainer.experiment import StudyConfig, mean_std, paired_difference, verdict  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
 
-FORMS = {"int8": {"dtype": "int8"}}
+FORMS = {"int8": {"dtype": "int8"}, "grid32": {"grid": 32}, "grid16": {"grid": 16},
+         "grid32-int8": {"grid": 32, "dtype": "int8"}}
 
 
 def embedding_error(a_path: str, b_path: str, rows: int = 64) -> dict:
-    """Relative error ``||a - b|| / ||a||`` per sample over the first ``rows`` done rows: mean and max."""
+    """Relative error ``||a - b|| / ||a||`` per sample over the first ``rows`` done rows: mean and max.
+
+    For a compact grid, ``a`` is pooled to ``b``'s grid first: the error then measures the encoding
+    (int8), not the pooling, which is what the accuracy rows measure.
+    """
     with EmbeddingStore.open(a_path) as a, EmbeddingStore.open(b_path) as b:
         idx = np.flatnonzero(a.done & b.done)[:rows]
         err = []
         for r in idx:
             x = a.read_embeddings(int(r), int(r) + 1).astype(np.float64)
             y = b.read_embeddings(int(r), int(r) + 1).astype(np.float64)
+            if y.shape != x.shape:  # a compact grid: compare with the source pooled the same way
+                x = pool_to_grid(x, y.shape[-1]).numpy().astype(np.float64)
             err.append(np.linalg.norm(x - y) / np.linalg.norm(x))
     return {"rows": len(idx), "mean": float(np.mean(err)), "max": float(np.max(err))}
 

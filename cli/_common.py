@@ -23,12 +23,13 @@ warnings.filterwarnings("ignore", message="Importing from timm", category=Future
 
 
 def say(text: str) -> None:
-    """Print user-controlled text (paths, ids, labels) literally: no rich markup is applied."""
-    console.print(text, markup=False)
+    """Print user-controlled text (paths, ids, labels) literally: no rich markup, no :emoji: codes."""
+    console.print(text, markup=False, emoji=False)
 
 
 def warn(text: str) -> None:
-    err_console.print(text, markup=False)
+    """:func:`say`, on stderr."""
+    err_console.print(text, markup=False, emoji=False)
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def user_errors():
         if DEBUG:
             raise
         err_console.print("[bold red]error:[/] ", end="")
-        err_console.print(str(exc), markup=False)
+        err_console.print(str(exc), markup=False, emoji=False)
         raise typer.Exit(1) from None
 
 

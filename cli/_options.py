@@ -1,8 +1,8 @@
-"""``slca-train``'s training options, generated from :func:`trainer.config.options`.
+"""Typer options generated from the config dataclasses (``TrainConfig``, ``ExtractConfig``).
 
 The config dataclasses are the one definition of every option (type, default, choices, help).
-This module turns them into typer parameters (a function signature typer reads) and turns the
-parsed values back into flat config values; it holds no option of its own.
+This module turns their option tables into typer parameters (a function signature typer reads)
+and turns the parsed values back into flat config values; it holds no option of its own.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Optional
 
 import typer
 
-from trainer.config import Option, options
+from sam_cache.options import Option
 
-__all__ = ["train_parameters", "flat_values", "given"]
+__all__ = ["parameters", "train_parameters", "flat_values", "given", "signature_with"]
 
 
 def _dash(name: str) -> str:
@@ -37,9 +37,16 @@ def _kind(o: Option):
 
 
 def train_parameters() -> list[inspect.Parameter]:
-    """One keyword parameter per training option, with its typer declaration."""
+    """One keyword parameter per training option."""
+    from trainer.config import options
+
+    return parameters(options())
+
+
+def parameters(opts: list[Option]) -> list[inspect.Parameter]:
+    """One keyword parameter per option, with its typer declaration."""
     params = []
-    for o in options():
+    for o in opts:
         inner, optional = _kind(o)
         if inner is bool:
             decl = o.flag or f"{_dash(o.name)}/--no-{o.name.replace('_', '-')}"
@@ -51,12 +58,13 @@ def train_parameters() -> list[inspect.Parameter]:
             default = typer.Option(None, _dash(o.name), help=_help(o))
         else:
             annotation = Optional[inner] if (optional or o.required) else inner
-            default = typer.Option(None if o.required else o.default, _dash(o.name), help=_help(o))
+            decl = o.flag or _dash(o.name)
+            default = typer.Option(None if o.required else o.default, decl, help=_help(o))
         params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return params
 
 
-def flat_values(values: dict) -> dict:
+def flat_values(values: dict, opts: list[Option] | None = None) -> dict:
     """Parsed typer values -> flat config values (JSON and comma lists decoded).
 
     Raises:
@@ -64,8 +72,12 @@ def flat_values(values: dict) -> dict:
     """
     from sam_cache.errors import ConfigError
 
+    if opts is None:
+        from trainer.config import options
+
+        opts = options()
     out = {}
-    for o in options():
+    for o in opts:
         if o.name not in values:
             continue
         v = values[o.name]
@@ -89,3 +101,10 @@ def given(ctx: typer.Context, name: str) -> bool:
     from click.core import ParameterSource
 
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def signature_with(fn, extra: list[inspect.Parameter], opts: list[Option]):
+    """Give ``fn(**kwargs)`` a signature typer reads: ``extra`` parameters, then one per option."""
+    fn.__signature__ = inspect.Signature(extra + parameters(opts))
+    fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
+    return fn

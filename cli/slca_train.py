@@ -115,6 +115,46 @@ def eval_command(
         f"{m['balanced_accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  AUC {auc}  loss {m['loss']:.4f}")
 
 
+@app.command("predict")
+def predict_command(
+    checkpoint: str = typer.Option(..., help="best.pt of a run."),
+    data: str = typer.Option(..., help="A store, or a dataset (image folder, CSV, npz; labels optional)."),
+    out: str = typer.Option(..., help="The CSV to write: id, source, p_<class>..., predicted[, label]."),
+    store: Optional[str] = typer.Option(None, help="Where a dataset's embeddings go (default: OUT with .zarr)."),
+    encoder_checkpoint: Optional[str] = typer.Option(None, help="Encoder weights for SAM ViTs and medsam (the "
+                                                                "training store's; checked by sha256)."),
+    batch_size: Optional[int] = typer.Option(None, help="Default: the run's."),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Predict new data with a trained model; extracts a dataset's embeddings first (resumable)."""
+    from trainer.predict import predict_data
+
+    with user_errors():
+        r = predict_data(checkpoint, data, out, store=store, encoder_checkpoint=encoder_checkpoint, device=device,
+                         batch_size=batch_size, progress=console.is_terminal, log=say)
+    say(f"wrote {r['rows']} predictions to {r['csv']}")
+    m = r["metrics"]
+    if m is not None:
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+        say(f"labelled: accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  "
+            f"macro-F1 {m['macro_f1']:.3f}  AUC {auc}")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: str = typer.Option(..., help="best.pt of a run."),
+    out: str = typer.Option(..., help="The timm state dict to write (.pth); .extras.pth and .json go beside it."),
+) -> None:
+    """Export a trained backbone as a plain timm state dict (SLCA and fusion weights apart)."""
+    from trainer.export import export_checkpoint
+
+    with user_errors():
+        info = export_checkpoint(checkpoint, out)
+    say(f"wrote {', '.join(info['files'])} and {out}.json; load it with {info['load']}")
+    if not info["complete"]:
+        say(f"note: {info['note']}")
+
+
 def main() -> None:
     run(app)
 

@@ -8,14 +8,24 @@ The public surface::
 __version__ = "0.1.0"
 
 from .convert import convert_store  # noqa: E402
-from .datasets import DatasetError, DatasetManifest, open_dataset  # noqa: E402
+from .datasets import DatasetError, DatasetManifest, DatasetOptions, open_dataset  # noqa: E402
 from .encoders import Encoder, EncoderError, create_encoder, list_encoders  # noqa: E402
+from .errors import ConfigError, SamcacheError  # noqa: E402
+from .export import export_pooled  # noqa: E402
 from .extract import ExtractionResult, extract_dataset  # noqa: E402
+from .extract_config import ExtractConfig  # noqa: E402
 from .inspect import summarize_store, verify_store  # noqa: E402
 from .store import EmbeddingStore, StoreError, StoreMismatchError  # noqa: E402
+from .store_dataset import StoreDataset  # noqa: E402
 
 __all__ = [
     "__version__",
+    "SamcacheError",
+    "ConfigError",
+    "ExtractConfig",
+    "DatasetOptions",
+    "StoreDataset",
+    "export_pooled",
     "DatasetError",
     "DatasetManifest",
     "open_dataset",

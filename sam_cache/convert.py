@@ -1,4 +1,4 @@
-"""Re-encode a store in another stored form (e.g. int8) without running the encoder again.
+"""Re-encode a store in another stored form (int8, a compact grid) without running the encoder again.
 
 A converted store is what ``samcache extract --dtype D`` would have written, row for row: the
 same signature apart from ``dtype``, the same manifest hash, labels, splits, images and geometry,
@@ -13,23 +13,25 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import DatasetManifest, Record
-from .store import EmbeddingStore, StoreError, contiguous_runs
+from .store import EmbeddingStore, StoreError, contiguous_runs, pool_to_grid
 
 __all__ = ["convert_store"]
 
 
-def convert_store(src: str | Path, dst: str | Path, dtype: str, shard_size: int | None = None,
-                  overwrite: bool = False, rows_per_read: int = 64, progress: bool = True) -> dict:
+def convert_store(src: str | Path, dst: str | Path, dtype: str | None = None, shard_size: int | None = None,
+                  overwrite: bool = False, rows_per_read: int = 64, progress: bool = True,
+                  grid: int | None = None) -> dict:
     """Write ``src``'s done rows into a new store ``dst`` with embeddings stored as ``dtype``.
 
     Arguments:
       src: an existing store.
       dst: the new store (``.zarr`` or ``.h5``; the format may differ from ``src``'s).
-      dtype: ``float16``, ``bfloat16``, ``float32`` or ``int8``.
+      dtype: ``float16``, ``bfloat16``, ``float32`` or ``int8`` (default: the source's).
       shard_size: samples per Zarr shard of ``dst`` (default: ``src``'s).
       overwrite: delete an existing ``dst`` first (default: resume it).
       rows_per_read: rows converted per step.
       progress: show a rich progress bar.
+      grid: a compact grid (32, 16 or 8; average pooling of the source's), default the source's.
 
     Returns:
       ``{"rows": rows converted now, "done": done rows in dst, "src_bytes", "dst_bytes"}``;
@@ -43,7 +45,10 @@ def convert_store(src: str | Path, dst: str | Path, dtype: str, shard_size: int 
     if Path(src).resolve() == Path(dst).resolve():
         raise StoreError(f"convert writes a new store: {dst} is the source itself")
     with EmbeddingStore.open(src) as s:
-        expected = {**s.signature, "dtype": dtype}
+        dtype, grid = dtype or s.dtype, grid or s.grid
+        if grid > s.grid:
+            raise StoreError(f"cannot convert a {s.grid}x{s.grid} store to a finer {grid}x{grid} grid")
+        expected = {**s.signature, "dtype": dtype, "grid": grid}
         if overwrite:
             EmbeddingStore.remove(dst)
         if EmbeddingStore.exists(dst):
@@ -54,7 +59,7 @@ def convert_store(src: str | Path, dst: str | Path, dtype: str, shard_size: int 
                 d.close()
                 raise
         else:
-            d = _create_like(s, dst, dtype, shard_size)
+            d = _create_like(s, dst, dtype, shard_size, grid)
         try:
             todo = np.flatnonzero(s.done & ~d.done)
             _copy_rows(s, d, todo, rows_per_read, progress)
@@ -64,14 +69,15 @@ def convert_store(src: str | Path, dst: str | Path, dtype: str, shard_size: int 
             d.close()
 
 
-def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None) -> EmbeddingStore:
+def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None, grid: int) -> EmbeddingStore:
     records = [Record(id=i, label=int(lab), split=str(sp), source=i) for i, lab, sp in zip(s.ids, s.labels, s.splits)]
     manifest = DatasetManifest(root=s.meta["dataset"]["root"], kind=s.meta["dataset"]["kind"], records=records,
                                class_names=s.class_names, split_info=s.meta.get("split_info") or {})
     # the manifest's sources are not in the store: keep the source store's hash, which names them
     d = EmbeddingStore.create(dst, manifest, s.signature, dtype=dtype, image_size=s.image_size,
-                              shard_size=shard_size or s.shard_size, manifest_sha256=s.meta["manifest_sha256"])
-    d.update_meta(converted_from={"path": s.path, "dtype": s.dtype})
+                              shard_size=shard_size or s.shard_size, manifest_sha256=s.meta["manifest_sha256"],
+                              grid=grid)
+    d.update_meta(converted_from={"path": s.path, "dtype": s.dtype, "grid": s.grid})
     return d
 
 
@@ -85,6 +91,7 @@ def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int
             for a in range(start, stop, step):
                 b = min(a + step, stop)
                 images = np.asarray(s.images[a:b]) if s.images is not None else None
-                d.write_rows(a, s.read_embeddings(a, b), s.orig_size[a:b], s.valid[a:b], s.window[a:b], images)
+                d.write_rows(a, pool_to_grid(s.read_embeddings(a, b), d.grid), s.orig_size[a:b], s.valid[a:b],
+                             s.window[a:b], images)
                 d.mark_done(np.arange(a, b))
                 bar.advance(task, b - a)

@@ -6,12 +6,27 @@ over and what the store's ``manifest_sha256`` is computed from.
 
 Layouts accepted by :func:`open_dataset`:
 
-- ``ROOT/<split>/<class>/*.png``: split folders named train, val (or valid, validation) and test;
+- ``ROOT/<split>/<class>/*.png``: split folders named train, val (valid, validation) and test
+  (training, testing); a dataset with train and test folders but no val gets a stratified,
+  seeded val drawn from train, recorded in the store;
 - ``ROOT/<class>/*.png``: no split folders; a stratified split is drawn with a seed and recorded;
-- ``manifest.csv`` (or a folder holding ``labels.csv``/``manifest.csv``): columns ``path,label``
-  and optionally ``split``; paths are relative to the CSV's folder;
+- ``ROOT/*.png`` with ``require_labels=False`` (prediction): unlabelled images, label -1;
+- a CSV (or a folder holding ``labels.csv``/``manifest.csv``) with a path and a label column
+  (``path``/``label`` by default; :class:`DatasetOptions` renames them) and optionally a split
+  column; paths are relative to the CSV's folder;
 - ``file.npz``: ``train_images``, ``train_labels`` and likewise ``val_``/``test_`` (MedMNIST);
-  labels may be flat or ``(N, 1)``.
+  labels flat or ``(N, 1)``; an optional ``class_names`` array names them. Multi-label arrays
+  (ChestMNIST's ``(N, 14)``) are refused: samcache trains single-label classifiers.
+
+Files: PNG, JPEG, BMP, TIFF, DICOM (one sample per frame of a multi-frame file, ids
+``path#f0003``) and NIfTI (``.nii``/``.nii.gz``, ``pip install 'samcache[nifti]'``: one sample per
+2-D slice along ``nifti_axis``, ids ``path#z0042``; ``nifti_slices`` keeps ``all`` slices, the
+``middle`` one, or ``every:N``th; each slice is windowed like any deep image, by ``--window``).
+
+Labels must name one class each. Numeric labels are read as numbers (``1`` and ``1.0`` are one
+class); a column that mixes numbers and words, an empty cell, a short row, the same image twice
+(paths are resolved before comparing), float or text labels in an npz: each is refused with the
+file, the line and the problem.
 """
 
 from __future__ import annotations
@@ -19,20 +34,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import SamcacheError
-from .preprocess import IMAGE_SUFFIXES, read_image
+from .preprocess import IMAGE_SUFFIXES, dicom_frames, read_image
 
-__all__ = ["Record", "DatasetManifest", "DatasetError", "open_dataset", "SPLITS"]
+__all__ = ["Record", "DatasetManifest", "DatasetError", "DatasetOptions", "open_dataset", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
 _CSV_NAMES = ("manifest.csv", "labels.csv")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class DatasetError(SamcacheError):
@@ -40,13 +57,51 @@ class DatasetError(SamcacheError):
 
 
 @dataclass(frozen=True)
+class DatasetOptions:
+    """How to read a dataset beyond its layout.
+
+    Arguments:
+      path_column, label_column, split_column: the CSV's column names.
+      require_labels: False accepts unlabelled images (a plain folder, or a CSV without the label
+        column), with label -1 and no classes: what ``slca-train predict`` reads.
+      nifti_axis: the axis of a NIfTI volume that slices are taken across (2: axial for RAS data).
+      nifti_slices: ``all``, ``middle`` or ``every:N``.
+      single_split: put every image in this split and draw none (prediction reads ``test``).
+    """
+
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str = "split"
+    require_labels: bool = True
+    nifti_axis: int = 2
+    nifti_slices: str = "all"
+    single_split: str | None = None
+
+    def __post_init__(self) -> None:
+        ok = self.nifti_slices in ("all", "middle") or (
+            self.nifti_slices.startswith("every:") and self.nifti_slices[6:].isdigit() and int(self.nifti_slices[6:]) > 0)
+        if not ok:
+            raise DatasetError(f"nifti_slices must be all, middle or every:N; got {self.nifti_slices!r}")
+
+
+@dataclass(frozen=True)
 class Record:
-    """One image. ``source`` is a file path, or ``npz:<split>:<row>`` for arrays."""
+    """One image. ``source`` is a file path; or ``npz:<split>:<row>``, ``dicom:<frame>:<path>`` or
+    ``nifti:<axis>:<slice>:<path>`` for one array of a larger file."""
 
     id: str
     label: int
     split: str
     source: str
+
+    @property
+    def file(self) -> str | None:
+        """The file this record is read from (None for an npz row)."""
+        if self.source.startswith("npz:"):
+            return None
+        if self.source.startswith(("dicom:", "nifti:")):
+            return self.source.split(":", 3 if self.source.startswith("nifti:") else 2)[-1]
+        return self.source
 
 
 @dataclass
@@ -57,7 +112,7 @@ class DatasetManifest:
       root: the path that was opened.
       kind: ``"folder"``, ``"csv"`` or ``"npz"``.
       records: one per image; the store keeps this order.
-      class_names: ``class_names[label]`` names each label.
+      class_names: ``class_names[label]`` names each label (empty for unlabelled data).
       split_info: how the splits were made (given by the data, or drawn: seed and fractions).
     """
 
@@ -67,6 +122,7 @@ class DatasetManifest:
     class_names: list[str]
     split_info: dict = field(default_factory=dict)
     _arrays: dict | None = field(default=None, repr=False)
+    _volume: tuple | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -91,11 +147,11 @@ class DatasetManifest:
             digest.update(f"{r.id}\t{r.label}\t{r.split}\t{r.source}\n".encode())
         return digest.hexdigest()
 
-    def read(self, index: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+    def read(self, index: int, window: str = "auto") -> tuple[np.ndarray, tuple[float, float] | None]:
         """Decode image ``index``; returns ``(array, dicom_window)`` as :func:`read_image` does.
 
         Raises:
-          ImageDecodeError: the file is corrupt, truncated or unsupported.
+          ImageDecodeError: the file is corrupt, truncated, too large or unsupported.
         """
         source = self.records[index].source
         if source.startswith("npz:"):
@@ -103,47 +159,122 @@ class DatasetManifest:
                 self._arrays = _load_npz_arrays(Path(self.root))
             _, split, row = source.split(":")
             return self._arrays[split][int(row)], None
-        return read_image(source)
+        if source.startswith("dicom:"):
+            _, frame, path = source.split(":", 2)
+            return read_image(path, window, int(frame))
+        if source.startswith("nifti:"):
+            _, axis, k, path = source.split(":", 3)
+            return np.take(self._nifti(path), int(k), axis=int(axis)).astype(np.float32), None
+        return read_image(source, window)
+
+    def _nifti(self, path: str) -> np.ndarray:
+        """The volume of ``path`` (the last one read is kept: slices of one volume come in a row)."""
+        if self._volume is None or self._volume[0] != path:
+            from .preprocess import ImageDecodeError
+
+            try:
+                import nibabel
+            except ImportError:  # pragma: no cover - depends on the optional extra
+                raise ImageDecodeError("reading NIfTI needs nibabel: pip install 'samcache[nifti]'") from None
+            try:
+                self._volume = (path, np.asarray(nibabel.load(path).dataobj))
+            except Exception as exc:  # nibabel raises many kinds for bad files
+                raise ImageDecodeError(f"not a readable NIfTI volume: {exc}") from exc
+        return self._volume[1]
 
 
-def open_dataset(
-    path: str | Path, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2
-) -> DatasetManifest:
+def open_dataset(path: str | Path, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                 options: DatasetOptions | None = None) -> DatasetManifest:
     """Read a dataset's layout (not its pixels) into a :class:`DatasetManifest`.
 
     Arguments:
       path: an image folder, a CSV file, a folder holding ``manifest.csv``/``labels.csv``, or an
         ``.npz`` file.
-      seed, val_fraction, test_fraction: used only when the data has no splits of its own, to
-        draw a stratified split.
+      seed, val_fraction, test_fraction: used only when the data has no splits of its own (or
+        no val split), to draw a stratified split.
+      options: column names, unlabelled data, NIfTI slicing (:class:`DatasetOptions`).
 
     Raises:
-      DatasetError: the path does not exist, holds no images, or is inconsistent (a class with
-        too few images to split, a CSV without ``path``/``label`` columns, a missing file).
+      DatasetError: the path does not exist, holds no images, or is inconsistent (see the module
+        docstring); the message names the file and, for a CSV, the line.
     """
+    options = options or DatasetOptions()
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")
     if path.is_file() and path.suffix.lower() == ".npz":
-        return _open_npz(path)
+        return _open_npz(path, options)
     if path.is_file() and path.suffix.lower() == ".csv":
-        return _open_csv(path, seed, val_fraction, test_fraction)
+        return _open_csv(path, seed, val_fraction, test_fraction, options)
     if path.is_dir():
         for name in _CSV_NAMES:
             if (path / name).is_file():
-                return _open_csv(path / name, seed, val_fraction, test_fraction)
-        return _open_folder(path, seed, val_fraction, test_fraction)
+                return _open_csv(path / name, seed, val_fraction, test_fraction, options)
+        return _open_folder(path, seed, val_fraction, test_fraction, options)
     raise DatasetError(f"dataset {path}: expected a folder, a .csv or a .npz file")
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    name = p.name.lower()
+    return p.is_file() and not p.name.startswith(".") and (
+        p.suffix.lower() in IMAGE_SUFFIXES or name.endswith(NIFTI_SUFFIXES))
+
+
+def _expand(rel: str, source: Path, options: DatasetOptions) -> list[tuple[str, str]]:
+    """``(id, source)`` of every sample in one file: one for an image, one per DICOM frame or NIfTI slice."""
+    name = source.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        try:
+            import nibabel
+
+            shape = nibabel.load(str(source)).shape
+        except ImportError:
+            raise DatasetError(f"{source}: reading NIfTI needs nibabel: pip install 'samcache[nifti]'") from None
+        except Exception as exc:  # nibabel raises many kinds for bad files
+            raise DatasetError(f"{source}: not a readable NIfTI volume: {exc}") from None
+        if len(shape) != 3:
+            raise DatasetError(f"{source}: a NIfTI volume of shape {shape}; samcache slices 3-D volumes")
+        axis = options.nifti_axis
+        if not 0 <= axis < 3:
+            raise DatasetError(f"nifti_axis must be 0, 1 or 2; got {axis}")
+        n = shape[axis]
+        if options.nifti_slices == "middle":
+            ks = [n // 2]
+        elif options.nifti_slices.startswith("every:"):
+            ks = list(range(0, n, int(options.nifti_slices[6:])))
+        else:
+            ks = list(range(n))
+        return [(f"{rel}#z{k:04d}", f"nifti:{axis}:{k}:{source}") for k in ks]
+    if name.endswith(".dcm"):
+        frames = dicom_frames(source)
+        if frames > 1:
+            return [(f"{rel}#f{k:04d}", f"dicom:{k}:{source}") for k in range(frames)]
+    return [(rel, str(source))]
 
 
 def _class_index(names: list[str]) -> tuple[list[str], dict[str, int]]:
     """Sort class names (numerically when all are integers) and index them."""
     unique = sorted(set(names), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
     return unique, {n: i for i, n in enumerate(unique)}
+
+
+def _canonical_labels(labels: list[str], where: str) -> list[str]:
+    """Numbers as one spelling each (``1``, ``1.0`` -> ``1``); refuse numbers mixed with words."""
+    def number(text: str):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    values = [number(t) for t in labels]
+    if all(v is not None for v in values):
+        return [str(int(v)) if v.is_integer() else repr(v) for v in values]
+    numeric = sorted({t for t, v in zip(labels, values) if v is not None})
+    if numeric:
+        words = sorted({t for t, v in zip(labels, values) if v is None})
+        raise DatasetError(f"{where}: labels mix numbers ({', '.join(numeric[:3])}) and words ({', '.join(words[:3])}); "
+                           "write each class the same way")
+    return labels
 
 
 def stratified_splits(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
@@ -221,16 +352,29 @@ def draw_val_from_train(labels: np.ndarray, splits: list[str], seed: int, val_fr
     return splits
 
 
-def _finish(root, kind, entries, seed, val_fraction, test_fraction) -> DatasetManifest:
-    """Build a manifest from ``(id, class_name, split_or_None, source)`` entries."""
+def _finish(root, kind, entries, seed, val_fraction, test_fraction, options: DatasetOptions) -> DatasetManifest:
+    """Build a manifest from ``(id, class_name or None, split_or_None, source)`` entries."""
     if not entries:
         raise DatasetError(f"dataset {root}: no images found")
+    labelled = [e[1] is not None for e in entries]
+    if not any(labelled):
+        if options.require_labels:
+            raise DatasetError(f"dataset {root}: its images have no labels (put them in class folders, or give a "
+                               "label column)")
+        records = [Record(e[0], -1, options.single_split or e[2] or "test", e[3]) for e in entries]
+        _refuse_duplicates(root, records)
+        return DatasetManifest(str(root), kind, records, [], {"source": "unlabelled"})
+    if not all(labelled):
+        raise DatasetError(f"dataset {root}: some images have a label and some do not")
+    _refuse_duplicates(root, [Record(e[0], 0, "", e[3]) for e in entries])
     class_names, index = _class_index([e[1] for e in entries])
     labels = np.array([index[e[1]] for e in entries])
     given = [e[2] for e in entries]
-    if all(s is not None for s in given):
+    if options.single_split is not None:
+        splits, info = [options.single_split] * len(entries), {"source": options.single_split}
+    elif all(s is not None for s in given):
         splits, info = given, {"source": "given"}
-        if "val" not in splits and val_fraction > 0:
+        if "val" not in splits and "test" in splits and val_fraction > 0:
             splits = draw_val_from_train(labels, splits, seed, val_fraction)
             info = {"source": "given", "val": "drawn from train", "seed": seed, "val_fraction": val_fraction}
     elif any(s is not None for s in given):
@@ -241,18 +385,36 @@ def _finish(root, kind, entries, seed, val_fraction, test_fraction) -> DatasetMa
         except DatasetError as exc:
             raise DatasetError(f"dataset {root}: {exc}") from None
         info = {"source": "stratified", "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-    ids = [e[0] for e in entries]
-    if len(set(ids)) != len(ids):
-        raise DatasetError(f"dataset {root}: image ids are not unique")
-    records = [Record(i, int(lab), s, src) for i, lab, s, src in zip(ids, labels, splits, [e[3] for e in entries])]
+    records = [Record(e[0], int(lab), s, e[3]) for e, lab, s in zip(entries, labels, splits)]
     return DatasetManifest(str(root), kind, records, class_names, info)
 
 
-def _open_folder(root: Path, seed, val_fraction, test_fraction) -> DatasetManifest:
+def _refuse_duplicates(root, records: list[Record]) -> None:
+    """The same image twice (ids, or resolved files of single-sample records) would leak across splits."""
+    ids, files = {}, {}
+    for r in records:
+        if r.id in ids:
+            raise DatasetError(f"dataset {root}: image id {r.id!r} appears twice")
+        ids[r.id] = r
+        if r.file is not None and r.source == r.file:
+            real = os.path.realpath(r.file)
+            if real in files:
+                raise DatasetError(f"dataset {root}: {files[real].id!r} and {r.id!r} are the same file ({real}); "
+                                   "an image listed twice can land in two splits")
+            files[real] = r
+
+
+def _open_folder(root: Path, seed, val_fraction, test_fraction, options: DatasetOptions) -> DatasetManifest:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(filter(_is_image, root.iterdir()))
     split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_ALIASES]
     entries = []
-    if split_dirs:
+    if loose and subdirs:
+        raise DatasetError(f"dataset {root}: holds both images and folders; put images in class folders")
+    if loose:  # unlabelled images (allowed for prediction only)
+        for f in loose:
+            entries += [(i, None, None, src) for i, src in _expand(f.name, f, options)]
+    elif split_dirs:
         if len(split_dirs) != len(subdirs):
             others = [p.name for p in subdirs if p not in split_dirs]
             raise DatasetError(f"dataset {root}: mixes split folders with other folders {others}")
@@ -260,34 +422,60 @@ def _open_folder(root: Path, seed, val_fraction, test_fraction) -> DatasetManife
             split = _SPLIT_ALIASES[split_dir.name.lower()]
             for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
                 for f in sorted(filter(_is_image, class_dir.iterdir())):
-                    entries.append((f.relative_to(root).as_posix(), class_dir.name, split, str(f)))
+                    rel = f.relative_to(root).as_posix()
+                    entries += [(i, class_dir.name, split, src) for i, src in _expand(rel, f, options)]
     else:
         for class_dir in subdirs:
             for f in sorted(filter(_is_image, class_dir.iterdir())):
-                entries.append((f.relative_to(root).as_posix(), class_dir.name, None, str(f)))
-    return _finish(root, "folder", entries, seed, val_fraction, test_fraction)
+                rel = f.relative_to(root).as_posix()
+                entries += [(i, class_dir.name, None, src) for i, src in _expand(rel, f, options)]
+    return _finish(root, "folder", entries, seed, val_fraction, test_fraction, options)
 
 
-def _open_csv(csv_path: Path, seed, val_fraction, test_fraction) -> DatasetManifest:
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "path" not in columns or "label" not in columns:
-            raise DatasetError(f"{csv_path}: needs columns 'path' and 'label', found {columns}")
-        rows = list(reader)
-    entries = []
+def _open_csv(csv_path: Path, seed, val_fraction, test_fraction, options: DatasetOptions) -> DatasetManifest:
+    pc, lc, sc = options.path_column, options.label_column, options.split_column
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first name
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{csv_path}: not a readable CSV: {exc}") from None
+    need = [pc] + ([lc] if options.require_labels else [])
+    missing = [c for c in need if c not in columns]
+    if missing:
+        raise DatasetError(f"{csv_path}: needs the column(s) {', '.join(repr(c) for c in missing)}, found {columns} "
+                           "(rename them with --path-column / --label-column)")
+    has_labels = lc in columns
+    entries, raw_labels = [], []
     for line, row in enumerate(rows, start=2):
-        rel = row["path"]
-        source = (csv_path.parent / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+        if None in row.values() or None in row:
+            raise DatasetError(f"{csv_path}, line {line}: the row has {len([v for v in row.values() if v is not None])} "
+                               f"cells where the header has {len(columns)}")
+        rel = (row[pc] or "").strip()
+        if not rel:
+            raise DatasetError(f"{csv_path}, line {line}: the {pc!r} cell is empty")
+        label = (row[lc] or "").strip() if has_labels else None
+        if has_labels and not label:
+            raise DatasetError(f"{csv_path}, line {line}: the {lc!r} cell is empty")
+        source = Path(rel) if Path(rel).is_absolute() else (csv_path.parent / rel).resolve()
         if not source.is_file():
             raise DatasetError(f"{csv_path}, line {line}: image {source} does not exist")
-        split = row.get("split") or None
+        split = (row.get(sc) or "").strip() or None
         if split is not None:
             if split.lower() not in _SPLIT_ALIASES:
                 raise DatasetError(f"{csv_path}, line {line}: unknown split {split!r}")
             split = _SPLIT_ALIASES[split.lower()]
-        entries.append((rel, row["label"].strip(), split, str(source)))
-    return _finish(csv_path, "csv", entries, seed, val_fraction, test_fraction)
+        rel_id = Path(os.path.normpath(rel)).as_posix()
+        for i, src in _expand(rel_id, source, options):
+            entries.append([i, label, split, src])
+            raw_labels.append(label)
+    if has_labels:
+        for e, lab in zip(entries, _canonical_labels(raw_labels, str(csv_path))):
+            e[1] = lab
+    return _finish(csv_path, "csv", [tuple(e) for e in entries], seed, val_fraction, test_fraction, options)
 
 
 def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -295,7 +483,7 @@ def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
         return {s: z[f"{s}_images"] for s in SPLITS if f"{s}_images" in z}
 
 
-def _open_npz(path: Path) -> DatasetManifest:
+def _open_npz(path: Path, options: DatasetOptions) -> DatasetManifest:
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -304,14 +492,51 @@ def _open_npz(path: Path) -> DatasetManifest:
         present = [s for s in SPLITS if f"{s}_images" in z]
         if not present:
             raise DatasetError(f"{path}: expected arrays train_images/train_labels (and val_, test_), found {z.files}")
+        names = None
+        if "class_names" in z.files:
+            try:
+                names = [str(n) for n in z["class_names"].tolist()]
+            except ValueError:
+                raise DatasetError(f"{path}: class_names must be an array of strings (saved without pickle)") from None
         entries = []
         for s in present:
             if f"{s}_labels" not in z:
                 raise DatasetError(f"{path}: has {s}_images but no {s}_labels")
-            images, labels = z[f"{s}_images"], np.asarray(z[f"{s}_labels"])
+            try:
+                labels = np.asarray(z[f"{s}_labels"])
+            except ValueError:
+                raise DatasetError(f"{path}: {s}_labels holds Python objects; labels must be an integer array") from None
+            images = z[f"{s}_images"]
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
+            if labels.ndim == 2:
+                raise DatasetError(f"{path}: {s}_labels has shape {labels.shape}: multi-label data (several labels per "
+                                   "image, as in ChestMNIST) is not supported; samcache trains single-label classifiers")
             if labels.ndim != 1 or len(labels) != len(images):
                 raise DatasetError(f"{path}: {s}_labels has shape {labels.shape} for {len(images)} images")
-            entries += [(f"{s}/{i:06d}", str(int(lab)), s, f"npz:{s}:{i}") for i, lab in enumerate(labels)]
-    return _finish(path, "npz", entries, 0, 0.1, 0.2)
+            if labels.dtype.kind in "USO":
+                raise DatasetError(f"{path}: {s}_labels holds text ({labels.dtype}); store integer class indices, and "
+                                   "their names in a class_names array")
+            if labels.dtype.kind == "f":
+                if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+                    bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))][:3]
+                    raise DatasetError(f"{path}: {s}_labels holds non-integer values ({', '.join(map(str, bad))}); "
+                                       "class labels must be integers")
+            if labels.dtype.kind not in "iuf" and labels.dtype.kind != "b":
+                raise DatasetError(f"{path}: {s}_labels has dtype {labels.dtype}; class labels must be integers")
+            if (labels < 0).any():
+                raise DatasetError(f"{path}: {s}_labels holds negative values; class labels start at 0")
+            entries += [(f"{s}/{i:06d}", int(lab), s, f"npz:{s}:{i}") for i, lab in enumerate(labels)]
+    if names is not None:
+        top = max(e[1] for e in entries)
+        if top >= len(names):
+            raise DatasetError(f"{path}: labels reach {top} but class_names has {len(names)} names")
+        entries = [(i, names[lab], s, src) for i, lab, s, src in entries]
+        manifest = _finish(path, "npz", entries, 0, 0.1, 0.2, options)
+        order = {n: k for k, n in enumerate(names)}  # keep the file's class order, not the sorted one
+        manifest.records = [Record(r.id, order[manifest.class_names[r.label]], r.split, r.source)
+                            for r in manifest.records]
+        manifest.class_names = list(names)
+        return manifest
+    entries = [(i, str(lab), s, src) for i, lab, s, src in entries]
+    return _finish(path, "npz", entries, 0, 0.1, 0.2, options)

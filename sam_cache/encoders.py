@@ -62,7 +62,6 @@ __all__ = [
     "build_tiny_sam",
 ]
 
-EMBED_SHAPE = (256, 64, 64)
 RANDOM_SEED = 0
 
 

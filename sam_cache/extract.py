@@ -30,11 +30,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DatasetManifest, open_dataset
-from .encoders import Encoder, create_encoder
+from .encoders import Encoder, EncoderError, create_encoder
 from .fast_attention import use_fast_attention
 from .preprocess import ImageDecodeError, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
 from . import distributed
-from .store import EmbeddingStore, StoreError, contiguous_runs, store_format
+from .errors import ConfigError
+from .extract_config import ExtractConfig
+from .store import EMBED_SHAPE, EmbeddingStore, StoreError, contiguous_runs, store_format
 
 __all__ = ["extract_dataset", "ExtractionResult"]
 
@@ -74,17 +76,19 @@ class _FrameDataset(Dataset):
                 "size": torch.zeros(2, dtype=torch.int64), "orig": torch.zeros(2, dtype=torch.int32),
                 "window": torch.full((2,), float("nan")), "image": torch.zeros(3, r, r, dtype=torch.uint8)}
         try:
-            array, dicom_window = self.manifest.read(index)
+            array, dicom_window = self.manifest.read(index, self.window)
             rgb, applied = to_rgb_uint8(array, self.window, dicom_window)
-        except ImageDecodeError as exc:
-            item["error"] = str(exc)
+            frame, size = load_frame(rgb, s)
+            image = pad_to_square(resize_longest_side(rgb, r), r).transpose(2, 0, 1).copy() if r else None
+        except Exception as exc:  # any per-image failure is a skipped image, named with its reason; never a crash
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            item["error"] = reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {reason}"
             return item
-        frame, size = load_frame(rgb, s)
         item.update(frame=torch.from_numpy(frame), size=torch.tensor(size), orig=torch.tensor(rgb.shape[:2], dtype=torch.int32))
         if applied is not None:
             item["window"] = torch.tensor(applied, dtype=torch.float32)
-        if r:
-            item["image"] = torch.from_numpy(pad_to_square(resize_longest_side(rgb, r), r).transpose(2, 0, 1).copy())
+        if image is not None:
+            item["image"] = torch.from_numpy(image)
         return item
 
 
@@ -144,7 +148,7 @@ def _refuse_dataset_overlap(manifest: DatasetManifest, out: str) -> None:
         return
     target = os.path.realpath(out)
     inside = target.rstrip(os.sep) + os.sep
-    files = [manifest.root] + [r.source for r in manifest.records if not r.source.startswith("npz:")]
+    files = [manifest.root] + [r.file for r in manifest.records if r.file is not None]
     for f in files:
         real = os.path.realpath(f)
         if real == target or real.startswith(inside):
@@ -161,64 +165,48 @@ def _progress(enabled: bool):
     )
 
 
-def extract_dataset(
-    dataset: str | Path | DatasetManifest,
-    out: str | Path,
-    encoder: str | Encoder = "litemedsam",
-    checkpoint: str | Path | None = None,
-    random_weights: bool = False,
-    dtype: str = "float16",
-    image_size: int | None = 224,
-    batch_size: int = 8,
-    num_workers: int = 2,
-    device: str | None = None,
-    overwrite: bool = False,
-    shard_size: int = 16,
-    block_size: int | None = None,
-    window: str = "auto",
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    progress: bool = True,
-    attention: str = "auto",
-    compile: bool = False,
-) -> ExtractionResult:
+def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, encoder: str | Encoder | None = None,
+                    config: ExtractConfig | None = None, **options) -> ExtractionResult:
     """Run a frozen encoder over a dataset and store one embedding per image.
 
     Arguments:
       dataset: a path :func:`open_dataset` reads, or a manifest.
       out: the store path (``.zarr`` folder, fsspec URL, or ``.h5`` file).
-      encoder: a registry name (with ``checkpoint``/``random_weights``) or a built :class:`Encoder`.
-      dtype: stored embedding dtype, ``float16`` (default), ``bfloat16``, ``float32`` or ``int8``
-        (per-channel scales; half the bytes of float16).
-      image_size: also store each image at this resolution in the embedding's frame (None: don't).
-      batch_size, num_workers: encoder batch and decoding processes.
-      device: ``"cuda"``, ``"cpu"``...; default CUDA when available.
-      overwrite: delete an existing store at ``out`` first instead of resuming it.
-      shard_size: samples per Zarr shard file.
-      block_size: rows per unit of distributed work (a multiple of ``shard_size``); see
-        :mod:`sam_cache.distributed`.
-      window: how deep images reach 8 bits (see :class:`~sam_cache.preprocess.Preprocessing`).
-      seed, val_fraction, test_fraction: the split drawn for data that has none.
-      progress: show a rich progress bar.
-      attention: ``sdpa`` (the fused path of :mod:`sam_cache.fast_attention`, equal to stock to
-        float tolerance), ``stock``, or ``auto`` (sdpa on CUDA). SAM ViTs only.
-      compile: wrap the encoder in ``torch.compile``.
+      encoder: a registry name (default: the config's, ``litemedsam``), or a built
+        :class:`Encoder` (benchmarks).
+      config: an :class:`~sam_cache.extract_config.ExtractConfig`; or give its fields as keywords
+        (``image_size=64, num_workers=0, ...``), checked the same way before anything is done.
 
     Returns:
-      An :class:`ExtractionResult`; ``skipped`` lists images that could not be decoded (also kept
+      An :class:`ExtractionResult`; ``skipped`` lists images that could not be read (also kept
       in the store's attributes). Stored rows are never lost: a failure leaves every done row.
 
     Raises:
+      ConfigError: a bad option (checked before any file is touched).
       StoreMismatchError: ``out`` exists with another signature (and not ``overwrite``).
       EncoderError, DatasetError, StoreError: bad encoder, dataset or store.
     """
+    if config is None:
+        name = encoder.name if isinstance(encoder, Encoder) else (encoder or "litemedsam")
+        config = ExtractConfig(encoder=name, **options)
+    elif options:
+        raise ConfigError(f"pass either config or keyword options, not both ({', '.join(options)})")
+    elif isinstance(encoder, str) and encoder != config.encoder:
+        raise ConfigError(f"encoder {encoder!r} differs from the config's {config.encoder!r}")
+    c = config
+    if not isinstance(encoder, Encoder):
+        encoder = c.encoder
+    checkpoint, random_weights, dtype, image_size = c.checkpoint, c.random_weights, c.dtype, c.image_size
+    batch_size, num_workers, device, overwrite = c.batch_size, c.num_workers, c.device, c.overwrite
+    shard_size, block_size, window, progress, attention = c.shard_size, c.block_size, c.window, c.progress, c.attention
     manifest = dataset if isinstance(dataset, DatasetManifest) else open_dataset(
-        dataset, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+        dataset, seed=c.seed, val_fraction=c.val_fraction, test_fraction=c.test_fraction,
+        options=c.dataset_options())
     if isinstance(encoder, str):
         encoder = create_encoder(encoder, checkpoint=checkpoint, random_weights=random_weights, window=window)
     image_size = image_size or None
-    signature = dict(encoder.signature(), dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size)
+    signature = dict(encoder.signature(), dtype=dtype, manifest_sha256=manifest.sha256(), image_size=image_size,
+                     grid=c.grid)
     out = str(out)
     _refuse_dataset_overlap(manifest, out)
     want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -239,9 +227,11 @@ def extract_dataset(
                     existing.check_signature(signature)
             else:
                 EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size,
-                                      shard_size=shard_size, block_size=block_size).close()
-        except (StoreError, OSError) as exc:
+                                      shard_size=shard_size, block_size=block_size, grid=c.grid).close()
+        except StoreError as exc:
             error = exc
+        except OSError as exc:  # a read-only folder, a full disk: say so in one line
+            error = StoreError(f"cannot create store {out}: {exc.strerror or exc}")
     errors = ctx.gather(None if error is None else f"{type(error).__name__}: {error}")
     if errors[0] is not None:
         ctx.close()
@@ -254,12 +244,10 @@ def extract_dataset(
     mine = distributed.rank_row_mask(len(manifest), store.block_size, ctx.rank, ctx.world)
     pending = np.flatnonzero(~store.done & mine)
     result = ExtractionResult(out, len(manifest), already, 0, rank=ctx.rank)
-    if attention not in ("auto", "sdpa", "stock"):
-        raise ValueError(f"attention must be auto, sdpa or stock, got {attention!r}")
     model = encoder.model.to(dev)
-    if attention == "sdpa" or (attention == "auto" and dev.type == "cuda"):
-        use_fast_attention(model)
-    if compile:
+    if attention in ("sdpa", "flex") or (attention == "auto" and dev.type == "cuda"):
+        use_fast_attention(model, "flex" if attention == "flex" else "sdpa")
+    if c.compile:
         model = torch.compile(model)
     pre = encoder.preprocessing
     # int8 is quantized by the writer from float32, per sample and channel
@@ -289,7 +277,13 @@ def extract_dataset(
                     frames = batch["frame"][sel].to(dev, non_blocking=True)
                     x = normalize_frames(frames, batch["size"][sel], pre)
                     with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-                        emb = model(x).to(torch_dtype)
+                        emb = model(x)
+                        if tuple(emb.shape[1:]) != EMBED_SHAPE:
+                            raise EncoderError(f"encoder {encoder.name!r} gave {tuple(emb.shape[1:])} per image, not "
+                                               f"the {EMBED_SHAPE} that every encoder must give")
+                        if c.grid != 64:  # a compact stored form: pool on the device, before the copy
+                            emb = torch.nn.functional.avg_pool2d(emb.float(), 64 // c.grid)
+                        emb = emb.to(torch_dtype)
                     ready = None
                     if dev.type == "cuda":
                         host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)

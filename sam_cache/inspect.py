@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import SPLITS
-from .store import EMBED_SHAPE, EmbeddingStore
+from .store import EmbeddingStore
 
 __all__ = ["summarize_store", "verify_store"]
 
@@ -46,7 +46,7 @@ def summarize_store(path: str | Path) -> dict:
             "format": store.format,
             "samples": len(store),
             "done": int(store.done.sum()),
-            "embedding_shape": list(EMBED_SHAPE),
+            "embedding_shape": list(store.embed_shape),
             "dtype": meta["dtype"],
             "encoder": meta["encoder"],
             "checkpoint_sha256": meta["checkpoint_sha256"],
@@ -95,8 +95,8 @@ def verify_store(path: str | Path, progress=None) -> list[str]:
     problems: list[str] = []
     with EmbeddingStore.open(path) as store:
         emb = store.embeddings
-        if tuple(emb.shape[1:]) != EMBED_SHAPE:
-            return [f"embeddings have shape {tuple(emb.shape)}, expected (N, {', '.join(map(str, EMBED_SHAPE))})"]
+        if tuple(emb.shape[1:]) != store.embed_shape:
+            return [f"embeddings have shape {tuple(emb.shape)}, expected (N, {', '.join(map(str, store.embed_shape))})"]
         k = len(store.class_names)
         bad = np.flatnonzero((store.labels < 0) | (store.labels >= max(k, 1)))
         if len(bad):

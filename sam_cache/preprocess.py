@@ -57,6 +57,10 @@ PREPROCESSING_VERSION = 2
 INTENSITIES = ("fixed", "minmax")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+# Larger images are skipped as unreadable: 100 megapixels (a 10000x10000 scan) is about 300 MB of RGB
+# before resizing, per decoding worker. PIL's own bomb check, which we replace, stops at 179 megapixels.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # our limit above applies instead, and names the file
 
 
 class ImageDecodeError(SamcacheError):
@@ -132,53 +136,104 @@ def _choose_window(array: np.ndarray, window: str, dicom_window: tuple[float, fl
     return float(finite.min()), float(finite.max())
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+def _read_dicom(path: Path, window: str = "auto", frame: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """A DICOM frame as 8-bit grey, windowed the way DICOM says, with pydicom's own LUT functions.
+
+    The Modality LUT (or rescale slope and intercept) is applied with ``apply_modality_lut``. Then
+    ``window``: ``auto`` applies the file's VOI LUT (a LUT sequence, or WindowCenter/WindowWidth
+    with its VOI LUT function) with ``apply_voi_lut`` and maps its output range onto 0..255; a file
+    without one, and ``minmax``, use the frame's own min..max; ``LO,HI`` a fixed window on the
+    modality values. MONOCHROME1 (inverted grey) is inverted *after* the window, as the standard
+    says. Returns ``(uint8 HxW, (lo, hi) applied in modality units)``.
+    """
     try:
         import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pragma: no cover - depends on the optional extra
         raise ImageDecodeError("reading DICOM needs pydicom: pip install 'samcache[dicom]'") from None
     try:
         ds = pydicom.dcmread(str(path))
-        array = ds.pixel_array.astype(np.float64)
+        raw = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad files
         raise ImageDecodeError(f"not a readable DICOM file: {exc}") from exc
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    array = array * slope + intercept
-    window = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = ds.WindowCenter, ds.WindowWidth
-        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        window = (center - width / 2.0, center + width / 2.0)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        if frame is None:
+            raise ImageDecodeError(f"has {frames} frames; read it through a dataset, which makes one sample per frame")
+        raw = raw[frame]
+    if raw.ndim != 2:
+        raise ImageDecodeError(f"DICOM pixel data of shape {raw.shape} is not one grey frame")
+    values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if window == "auto" and has_voi:
+        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        ends = np.asarray(apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0), dtype=np.float64)
+        grey = window_to_uint8(out, (float(ends.min()), float(ends.max())))
+        applied = _voi_window(ds)
+    else:
+        applied = _choose_window(values, "minmax" if window == "auto" else window, None)
+        grey = window_to_uint8(values, applied)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        array = array.max() + array.min() - array  # MONOCHROME1 stores inverted grey
-    return array, window
+        grey = 255 - grey  # inverted grey: invert after the window
+    return grey, applied
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Decode an image file to an array without changing its bit depth.
+def _voi_window(ds) -> tuple[float, float] | None:
+    """The first linear VOI window as (lo, hi), for the store's record; None for a LUT sequence."""
+    import pydicom
+
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = ds.WindowCenter, ds.WindowWidth
+    center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+    width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    return center - width / 2.0, center + width / 2.0
+
+
+def dicom_frames(path: str | Path) -> int:
+    """How many frames a DICOM file holds (its header only is read); 1 when it cannot tell."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except Exception:  # an unreadable file is reported when its pixels are read
+        return 1
+
+
+def read_image(path: str | Path, window: str = "auto", frame: int | None = None
+               ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Decode an image file to an array.
 
     Arguments:
       path: a PNG, JPEG, BMP, TIFF or DICOM (``.dcm``) file.
+      window: how a DICOM file reaches 8 bits (see :class:`Preprocessing`); other files keep
+        their bit depth and are windowed by :func:`to_rgb_uint8`.
+      frame: the frame of a multi-frame DICOM.
 
     Returns:
-      ``(array, dicom_window)``: the array is ``HxW`` or ``HxWxC`` in the file's own dtype;
-      ``dicom_window`` is the file's (lo, hi) display window, or None.
+      ``(array, dicom_window)``: the array is ``HxW`` or ``HxWxC``, in the file's own dtype, or
+      uint8 for DICOM; ``dicom_window`` is the (lo, hi) that windowed a DICOM file, or None.
 
     Raises:
-      ImageDecodeError: the file is corrupt, truncated, empty or not an image.
+      ImageDecodeError: the file is corrupt, truncated, empty, larger than :data:`MAX_PIXELS`,
+        or not an image.
     """
     path = Path(path)
     if path.suffix.lower() == ".dcm":
-        return _read_dicom(path)
+        return _read_dicom(path, window, frame)
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageDecodeError(f"image of {im.width}x{im.height} pixels is larger than the limit of "
+                                       f"{MAX_PIXELS:,} pixels")
             im.load()  # force a full decode so that truncation is caught here
             if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
                 im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
             array = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     return array, None
 
@@ -199,7 +254,7 @@ def to_rgb_uint8(
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or array.size == 0:
         raise ImageDecodeError(f"unsupported image array of shape {array.shape}")
-    applied = None
+    applied = dicom_window if array.dtype == np.uint8 else None  # a DICOM file comes windowed already
     if array.dtype != np.uint8:
         applied = _choose_window(array, window, dicom_window)
         array = window_to_uint8(array, applied)
@@ -211,7 +266,7 @@ def to_rgb_uint8(
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """The ``(h, w)`` after scaling the longest side to ``long_side``; segment-anything's rule."""
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))  # a 4000x1 strip keeps 1 row
 
 
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:

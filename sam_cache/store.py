@@ -6,9 +6,11 @@ HDF5; ``N`` is the number of images in the dataset manifest, in manifest order:
 ==============  ======================  ========  ==========================================
 array           shape                   dtype     meaning
 ==============  ======================  ========  ==========================================
-embeddings      (N, 256, 64, 64)        float16   encoder output; one chunk per sample
+embeddings      (N, 256, G, G)          float16   encoder output; one chunk per sample
                                                   (Zarr: ``shard_size`` samples per shard file);
-                                                  or bfloat16, float32, or int8 with ``scales``
+                                                  or bfloat16, float32, or int8 with ``scales``.
+                                                  G is 64, or a compact grid (32, 16, 8) made by
+                                                  average pooling (``grid`` attribute)
 images          (N, 3, R, R)            uint8     optional: the image in the embedding's frame
                                                   (longest side R, zero pad bottom/right)
 labels          (N,)                    int64     class index into ``class_names``
@@ -16,6 +18,7 @@ ids             (N,)                    str       sample id (path relative to th
 splits          (N,)                    uint8     index into ``SPLITS`` (train, val, test)
 orig_size       (N, 2)                  int32     original image (height, width)
 valid           (N, 2)                  int32     rows, cols of the 64x64 grid that see image
+                                                  (in 64-grid units whatever G is)
 window          (N, 2)                  float32   (lo, hi) that mapped a deep image to 8 bits;
                                                   NaN for 8-bit images
 done            (N,)                    bool      set only after the sample's rows are written
@@ -66,12 +69,13 @@ from .errors import SamcacheError
 from .datasets import SPLITS, DatasetManifest
 
 __all__ = ["EmbeddingStore", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format",
-           "bytes_per_row", "encode_embeddings"]
+           "bytes_per_row", "encode_embeddings", "pool_to_grid", "EMBED_SHAPE", "GRIDS"]
 
 SCHEMA_VERSION = 2
 EMBED_SHAPE = (256, 64, 64)
 SIGNATURE_KEYS = ("encoder", "checkpoint_sha256", "random_weights", "preprocessing", "dtype",
-                  "manifest_sha256", "image_size")
+                  "manifest_sha256", "image_size", "grid")
+GRIDS = (64, 32, 16, 8)
 _DTYPES = ("float16", "float32", "bfloat16", "int8")
 _NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int8": "int8",
                  "bfloat16": "uint16"}  # numpy has no bfloat16: the store keeps its raw bits
@@ -130,12 +134,25 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def bytes_per_row(dtype: str) -> int:
-    """Stored bytes of one embedding in ``dtype`` (int8 counts its float32 scale per channel)."""
+def bytes_per_row(dtype: str, grid: int = 64) -> int:
+    """Stored bytes of one embedding in ``dtype`` on a ``grid x grid`` grid (int8 counts its scales)."""
     if dtype not in _DTYPES:
         raise StoreError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
-    return int(np.prod(EMBED_SHAPE)) * itemsize + (EMBED_SHAPE[0] * 4 if dtype == "int8" else 0)
+    return EMBED_SHAPE[0] * grid * grid * itemsize + (EMBED_SHAPE[0] * 4 if dtype == "int8" else 0)
+
+
+def pool_to_grid(x, grid: int):
+    """Average-pool ``(n, 256, 64, 64)`` embeddings (numpy or torch) to ``grid x grid`` (torch out)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.shape[-1] == grid:
+        return t
+    if t.shape[-1] % grid:
+        raise StoreError(f"cannot pool a {t.shape[-1]}x{t.shape[-1]} grid to {grid}x{grid}")
+    return F.avg_pool2d(t.float(), t.shape[-1] // grid)
 
 
 def encode_embeddings(x, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -185,10 +202,11 @@ def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarra
 
 
 class _ZarrBackend:
-    def __init__(self, path: str, mode: str):
+    def __init__(self, path: str, mode: str, attributes: dict | None = None):
         import zarr
 
-        self.root = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path))
+        kwargs = {"attributes": attributes} if attributes is not None else {}
+        self.root = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path), **kwargs)
 
     def create_array(self, name, shape, dtype, chunks, shards=None):
         kwargs = {"shards": shards} if shards else {}
@@ -298,8 +316,9 @@ class EmbeddingStore:
         self.writable = writable
         self.meta = backend.get_meta()
         if self.meta.get("creating"):
-            raise StoreError(f"{path} is a samcache store whose creation was interrupted before any row was "
-                             "written; remove it, or extract with --overwrite to start it over")
+            raise StoreError(f"{path} is a samcache store that is being created, or whose creation was interrupted "
+                             "before any row was written; if no extraction is running, remove it or extract with "
+                             "--overwrite to start it over")
         if self.meta.get("schema_version") is None:
             raise StoreError(f"{path} exists and is not a samcache store; choose another path")
         if self.meta["schema_version"] > SCHEMA_VERSION:
@@ -327,6 +346,7 @@ class EmbeddingStore:
         shard_size: int = 16,
         block_size: int | None = None,
         manifest_sha256: str | None = None,
+        grid: int = 64,
     ) -> "EmbeddingStore":
         """Create an empty store for ``manifest``; nothing is marked done.
 
@@ -341,6 +361,7 @@ class EmbeddingStore:
             to a distributed rank; a multiple of ``shard_size`` (default: about 1024 rows).
           manifest_sha256: the dataset hash to record (default ``manifest.sha256()``); a store
             converted from another keeps its source's hash.
+          grid: the side of the stored embedding grid: 64, or a compact 32, 16 or 8 (average pooled).
 
         Raises:
           StoreError: the path exists already, or an argument is out of range.
@@ -352,16 +373,23 @@ class EmbeddingStore:
             raise StoreError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if shard_size < 1:
             raise StoreError("shard_size must be at least 1")
+        if grid not in GRIDS:
+            raise StoreError(f"grid must be one of {GRIDS}, got {grid}")
         n = len(manifest)
         block = block_size or shard_size * max(1, 1024 // shard_size)
         if block % shard_size:
             raise StoreError(f"block_size {block} must be a multiple of shard_size {shard_size}")
         fmt = store_format(path)
-        b = _H5Backend(path, "w") if fmt == "hdf5" else _ZarrBackend(path, "w")
-        b.set_meta({"creating": True})  # first: a store killed while being made is still known as ours
-        b.flush()
-        shards = (min(shard_size, n),) + EMBED_SHAPE if fmt == "zarr" else None
-        b.create_array("embeddings", (n,) + EMBED_SHAPE, _NUMPY_DTYPES[dtype], (1,) + EMBED_SHAPE, shards)
+        # marked from its first byte: a store killed while being made, or read while being made, is known as ours
+        if fmt == "hdf5":
+            b = _H5Backend(path, "w")
+            b.set_meta({"creating": True})
+            b.flush()
+        else:
+            b = _ZarrBackend(path, "w", attributes={"samcache": {"creating": True}})
+        shape = (EMBED_SHAPE[0], grid, grid)
+        shards = (min(shard_size, n),) + shape if fmt == "zarr" else None
+        b.create_array("embeddings", (n,) + shape, _NUMPY_DTYPES[dtype], (1,) + shape, shards)
         if image_size:
             img_shape = (3, image_size, image_size)
             b.create_array("images", (n,) + img_shape, "uint8", (1,) + img_shape,
@@ -386,7 +414,7 @@ class EmbeddingStore:
         meta = {"schema_version": SCHEMA_VERSION}
         meta.update({k: signature.get(k) for k in ("encoder", "checkpoint_sha256", "random_weights", "preprocessing")})
         meta.update(
-            dtype=dtype, manifest_sha256=manifest_sha256 or manifest.sha256(), image_size=image_size,
+            dtype=dtype, grid=grid, manifest_sha256=manifest_sha256 or manifest.sha256(), image_size=image_size,
             class_names=list(manifest.class_names), split_info=manifest.split_info,
             dataset={"root": manifest.root, "kind": manifest.kind}, shard_size=shard_size, block_size=block,
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -484,7 +512,7 @@ class EmbeddingStore:
     # signature -----------------------------------------------------------------------------
     @property
     def signature(self) -> dict:
-        return {k: self.meta.get(k) for k in SIGNATURE_KEYS}
+        return {k: self.meta.get(k, 64 if k == "grid" else None) for k in SIGNATURE_KEYS}
 
     def check_signature(self, expected: dict) -> None:
         """Refuse to mix: raise :class:`StoreMismatchError` naming every field that differs."""
@@ -525,9 +553,19 @@ class EmbeddingStore:
         return int(self.meta.get("shard_size") or 16)
 
     @property
+    def grid(self) -> int:
+        """The side of the stored embedding grid: 64, or a compact 32, 16 or 8."""
+        return int(self.meta.get("grid", 64))
+
+    @property
+    def embed_shape(self) -> tuple[int, int, int]:
+        """``(256, G, G)``."""
+        return (EMBED_SHAPE[0], self.grid, self.grid)
+
+    @property
     def bytes_per_row(self) -> int:
         """Stored bytes of one sample's embedding, int8 scales included."""
-        return bytes_per_row(self.dtype)
+        return bytes_per_row(self.dtype, self.grid)
 
     @property
     def has_masks(self) -> bool:
@@ -604,7 +642,12 @@ class EmbeddingStore:
         check = verify and column is not None and self.has_checksums
         parts = []
         for _, start, stop in contiguous_runs(indices):
-            raw = np.asarray(self._b[name][start:stop])
+            try:
+                raw = np.asarray(self._b[name][start:stop])
+            except Exception as exc:  # zarr and h5py raise many kinds for a truncated or damaged file
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise StoreError(f"store {self.path}: {name} of rows {start}-{stop - 1} cannot be read ({first}); a shard "
+                                 f"file may be truncated or damaged: run `samcache verify {self.path}`") from None
             if check:
                 self._verify(name, column, start, stop, raw)
             if name == "embeddings":
@@ -651,8 +694,9 @@ class EmbeddingStore:
 
         Arguments:
           start: the first row.
-          embeddings: ``(n, 256, 64, 64)`` floats, numpy or torch, in any float dtype; the store
-            encodes them as its own ``dtype`` (see the module docstring).
+          embeddings: ``(n, 256, G, G)`` floats, numpy or torch, in any float dtype; the store
+            encodes them as its own ``dtype`` (see the module docstring). ``(n, 256, 64, 64)``
+            rows are average-pooled to a compact store's grid.
           orig_size, valid, window: ``(n, 2)`` per-sample geometry, as in the layout table.
           images: ``(n, 3, R, R)`` uint8 when the store keeps images.
 
@@ -664,9 +708,11 @@ class EmbeddingStore:
         """
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only")
+        if self.grid != 64 and tuple(embeddings.shape[-2:]) == (64, 64):
+            embeddings = pool_to_grid(embeddings, self.grid)
         raw, scales = encode_embeddings(embeddings, self.dtype)
-        if tuple(raw.shape[1:]) != EMBED_SHAPE:
-            raise StoreError(f"rows of shape {tuple(raw.shape[1:])} do not fit the store's {EMBED_SHAPE}")
+        if tuple(raw.shape[1:]) != self.embed_shape:
+            raise StoreError(f"rows of shape {tuple(raw.shape[1:])} do not fit the store's {self.embed_shape}")
         stop = start + len(raw)
         if scales is not None:
             self._b["scales"][start:stop] = scales

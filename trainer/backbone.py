@@ -47,7 +47,7 @@ def _file_sha256(path: Path) -> str:
 
 def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool = False,
                     pretrained_path: str | Path | None = None, in_chans: int = 3,
-                    **kwargs) -> tuple[nn.Module, dict]:
+                    class_names: list[str] | None = None, **kwargs) -> tuple[nn.Module, dict]:
     """``timm.create_model`` with pretrained weights by flag, by file, or LiteMedSAM's.
 
     Arguments:
@@ -57,7 +57,10 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
       pretrained: timm's default weights for ``name`` (through its cache or hub).
       pretrained_path: a local weights file, or ``"litemedsam"``; implies ``pretrained``.
       in_chans: input channels (4 for ``--focus channel``; timm adapts pretrained stems).
+      class_names: the classes (a ``clip:`` backbone builds its head from their names).
       kwargs: more model arguments (e.g. ``embed_dim`` for a small test Swin).
+
+    ``clip:MODEL[@TAG]`` builds an open_clip visual encoder instead (:mod:`trainer.clip_backbone`).
 
     Returns:
       ``(model, weights)``; ``weights`` is ``{"source", "sha256"}``: ``source`` is ``random``, the
@@ -65,9 +68,15 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
       tensors when no single file is known (None for random weights).
 
     Raises:
-      BackboneError: an unknown model, a missing file, weights that cannot be reached or do
-        not fit, or a model without ``feature_info``.
+      BackboneError: an unknown model, a missing file, or weights that cannot be reached or do
+        not fit.
     """
+    if name.startswith("clip:"):
+        from .clip_backbone import create_clip_backbone
+
+        names = class_names or [f"class {k}" for k in range(num_classes)]
+        return create_clip_backbone(name, names, img_size, pretrained,
+                                    None if pretrained_path is None else str(pretrained_path), in_chans)
     special = str(pretrained_path) == LITEMEDSAM if pretrained_path is not None else False
     source_name = name.split(":", 1)[0] if ":" in name else None
     if source_name not in (None, "hf-hub", "local-dir"):
@@ -108,8 +117,6 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
     if weights["source"] != "random" and weights["sha256"] is None:
         weights["sha256"] = weights_sha256({k: v for k, v in model.state_dict().items()
                                             if not k.startswith(_classifier_prefix(model))})
-    if not getattr(model, "feature_info", None):
-        raise BackboneError(f"timm model {name!r} exposes no feature_info, so SLCA cannot find its stages")
     return model, weights
 
 

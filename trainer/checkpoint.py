@@ -62,7 +62,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         raise TrainError(f"checkpoint {path} holds objects that are not tensors or plain values, so it was not "
                          f"loaded (a samcache checkpoint never does): {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # torch.load raises many kinds (KeyError, RuntimeError, EOFError...) for a non-checkpoint
         raise TrainError(f"checkpoint {path} is not a readable torch checkpoint: {_cause(exc)}") from None
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         raise TrainError(f"{path} is a torch file but not a samcache checkpoint (it lacks "

@@ -18,13 +18,14 @@ across the nesting (``lr``, ``window``, ``slca`` for ``slca.enabled``, ``slca_lr
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from sam_cache.errors import ConfigError
+from sam_cache.options import Option, opt, validate_fields
+from sam_cache.options import options as _options
 
 __all__ = ["TrainConfig", "SLCAConfig", "AugmentConfig", "Option", "options", "METRIC_KEYS"]
 
@@ -34,19 +35,6 @@ POOLS = ("avg", "max", "avgmax")
 GATES = ("scaled", "residual")
 FUSIONS = ("none", "mean", "meanstd")
 FOCUS_MODES = ("none", "background", "crop", "channel")
-
-
-def opt(default=dataclasses.MISSING, *, help: str, choices: tuple | None = None, low=None, high=None,
-        sweep: bool = False, flat: str | None = None, factory=None, flag: str | None = None):
-    """A config field with what the CLI, sweeps and validation need to know about it.
-
-    ``low``/``high`` bound numbers (inclusive); ``flat`` renames the leaf's flat name; ``flag`` is
-    the typer declaration of a boolean flag pair (e.g. ``"--slca/--no-slca"``).
-    """
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "sweep": sweep, "flat": flat, "flag": flag}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -68,7 +56,7 @@ class SLCAConfig:
     embed_dim: int = 256
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate_fields(self)
         if 64 % self.window:
             raise ConfigError(f"window: the SLCA window must divide 64, got {self.window}")
 
@@ -88,7 +76,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         self.crop_ratio = tuple(float(v) for v in self.crop_ratio)
-        _validate(self)
+        validate_fields(self)
 
     @property
     def crop_scale(self) -> tuple[float, float]:
@@ -162,7 +150,7 @@ class TrainConfig:
             self.slca = SLCAConfig(**self.slca)
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        _validate(self)
+        validate_fields(self)
         if self.train_fraction is not None and self.shots is not None:
             raise ConfigError("train_fraction and shots: pass one of them, not both")
         if self.pretrained_path is not None:
@@ -222,50 +210,9 @@ class TrainConfig:
         return {o.name: o.get(self) for o in options()}
 
 
-# the option table ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Option:
-    """One leaf option: its flat name, where it lives, and what it accepts."""
-
-    name: str
-    path: tuple[str, ...]
-    type: object
-    default: object
-    help: str
-    choices: tuple | None
-    low: object
-    high: object
-    sweep: bool
-    flag: str | None
-    required: bool
-
-    def get(self, cfg):
-        for p in self.path:
-            cfg = getattr(cfg, p)
-        return cfg
-
-
-def options(cls=TrainConfig, prefix: tuple[str, ...] = ()) -> list[Option]:
-    """Every leaf option of ``cls`` (nested configs flattened), in declaration order.
-
-    Fields without help (``embed_dim``, ``crop_ratio``) are fixed design constants, not options.
-    """
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += options(tp, prefix + (f.name,))
-            continue
-        if "help" not in f.metadata:
-            continue
-        m = f.metadata
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = f.default if f.default is not dataclasses.MISSING else (
-            None if required else f.default_factory())
-        out.append(Option(m["flat"] or f.name, prefix + (f.name,), tp, default, m["help"], m["choices"], m["low"],
-                          m["high"], m["sweep"], m["flag"], required))
-    return out
+def options() -> list[Option]:
+    """Every leaf option of :class:`TrainConfig` (nested configs flattened), in declaration order."""
+    return _options(TrainConfig)
 
 
 def _nest(d: dict, source: str) -> dict:
@@ -298,58 +245,3 @@ def _nest(d: dict, source: str) -> dict:
     return nested
 
 
-def _validate(obj) -> None:
-    """Check and normalize every option field of a config dataclass in place."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        if "help" not in f.metadata:
-            continue
-        m = f.metadata
-        name = m["flat"] or f.name
-        value = _coerce(name, getattr(obj, f.name), hints[f.name])
-        if value is not None and m["choices"] is not None and value not in m["choices"]:
-            raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}; got {value!r}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if m["low"] is not None and value < m["low"]:
-                raise ConfigError(f"{name} must be at least {m['low']}; got {value!r}")
-            if m["high"] is not None and value > m["high"]:
-                raise ConfigError(f"{name} must be at most {m['high']}; got {value!r}")
-        setattr(obj, f.name, value)
-
-
-def _coerce(name: str, value, tp):
-    """``value`` as type ``tp`` (only lossless conversions), or :class:`ConfigError`."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name} must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{name} must be an integer; got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
-        raise ConfigError(f"{name} must be a number; got {value!r}{hint}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name} must be text; got {value!r}")
-    if origin is list:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return [int(v) for v in value]
-        raise ConfigError(f"{name} must be a list of integers; got {value!r}")
-    if tp is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{name} must be a mapping; got {value!r}")
-    return value

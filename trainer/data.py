@@ -27,8 +27,8 @@ import math
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
+from sam_cache.regions import GRID, image_regions, roi_crop
 from sam_cache.store import EmbeddingStore
 
 from .config import AugmentConfig
@@ -38,14 +38,6 @@ from .stream import ShardStream
 __all__ = ["AugmentConfig", "PairedCache", "sample_boxes", "paired_views", "image_regions", "plan_residency",
            "cache_bytes", "mask_regions"]
 
-GRID = 64
-
-
-def image_regions(orig_size: np.ndarray) -> np.ndarray:
-    """``(N, 4)`` boxes ``x0, y0, x1, y1`` of each image inside the 64x64 grid (no padding)."""
-    h, w = orig_size[:, 0].astype(np.float64), orig_size[:, 1].astype(np.float64)
-    m = np.maximum(h, w)
-    return np.stack([np.zeros_like(h), np.zeros_like(h), GRID * w / m, GRID * h / m], 1)
 
 
 def mask_regions(masks: np.ndarray, regions: np.ndarray, margin: float = 0.1) -> np.ndarray:
@@ -85,11 +77,6 @@ def sample_boxes(regions: np.ndarray, aug: AugmentConfig | None, rng: np.random.
     return boxes, flips
 
 
-def _crop(x: torch.Tensor, boxes: torch.Tensor, out: int, scale: float) -> torch.Tensor:
-    rois = torch.cat([torch.arange(len(x), device=x.device, dtype=boxes.dtype).view(-1, 1), boxes * scale], 1)
-    return roi_align(x, rois.to(x.dtype), output_size=(out, out), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-
-
 def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, boxes: np.ndarray, flips: np.ndarray,
                  out_size: int, emb_size: int = GRID) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Cut the same box out of images and embeddings and flip both alike.
@@ -113,10 +100,10 @@ def paired_views(images: torch.Tensor | None, embeddings: torch.Tensor | None, b
     flipped = torch.as_tensor(np.flatnonzero(flips), device=dev)
     img_out = emb_out = None
     if images is not None:
-        img_out = _flip_some(_crop(images.float(), b, out_size, images.shape[-1] / GRID), flipped)
+        img_out = _flip_some(roi_crop(images.float(), b, out_size, images.shape[-1] / GRID), flipped)
     if embeddings is not None:
         e = embeddings if embeddings.is_cuda and embeddings.dtype == torch.float16 else embeddings.float()
-        emb_out = _flip_some(_crop(e, b, emb_size, 1.0), flipped)
+        emb_out = _flip_some(roi_crop(e, b, emb_size, e.shape[-1] / GRID), flipped)  # a compact store's grid too
     return img_out, emb_out
 
 
@@ -129,7 +116,7 @@ def _flip_some(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def cache_bytes(store: EmbeddingStore, n: int, embeddings: bool = True, masks: bool = False) -> int:
     """Bytes that ``n`` rows of ``store`` take in memory (images, masks, embeddings at 2 or 4 bytes a value)."""
-    emb = n * 256 * GRID * GRID * (4 if store.dtype == "float32" else 2) if embeddings else 0
+    emb = n * 256 * store.grid * store.grid * (4 if store.dtype == "float32" else 2) if embeddings else 0
     img = n * int(np.prod(store.images.shape[1:])) if store.images is not None else 0
     return emb + img + (img // 3 if masks else 0)
 

@@ -41,7 +41,7 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device | None = N
     cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
     dev = resolve_device(str(device) if device is not None else None)
     cfg = cfg.replace(device=str(dev), pretrained=False, pretrained_path=None)  # the weights come from the checkpoint
-    model, _ = build_model(cfg, len(state["class_names"]))
+    model, _ = build_model(cfg, len(state["class_names"]), state["class_names"])
     load_weights(model, state["model"])
     return model.to(dev), cfg, state
 

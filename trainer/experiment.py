@@ -38,14 +38,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from sam_cache import EmbeddingStore
+from sam_cache.regions import pooled_features as region_features
 
 from .config import METRIC_KEYS, TrainConfig
-from .data import PairedCache, paired_views
+from .data import PairedCache
 from .metrics import classification_metrics
-from .model import FUSE_GRID, embedding_stats
 from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import resolve_device, train
@@ -100,23 +99,21 @@ class StudyConfig:
                                       "train_fraction": None if fraction >= 1 else fraction, "out": str(out)})
 
 
-@torch.no_grad()
 def pooled_features(cache: PairedCache, rows: np.ndarray, kind: str = "mean", batch: int = 64) -> np.ndarray:
     """Embedding statistics of ``rows`` over their image regions, from the loaded cache.
 
-    The region, the resampling (to :data:`~trainer.model.FUSE_GRID`) and the statistics are the
-    ones ``--fuse`` uses (:func:`~trainer.data.paired_views`, :func:`~trainer.model.embedding_stats`).
+    The region and the statistics are :func:`sam_cache.regions.pooled_features`, the ones
+    ``--fuse`` uses; nothing is read from the store again.
 
     Returns:
       ``(len(rows), 256)`` for ``mean``, ``(len(rows), 512)`` for ``meanstd``, float32.
     """
-    out = []
+    out = [np.zeros((0, 256 if kind == "mean" else 512), np.float32)]
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         _, emb, _ = cache.batch(chunk, embeddings=True)
-        _, e = paired_views(None, emb, cache.regions_of(chunk), np.zeros(len(chunk), dtype=bool), 64, FUSE_GRID)
-        out.append(embedding_stats(e, kind).cpu().numpy().astype(np.float32))
-    return np.concatenate(out) if out else np.zeros((0, 256 if kind == "mean" else 512), np.float32)
+        out.append(region_features(emb, cache.store.orig_size[chunk], kind))
+    return np.concatenate(out)
 
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray, test_pos: np.ndarray,

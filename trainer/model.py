@@ -26,23 +26,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sam_cache.regions import STATS_GRID, grid_stats
+
 from .backbone import create_backbone
 from .config import SLCAConfig, TrainConfig
 from .errors import BackboneError
 from .slca import SLCA
 
-__all__ = ["Classifier", "build_model", "load_weights", "EmbeddingStats", "embedding_stats", "FUSE_GRID"]
-
-FUSE_GRID = 16  # embedding statistics of --fuse (and the study's probes) are taken over a 16x16 resampling
-
-
-def embedding_stats(emb: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-channel statistics over the spatial grid: ``B x C x H x W`` -> ``B x C`` (mean) or ``B x 2C``."""
-    e = emb.float()
-    mean = e.mean((2, 3))
-    if kind == "mean":
-        return mean
-    return torch.cat([mean, e.std((2, 3), unbiased=False)], 1)
+__all__ = ["Classifier", "build_model", "load_weights", "EmbeddingStats"]
 
 
 class EmbeddingStats(nn.Module):
@@ -58,7 +49,7 @@ class EmbeddingStats(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(embedding_stats(emb, self.kind)))
+        return self.head(self.norm(grid_stats(emb, self.kind)))
 
 
 class Classifier(nn.Module):
@@ -83,7 +74,10 @@ class Classifier(nn.Module):
                  img_size: int = 224):
         super().__init__()
         self.backbone = backbone
-        info = list(backbone.feature_info)
+        info = list(getattr(backbone, "feature_info", None) or [])
+        if slca.enabled and not info:
+            raise BackboneError(f"{type(backbone).__name__} has no feature stages (feature_info), so SLCA cannot gate "
+                                "it; train it with --no-slca (focus and fusion work without stages)")
         self.stage_names = [f["module"] for f in info]
         self.slca: SLCA | None = None
         self.stages: list[int] = []
@@ -112,11 +106,12 @@ class Classifier(nn.Module):
         """The side of the embedding view this model reads (what the batch pipeline resamples to).
 
         SLCA with average pooling reads its ``64/window`` grid; max pooling needs all 64; fusion
-        alone takes its statistics over :data:`FUSE_GRID` (the mean is the same at any grid).
+        alone takes its statistics over :data:`~sam_cache.regions.STATS_GRID` (16; the mean is the same
+        at any grid).
         """
         if self.slca is not None:
             return 64 if self.slca.config.pool != "avg" else max(1, 64 // self.slca.config.window)
-        return FUSE_GRID
+        return STATS_GRID
 
     def _find_layouts(self, info, img_size: int) -> None:
         modules = dict(self.backbone.named_modules())
@@ -188,7 +183,7 @@ class Classifier(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Classifier, dict]:
+def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | None = None) -> tuple[Classifier, dict]:
     """The run's model from its config, and where the backbone's weights came from.
 
     The backbone is built first, right after seeding with ``cfg.seed``, and the generator is
@@ -201,7 +196,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Classifier, dict]:
     torch.manual_seed(cfg.seed)
     in_chans = 4 if cfg.focus == "channel" else 3
     backbone, weights = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained, cfg.pretrained_path,
-                                        in_chans=in_chans, **cfg.backbone_kwargs)
+                                        in_chans=in_chans, class_names=class_names, **cfg.backbone_kwargs)
     model = Classifier(backbone, num_classes, cfg.slca, cfg.fuse, cfg.img_size)
     torch.manual_seed(cfg.seed + 1)
     return model, weights

@@ -82,11 +82,12 @@ def train_step(net: torch.nn.Module, x: torch.Tensor, e: torch.Tensor | None, y:
 
 @torch.no_grad()
 def predict(model: Classifier, pipeline: BatchPipeline, cache: PairedCache, rows: np.ndarray, batch_size: int,
-            amp: bool = False, ctx=None) -> tuple[np.ndarray, np.ndarray, float]:
+            amp: bool = False, ctx=None, on_batch=None) -> tuple[np.ndarray, np.ndarray, float]:
     """Class probabilities for store ``rows`` on their whole (un-augmented) views.
 
     Under torchrun each rank predicts every world-th row and the results are gathered, so every
-    rank returns the same, complete arrays. One host sync at the end.
+    rank returns the same, complete arrays. One host sync at the end. ``on_batch(n)`` is called
+    after each batch of ``n`` rows (a progress bar).
 
     Returns:
       ``(labels, probs, mean cross-entropy)``.
@@ -104,10 +105,12 @@ def predict(model: Classifier, pipeline: BatchPipeline, cache: PairedCache, rows
         x, e, y = pipeline(cache, chunk, boxes, flips)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
             logits = model(x, e).float()
-        batch_loss = F.cross_entropy(logits, y, reduction="sum")
+        batch_loss = F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)  # -1: unlabelled
         loss = batch_loss if loss is None else loss + batch_loss
         probs.append(torch.softmax(logits, 1))
         labels.append(y)
+        if on_batch is not None:
+            on_batch(len(chunk))
     if not probs:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0)), float("nan")
     return (torch.cat(labels).cpu().numpy(), torch.cat(probs).cpu().numpy(),

@@ -206,7 +206,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         + (f" ({cfg.shots} shots per class)" if cfg.shots else ""))
 
     # model
-    model, weights = build_model(cfg, len(class_names))
+    model, weights = build_model(cfg, len(class_names), class_names)
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -294,13 +294,14 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             since_best += 1
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(), "class_names": class_names,
-                "store_signature": store.signature, "steps_per_epoch": plan.steps_per_epoch, "weights": weights}
+                "store_signature": store.signature, "masks_signature": store.meta.get("masks"),
+                "steps_per_epoch": plan.steps_per_epoch, "weights": weights}
         if main:  # only rank 0 writes the run folder
             _write(out / "metrics.csv", lambda p: write_rows(history, p))
             save_checkpoint(ckpt, out / "last.pt")
             if improved:
                 save_checkpoint({k: ckpt[k] for k in ("model", "epoch", "config", "class_names", "store_signature",
-                                                      "weights")}, out / "best.pt")
+                                                      "masks_signature", "weights")}, out / "best.pt")
             if tb is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key not in ("epoch", "step"):

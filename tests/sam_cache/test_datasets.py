@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from sam_cache.datasets import DatasetError, open_dataset
+from sam_cache.datasets import DatasetError, DatasetOptions, open_dataset
 
 
 def _png(path, value=0, size=(8, 8)):
@@ -46,7 +46,7 @@ def test_csv_manifest(tmp_path):
 
 def test_csv_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "m.csv").write_text("file,class\nx.png,1\n")
-    with pytest.raises(DatasetError, match=r"m\.csv: needs columns 'path' and 'label'"):
+    with pytest.raises(DatasetError, match=r"m\.csv: needs the column\(s\) 'path', 'label'"):
         open_dataset(tmp_path / "m.csv")
     (tmp_path / "m.csv").write_text("path,label\nmissing.png,1\n")
     with pytest.raises(DatasetError, match=r"m\.csv, line 2: image .*missing\.png does not exist"):
@@ -82,3 +82,151 @@ def test_real_sets_from_shared():
     assert len(isic) == 550 and isic.class_names == ["benign", "malignant"]
     bmnist = open_dataset(shared("breastmnist/breastmnist.npz"))
     assert len(bmnist) == 780 and bmnist.splits.count("test") == 156
+
+
+def _csv(tmp_path, text, n=6):
+    for i in range(n):
+        _png(tmp_path / "images" / f"{i}.png", value=i)
+    (tmp_path / "m.csv").write_bytes(text.encode("utf-8"))
+    return tmp_path / "m.csv"
+
+
+def test_numeric_labels_are_one_class_whatever_their_spelling(tmp_path):
+    rows = "".join(f"images/{i}.png,{lab},{sp}\n" for i, (lab, sp) in
+                   enumerate([("1", "train"), ("1.0", "train"), ("0", "train"), ("0.0", "val"), ("1", "test"), ("0", "test")]))
+    m = open_dataset(_csv(tmp_path, "path,label,split\n" + rows))
+    assert m.class_names == ["0", "1"] and m.labels.tolist() == [1, 1, 0, 0, 1, 0]
+    mixed = "path,label\nimages/0.png,1\nimages/1.png,1.0\nimages/2.png,one\n"
+    with pytest.raises(DatasetError, match=r"m\.csv: labels mix numbers \(1, 1\.0\) and words \(one\)"):
+        open_dataset(_csv(tmp_path, mixed))
+
+
+def test_one_image_listed_twice_is_refused_by_name(tmp_path):
+    text = "path,label\n./images/0.png,a\nimages/0.png,b\nimages/1.png,a\n"
+    with pytest.raises(DatasetError, match=r"'images/0\.png' appears twice|same file"):
+        open_dataset(_csv(tmp_path, text))
+
+
+def test_csv_with_a_bom_empty_cells_and_short_rows(tmp_path):
+    ok = "\ufeffpath,label\n" + "".join(f"images/{i}.png,{'ab'[i % 2]}\n" for i in range(6))
+    assert len(open_dataset(_csv(tmp_path, ok), val_fraction=0.2, test_fraction=0.34)) == 6
+    with pytest.raises(DatasetError, match=r"m\.csv, line 3: the 'label' cell is empty"):
+        open_dataset(_csv(tmp_path, "path,label\nimages/0.png,a\nimages/1.png,\n"))
+    with pytest.raises(DatasetError, match=r"m\.csv, line 3: the row has 1 cells where the header has 2"):
+        open_dataset(_csv(tmp_path, "path,label\nimages/0.png,a\nimages/1.png\n"))
+
+
+def test_csv_columns_are_chosen_by_options(tmp_path):
+    text = "file,diagnosis,fold\n" + "".join(f"images/{i}.png,{'xy'[i % 2]},{['train', 'val', 'test'][i % 3]}\n"
+                                               for i in range(6))
+    m = open_dataset(_csv(tmp_path, text), options=DatasetOptions(path_column="file", label_column="diagnosis",
+                                                                  split_column="fold"))
+    assert m.class_names == ["x", "y"] and m.splits[:3] == ["train", "val", "test"]
+
+
+def _npz(tmp_path, labels, **extra):
+    n = len(labels)
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((n, 8, 8), np.uint8), train_labels=labels,
+             test_images=np.zeros((2, 8, 8), np.uint8), test_labels=np.array([0, 1]), **extra)
+    return tmp_path / "d.npz"
+
+
+def test_npz_labels_must_be_single_integer_classes(tmp_path):
+    with pytest.raises(DatasetError, match=r"d\.npz: train_labels holds non-integer values \(0\.5"):
+        open_dataset(_npz(tmp_path, np.array([0.5, 1.0, 0.0, 1.0])))
+    assert open_dataset(_npz(tmp_path, np.array([0.0, 1.0, 0.0, 1.0]))).class_names == ["0", "1"]
+    with pytest.raises(DatasetError, match=r"d\.npz: train_labels holds text"):
+        open_dataset(_npz(tmp_path, np.array(["a", "b", "a", "b"])))
+    with pytest.raises(DatasetError, match=r"d\.npz: train_labels has shape \(4, 14\): multi-label data"):
+        open_dataset(_npz(tmp_path, np.zeros((4, 14), np.int64)))
+
+
+def test_npz_class_names_name_the_classes(tmp_path):
+    m = open_dataset(_npz(tmp_path, np.array([0, 1, 0, 1]), class_names=np.array(["malignant", "benign"])))
+    assert m.class_names == ["malignant", "benign"]
+    assert [m.class_names[r.label] for r in m.records][:2] == ["malignant", "benign"]
+
+
+def test_a_small_dataset_keeps_every_class_in_val_and_test(tmp_path):
+    for c in ("a", "b", "c"):
+        for i in range(4):
+            _png(tmp_path / c / f"{i}.png", value=i)
+    m = open_dataset(tmp_path)  # 12 images, 3 classes, the default fractions
+    for split in ("train", "val", "test"):
+        assert set(m.labels[np.array(m.splits) == split]) == {0, 1, 2}
+    _png(tmp_path / "d" / "0.png")
+    _png(tmp_path / "d" / "1.png")
+    with pytest.raises(DatasetError, match=r"fewer than 3 images.*--val-fraction 0"):
+        open_dataset(tmp_path)
+
+
+def test_train_and_test_folders_without_val_get_a_recorded_val(tmp_path):
+    for split, n in (("Training", 10), ("Testing", 4)):
+        for c in ("x", "y"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", value=i)
+    m = open_dataset(tmp_path, seed=1, val_fraction=0.2)
+    assert m.split_info == {"source": "given", "val": "drawn from train", "seed": 1, "val_fraction": 0.2}
+    val = np.array(m.splits) == "val"
+    assert set(m.labels[val]) == {0, 1} and m.splits.count("test") == 8 and 4 <= val.sum() <= 8
+    assert all(r.id.startswith("Training/") for r in m.records if r.split == "val")
+
+
+def test_unlabelled_images_are_read_for_prediction_only(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", value=i)
+    with pytest.raises(DatasetError, match="have no labels"):
+        open_dataset(tmp_path)
+    m = open_dataset(tmp_path, options=DatasetOptions(require_labels=False))
+    assert m.class_names == [] and m.labels.tolist() == [-1, -1, -1] and set(m.splits) == {"test"}
+
+
+def test_nifti_volumes_become_slices(tmp_path):
+    nibabel = pytest.importorskip("nibabel", reason="NIfTI support is the optional extra samcache[nifti]")
+    vol = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    for c in ("a", "b"):
+        for i in range(3):
+            (tmp_path / c).mkdir(parents=True, exist_ok=True)
+            nibabel.save(nibabel.Nifti1Image(vol + i, np.eye(4)), str(tmp_path / c / f"v{i}.nii.gz"))
+    m = open_dataset(tmp_path, options=DatasetOptions(nifti_slices="every:2"), val_fraction=0.2, test_fraction=0.2)
+    assert len(m) == 6 * 2 and m.records[0].id == "a/v0.nii.gz#z0000" and m.records[1].id == "a/v0.nii.gz#z0002"
+    slice2 = m.read(1)[0]
+    assert slice2.shape == (6, 5) and (slice2 == vol[:, :, 2]).all()
+    middle = open_dataset(tmp_path, options=DatasetOptions(nifti_slices="middle"), val_fraction=0.2, test_fraction=0.2)
+    assert {r.id.split("#")[1] for r in middle.records} == {"z0002"}
+
+
+def _dicom(path, pixels, photometric="MONOCHROME2", frames=1, **tags):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_multi_frame_dicom_gives_one_sample_per_frame(tmp_path):
+    pytest.importorskip("pydicom", reason="DICOM support is the optional extra samcache[dicom]")
+    frames = np.stack([np.full((16, 16), 100 * (k + 1)) for k in range(3)])
+    for c in ("a", "b"):
+        for i in range(3):
+            _dicom(tmp_path / c / f"{i}.dcm", frames, frames=3)
+    m = open_dataset(tmp_path, val_fraction=0.2, test_fraction=0.2)
+    assert len(m) == 18 and m.records[1].id == "a/0.dcm#f0001"
+    from sam_cache.preprocess import window_to_uint8
+
+    grey, window = m.read(1, "0,400")
+    assert grey.dtype == np.uint8 and window == (0.0, 400.0)
+    assert grey[0, 0] == window_to_uint8(np.array([200.0]), (0.0, 400.0))[0]  # the second frame's value

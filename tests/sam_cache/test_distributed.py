@@ -39,9 +39,9 @@ def test_two_ranks_equal_one_process_and_resume_per_rank(sample_dir, tiny_store,
         assert (np.asarray(a.images[:]) == np.asarray(b.images[:])).all()
         assert (a.valid == b.valid).all() and (a.orig_size == b.orig_size).all() and (a.labels == b.labels).all()
     # forget rows owned by each rank; a rerun fills exactly those, each rank its own
-    with EmbeddingStore.open(out, "r+") as s:
-        s.done[[1, 5, 13]] = False
-        s._b["done"][:] = s.done
+    import zarr
+
+    zarr.open_array(str(out / "done"), mode="r+")[[1, 5, 13]] = False  # as a tool outside samcache could
     again = _torchrun(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stored 3 new embeddings" in " ".join(again.stdout.split()) and "12 already done" in again.stdout

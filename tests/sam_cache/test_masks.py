@@ -96,7 +96,7 @@ def _masks(path):
 def test_masks_are_stored_reported_and_refused_when_made_differently(tiny_store, tmp_path):
     store = tmp_path / "m.zarr"
     shutil.copytree(tiny_store, store)
-    r = decode_masks(store, progress=False)
+    r = decode_masks(store, prompt="box", progress=False)
     assert r["written"] == 15 and r["already_done"] == 0
     masks, iou, done = _masks(store)
     assert masks.shape == (15, 1, 64, 64) and set(np.unique(masks)) <= {0, 1} and done.all()
@@ -105,7 +105,7 @@ def test_masks_are_stored_reported_and_refused_when_made_differently(tiny_store,
         w = np.array([round(64 * ow / max(oh, ow)) for oh, ow in s.orig_size])
         for k in range(15):
             assert masks[k, 0, h[k]:].max(initial=0) == 0 and masks[k, 0, :, w[k]:].max(initial=0) == 0
-    assert decode_masks(store, progress=False)["written"] == 0  # a rerun resumes: nothing to do
+    assert decode_masks(store, prompt="box", progress=False)["written"] == 0  # a rerun resumes: nothing to do
     info = runner.invoke(app, ["info", str(store)])
     assert info.exit_code == 0 and "15 done, prompt box, decoder tiny" in info.output
     refused = runner.invoke(app, ["masks", str(store), "--prompt", "candidates", "--no-progress"])
@@ -119,7 +119,7 @@ def test_masks_are_stored_reported_and_refused_when_made_differently(tiny_store,
 
 def test_candidate_boxes_stay_inside_the_image_box():
     c = candidate_boxes(np.array([0, 0, 100, 60], dtype=np.float32))
-    assert c.shape == (7, 4) and (c[:, :2] >= 0).all() and (c[:, 2] <= 100).all() and (c[:, 3] <= 60).all()
+    assert c.shape == (13, 4) and (c[:, :2] >= 0).all() and (c[:, 2] <= 100).all() and (c[:, 3] <= 60).all()
     assert (c[:, 2] > c[:, 0]).all() and (c[:, 3] > c[:, 1]).all()
 
 

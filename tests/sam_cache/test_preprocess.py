@@ -117,3 +117,39 @@ def test_bad_intensity_is_refused_and_the_version_is_signed():
         Preprocessing(8, (0, 0, 0), (1, 1, 1), intensity="zscore")
     d = Preprocessing(8, (0, 0, 0), (1, 1, 1)).to_dict()
     assert d["intensity"] == "fixed" and d["version"] >= 2
+
+
+def test_dicom_luts_are_pydicom_s_and_monochrome1_is_inverted_after_the_window(tmp_path):
+    pytest.importorskip("pydicom", reason="DICOM support is the optional extra samcache[dicom]")
+    from pydicom import dcmread
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from test_datasets import _dicom
+
+    pixels = (np.arange(32 * 32).reshape(32, 32) * 3).astype(np.uint16)
+    tags = dict(RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=500, WindowWidth=1200)
+    _dicom(tmp_path / "m2.dcm", pixels, **tags)
+    _dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1", **tags)
+    grey, window = read_image(tmp_path / "m2.dcm")
+    ds = dcmread(tmp_path / "m2.dcm")
+    ref = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    lo, hi = apply_voi_lut(np.array([-1e12, 1e12]), ds)
+    assert window == (-100.0, 1100.0)
+    assert (grey == window_to_uint8(ref, (lo, hi))).all()
+    inverted, _ = read_image(tmp_path / "m1.dcm")
+    assert (inverted == 255 - grey).all()  # the window first, then the inversion
+    fixed, w = read_image(tmp_path / "m2.dcm", window="0,2000")  # a window on modality values (HU-like)
+    assert w == (0.0, 2000.0) and (fixed == window_to_uint8(apply_modality_lut(ds.pixel_array, ds), w)).all()
+
+
+def test_unusual_images_are_decode_errors_not_crashes(tmp_path):
+    from sam_cache.preprocess import MAX_PIXELS, load_frame
+
+    Image.fromarray(np.zeros((1, 4000), np.uint8)).save(tmp_path / "strip.png")
+    rgb, _ = to_rgb_uint8(read_image(tmp_path / "strip.png")[0])
+    frame, size = load_frame(rgb, 256)
+    assert size == (1, 256) and frame.shape == (3, 256, 256)
+    side = int(MAX_PIXELS ** 0.5) + 1
+    Image.new("L", (side, side)).save(tmp_path / "huge.png")
+    with pytest.raises(ImageDecodeError, match="larger than the limit"):
+        read_image(tmp_path / "huge.png")

@@ -97,4 +97,5 @@ def test_streamed_slca_and_in_memory_no_slca_share_the_shard_order(small_shards,
     assert _orders(tmp_path / "s") == _orders(tmp_path / "p")
     glob = train(TrainConfig(out=str(tmp_path / "g"), residency="host", **{**base, "shuffle": "global", "epochs": 1}),
                  log=lambda s: None)
-    assert glob and _orders(tmp_path / "g")[0] != _orders(tmp_path / "s")[0]
+    assert glob["cache_mode"] == "host"
+    assert _orders(tmp_path / "g")[0] != _orders(tmp_path / "s")[0]

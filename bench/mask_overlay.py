@@ -1,0 +1,69 @@
+"""An overlay PNG of a store's SAM masks on its images: does the mask find the lesion?
+
+    python bench/mask_overlay.py runs/busi.zarr --out bench/results/masks-busi.png --per-class 6
+
+Draws the stored image (in the embedding's frame) with the stored mask's outline, for the first
+``--per-class`` samples of each class in the test split, titled with the class and the decoder's
+predicted IoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sam_cache import EmbeddingStore  # noqa: E402
+from sam_cache.preprocess import resized_shape  # noqa: E402
+
+
+def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") -> None:
+    """Write the overlay PNG. Raises StoreError for a store without masks."""
+    with EmbeddingStore.open(store_path) as s:
+        if not s.has_masks:
+            from sam_cache import StoreError
+
+            raise StoreError(f"{store_path} has no masks; run `samcache masks {store_path}` first")
+        rows = s.split_indices(split)
+        rows = rows[s.mask_done[rows]]
+        chosen = [r for c in range(len(s.class_names)) for r in rows[s.labels[rows] == c][:per_class]]
+        images = s.read_rows(np.array(chosen), "images")
+        masks = s.read_rows(np.array(chosen), "masks")
+        iou = s.mask_iou[chosen]
+        names = [s.class_names[s.labels[r]] for r in chosen]
+        sizes = [resized_shape(int(h), int(w), s.image_size) for h, w in s.orig_size[chosen]]
+        prompt = s.meta["masks"]["prompt"]
+    cols = per_class
+    rows_n = int(np.ceil(len(chosen) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.2 * cols, 2.4 * rows_n), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, ax in enumerate(axes.flat[: len(chosen)]):
+        h, w = sizes[k]
+        ax.imshow(images[k].transpose(1, 2, 0)[:h, :w])
+        if masks[k, 0].any():
+            ax.contour(masks[k, 0][:h, :w], levels=[0.5], colors="cyan", linewidths=1.2)
+        ax.set_title(f"{names[k]}  IoU~{iou[k]:.2f}", fontsize=7)
+    fig.suptitle(f"SAM masks decoded from the cache ({prompt} prompt), {store_path}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("store")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-class", type=int, default=6)
+    p.add_argument("--split", default="test")
+    a = p.parse_args()
+    overlay(a.store, a.out, a.per_class, a.split)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

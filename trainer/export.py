@@ -1,0 +1,57 @@
+"""``slca-train export``: a trained backbone as a plain timm state dict, with SLCA's weights apart.
+
+``OUT`` is the backbone's state dict, which timm loads like any pretrained weights::
+
+    timm.create_model(name, num_classes=K, pretrained=True, pretrained_cfg_overlay=dict(file=OUT, num_classes=K))
+
+(``num_classes`` in the overlay tells timm that the file's classifier has K outputs, so it keeps it
+instead of dropping it as it does for ImageNet weights.)
+
+``OUT`` with ``.extras.pth`` holds what is not the backbone (SLCA gates, the fusion head), and
+``OUT`` with ``.json`` says how to rebuild the model (backbone name, classes, input channels) and
+whether the plain backbone *is* the whole model: only for runs without SLCA and fusion. With them,
+the exported backbone alone is not the trained classifier; the JSON says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import save_checkpoint
+from .evaluate import load_run_model
+
+__all__ = ["export_checkpoint"]
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict:
+    """Write ``out`` (timm state dict), ``out.extras.pth`` (when there are extras) and ``out.json``.
+
+    Returns:
+      The JSON's content: ``{"backbone", "num_classes", "in_chans", "class_names", "complete", "files"}``.
+
+    Raises:
+      TrainError: the checkpoint is missing, unsafe or unreadable; or ``out`` cannot be written.
+    """
+    model, cfg, state = load_run_model(checkpoint, "cpu")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model.backbone.state_dict(), out)
+    extras = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    files = [str(out)]
+    if extras:
+        extra_path = out.with_name(out.name + ".extras.pth")
+        save_checkpoint({"state_dict": extras, "config": cfg.to_dict()}, extra_path)
+        files.append(str(extra_path))
+    in_chans = next(p for p in model.backbone.parameters() if p.ndim == 4).shape[1]
+    info = {"backbone": cfg.backbone, "num_classes": len(state["class_names"]), "in_chans": int(in_chans),
+            "class_names": state["class_names"], "complete": not extras,
+            "note": ("the backbone is the whole trained classifier" if not extras else
+                     "trained with SLCA or fusion: the backbone alone is not the trained classifier; the extras "
+                     "file holds the rest, and slca-train eval/predict use the whole model"),
+            "load": f"timm.create_model({cfg.backbone!r}, num_classes={len(state['class_names'])}, in_chans={in_chans}, "
+                    f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}, "
+                    f"num_classes={len(state['class_names'])}))",
+            "files": files}
+    out.with_name(out.name + ".json").write_text(json.dumps(info, indent=2))
+    return info

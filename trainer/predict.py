@@ -1,0 +1,137 @@
+"""Prediction with a trained model on new data: ``slca-train predict``.
+
+The data may be a store, or a dataset (a folder, a CSV, an npz; labels optional). A dataset gets
+its embeddings extracted first, into a store next to the output (resumable), with the encoder,
+weights, preprocessing and image size recorded in the checkpoint, so that its embeddings mean
+what the model was trained on. A store is accepted when that encoder side matches
+(:func:`~trainer.evaluate.check_encoder_side`); its dataset may be any.
+
+The output CSV has one row per sample: ``id``, ``source``, a probability per class
+(``p_<class>``), ``predicted``, and ``label`` where the data has labels. With labels, the
+metrics are returned (and printed by the CLI).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sam_cache import EmbeddingStore, extract_dataset
+from sam_cache.datasets import DatasetOptions, open_dataset
+
+from .data import PairedCache
+from .errors import TrainError
+from .evaluate import check_encoder_side, load_run_model
+from .metrics import classification_metrics
+from .step import BatchPipeline, predict
+
+__all__ = ["predict_data"]
+
+
+def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, store: str | Path | None = None,
+                 encoder_checkpoint: str | Path | None = None, device: str | None = None,
+                 batch_size: int | None = None, progress: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
+    """Predict every sample of ``data`` with the model of ``checkpoint``; write ``out`` (CSV).
+
+    Arguments:
+      checkpoint: ``best.pt`` of a run.
+      data: a store, or a dataset path (labels optional).
+      out: the CSV to write.
+      store: where a dataset's embeddings are stored (default: ``out`` with ``.zarr``); resumable.
+      encoder_checkpoint: the encoder weights (SAM ViTs and medsam; litemedsam has them packaged);
+        their sha256 must be the training store's.
+      device: default CUDA when available.
+      batch_size: default the run's.
+      progress: progress bars for extraction and prediction.
+      log: where the one-off lines go.
+
+    Returns:
+      ``{"rows", "csv", "store", "metrics"}``; ``metrics`` is None without labels.
+
+    Raises:
+      TrainError, StoreMismatchError, EncoderError, DatasetError: an unusable checkpoint, store,
+        encoder or dataset, each named.
+    """
+    model, cfg, state = load_run_model(checkpoint, device)
+    dev = next(model.parameters()).device
+    sig = state["store_signature"]
+    data, out = str(data), Path(out)
+    if EmbeddingStore.is_store(data):
+        store_path = data
+    else:
+        store_path = str(store or out.with_suffix(".zarr"))
+        manifest = open_dataset(data, options=DatasetOptions(require_labels=False, single_split="test"))
+        log(f"extracting {len(manifest)} images of {data} with {sig['encoder']} into {store_path} (resumable)")
+        result = extract_dataset(manifest, store_path, sig["encoder"], checkpoint=encoder_checkpoint,
+                                 random_weights=bool(sig["random_weights"]), image_size=sig["image_size"],
+                                 window=sig["preprocessing"]["window"], progress=progress,
+                                 num_workers=min(4, os.cpu_count() or 1))
+        if result.skipped:
+            log(f"warning: {len(result.skipped)} image(s) could not be read and get no prediction "
+                f"(first: {result.skipped[0]['source']}: {result.skipped[0]['error']})")
+    with EmbeddingStore.open(store_path) as s:
+        check_encoder_side(s, state, checkpoint)
+        rows = np.flatnonzero(s.done)
+        if not len(rows):
+            raise TrainError(f"store {store_path} has no done samples to predict")
+        if cfg.focus != "none" and not s.mask_done[rows].all():
+            raise TrainError(f"the model uses --focus {cfg.focus}: run `samcache masks {store_path}` with the prompt "
+                             f"it was trained with ({(state.get('masks_signature') or {}).get('prompt', 'candidates')})")
+        names = state["class_names"]
+        labelled = s.class_names == names and (s.labels[rows] >= 0).all()
+        if s.class_names and s.class_names != names:
+            log(f"warning: the data's classes {s.class_names} are not the model's {names}: no metrics")
+        pipeline = BatchPipeline(model, cfg, dev)
+        with PairedCache(s, rows, dev, "auto", embeddings=model.needs_embeddings, masks=cfg.focus != "none") as c, \
+                _bar(progress, len(rows)) as advance:
+            _, probs, _ = predict(model, pipeline, c, rows, batch_size or cfg.batch_size,
+                                  cfg.amp and dev.type == "cuda", on_batch=advance)
+        ids = s.ids[rows]
+        sources = _sources(s, rows)
+        labels = s.labels[rows]
+    pred = probs.argmax(1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "source", *[f"p_{n}" for n in names], "predicted"] + (["label"] if labelled else []))
+        for k in range(len(rows)):
+            row = [ids[k], sources[k], *[f"{p:.6f}" for p in probs[k]], names[pred[k]]]
+            w.writerow(row + ([names[labels[k]]] if labelled else []))
+    metrics = classification_metrics(labels, probs) if labelled else None
+    return {"rows": int(len(rows)), "csv": str(out), "store": store_path, "metrics": metrics}
+
+
+def _sources(store: EmbeddingStore, rows: np.ndarray) -> list[str]:
+    """Where each sample came from: the file (folder and CSV ids are relative to the dataset), or
+    ``file.npz#id`` for arrays."""
+    dataset = store.meta.get("dataset", {})
+    root, kind = dataset.get("root", ""), dataset.get("kind", "")
+    base = os.path.dirname(root) if kind == "csv" else root
+    if kind == "npz":
+        return [f"{root}#{i}" for i in store.ids[rows]]
+    return [os.path.join(base, str(i)) for i in store.ids[rows]]
+
+
+class _bar:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          transient=True)
+        self.p.__enter__()
+        task = self.p.add_task("predict", total=self.total)
+        return lambda n: self.p.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
