@@ -116,7 +116,7 @@ def main() -> None:
         result["stock_batched_img_per_s"] = a.n / (time.perf_counter() - t0)
 
         # samcache end to end
-        r = extract_dataset(tmp / "data", tmp / "store.zarr", enc, image_size=None, batch_size=a.batch_size,
+        r = extract_dataset(tmp / "data", tmp / "store.zarr", enc, image_size=0, batch_size=a.batch_size,
                             num_workers=a.workers, device=str(dev), progress=False)
         result["samcache_img_per_s"] = r.images_per_second
 

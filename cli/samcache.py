@@ -77,6 +77,30 @@ def convert(
         f"{r['src_bytes'] / 2**20:.2f} -> {r['dst_bytes'] / 2**20:.2f} MiB of embedding per sample")
 
 
+@app.command()
+def masks(
+    store: str = typer.Argument(..., help="A store with images (samcache extract --image-size)."),
+    prompt: str = typer.Option("candidates", help="candidates (13 boxes, best predicted IoU), box (the whole image) "
+                                                 "or csv (--boxes)."),
+    boxes: Optional[Path] = typer.Option(None, help="CSV of boxes for --prompt csv: id,x0,y0,x1,y1 in image pixels."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The encoder checkpoint the store was made with (SAM ViTs, "
+                                                        "medsam; litemedsam uses its packaged one)."),
+    threshold: float = typer.Option(0.0, help="Mask logit threshold (0: probability 0.5)."),
+    batch_size: int = typer.Option(16, help="Samples read and written per step."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace masks made differently (embeddings are kept)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Decode a SAM mask per sample from the cached embeddings (no encoder pass) into the store. A rerun resumes."""
+    from sam_cache.masks import decode_masks
+
+    with user_errors():
+        r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
+                         batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
+    say(f"stored {r['written']} new masks in {store} ({r['already_done']} already done, {r['total']} in all); "
+        f"mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty")
+
+
 @app.command("export")
 def export_command(
     store: str = typer.Argument(..., help="The store."),

@@ -104,15 +104,14 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint on a split of a store."""
     from trainer import evaluate_checkpoint
+    from trainer.metrics import format_metrics
 
     with user_errors():
         m = evaluate_checkpoint(checkpoint, cache, split, device)
     if as_json:
         print(json.dumps(m, indent=2))
         return
-    auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-    say(f"{split} ({m['n']} samples): accuracy {m['accuracy']:.3f}  balanced accuracy "
-        f"{m['balanced_accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  AUC {auc}  loss {m['loss']:.4f}")
+    say(f"{split} ({m['n']} samples): {format_metrics(m)}  loss {m['loss']:.4f}")
 
 
 @app.command("predict")
@@ -127,6 +126,7 @@ def predict_command(
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Predict new data with a trained model; extracts a dataset's embeddings first (resumable)."""
+    from trainer.metrics import format_metrics
     from trainer.predict import predict_data
 
     with user_errors():
@@ -135,9 +135,7 @@ def predict_command(
     say(f"wrote {r['rows']} predictions to {r['csv']}")
     m = r["metrics"]
     if m is not None:
-        auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-        say(f"labelled: accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  "
-            f"macro-F1 {m['macro_f1']:.3f}  AUC {auc}")
+        say(f"labelled ({m['n']} samples): {format_metrics(m)}")
 
 
 @app.command("export")

@@ -201,7 +201,22 @@ def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarra
     return out
 
 
-class _ZarrBackend:
+class _Backend:
+    """What both formats share: arrays by name under ``self.root`` (a zarr group or an h5py file)."""
+
+    root = None
+
+    def __getitem__(self, name):
+        return self.root[name]
+
+    def __contains__(self, name):
+        return name in self.root
+
+    def delete(self, name):
+        del self.root[name]
+
+
+class _ZarrBackend(_Backend):
     def __init__(self, path: str, mode: str, attributes: dict | None = None):
         import zarr
 
@@ -212,15 +227,6 @@ class _ZarrBackend:
         kwargs = {"shards": shards} if shards else {}
         fill = "" if dtype is str else 0
         self.root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=None, fill_value=fill, **kwargs)
-
-    def __getitem__(self, name):
-        return self.root[name]
-
-    def __contains__(self, name):
-        return name in self.root
-
-    def delete(self, name):
-        del self.root[name]
 
     def get_meta(self) -> dict:
         return dict(self.root.attrs.get("samcache", {}))
@@ -238,7 +244,7 @@ class _ZarrBackend:
         pass
 
 
-class _H5Backend:
+class _H5Backend(_Backend):
     def __init__(self, path: str, mode: str):
         import h5py
 
@@ -251,6 +257,7 @@ class _H5Backend:
             self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode], **cache)
         except OSError as exc:
             raise StoreError(_h5_open_problem(path, mode, exc)) from exc
+        self.root = self.file
 
     def create_array(self, name, shape, dtype, chunks, shards=None):
         import h5py
@@ -258,15 +265,6 @@ class _H5Backend:
         if dtype is str:
             dtype = h5py.string_dtype()
         self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) > 1 or shape[0] else None)
-
-    def __getitem__(self, name):
-        return self.file[name]
-
-    def __contains__(self, name):
-        return name in self.file
-
-    def delete(self, name):
-        del self.file[name]
 
     def get_meta(self) -> dict:
         raw = self.file.attrs.get("samcache")

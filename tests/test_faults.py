@@ -381,3 +381,25 @@ def test_a_concurrent_reader_sees_only_complete_rows(sample_dir, tmp_path):
     finally:
         proc.wait()
     assert proc.returncode == 0 and seen >= 1
+
+
+def test_more_shots_than_a_class_has_is_said(tiny_store, tmp_path):
+    lines = []
+    train(_cfg(tiny_store, tmp_path / "r", shots=100), log=lines.append)
+    assert any("fewer than 100 train samples in" in line and "all of them are used" in line for line in lines)
+
+
+def test_a_locked_hdf5_store_names_the_lock_not_overwrite(sample_dir, tmp_path):
+    pytest.importorskip("h5py")
+    out = tmp_path / "s.h5"
+    assert _extract(sample_dir, out).exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(out)!r}, 'r+'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        result = _extract(sample_dir, out)
+        assert result.exit_code == 1 and "locked by another process" in result.output
+        assert "--overwrite" not in result.output
+    finally:
+        holder.kill()
+        holder.wait()

@@ -33,8 +33,8 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict's names, shapes and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        t = state[name].detach().cpu().contiguous().reshape(-1)  # 0-d (BatchNorm counters) too
+        digest.update(f"{name}{tuple(state[name].shape)}{t.dtype}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 

@@ -51,7 +51,7 @@ class SLCAConfig:
                                    help="Gated stages as feature_info indices, e.g. 1,2,3,4 (default: every stage "
                                         "with stride >= 4).")
     gate: str = opt("scaled", choices=GATES, sweep=True, help="Gate form; both are the identity at initialization.")
-    lr_mult: float = opt(1.0, low=0.0, flat="slca_lr_mult", sweep=True,
+    lr_mult: float = opt(10.0, low=0.0, flat="slca_lr_mult", sweep=True,
                          help="Learning-rate multiplier of the SLCA parameters (their own group, no weight decay).")
     embed_dim: int = 256
 
@@ -128,7 +128,7 @@ class TrainConfig:
     weight_decay: float = opt(0.05, low=0.0, sweep=True, help="AdamW weight decay (not on biases, norms, gates).")
     warmup_steps: int = opt(0, low=0, sweep=True, help="Linear learning-rate warmup, in steps, before cosine decay.")
     label_smoothing: float = opt(0.0, low=0.0, high=1.0, sweep=True, help="Cross-entropy label smoothing.")
-    class_balance: str = opt("none", choices=("none", "loss"), sweep=True,
+    class_balance: str = opt("loss", choices=("none", "loss"), sweep=True,
                              help="loss: weight each class by n / (K n_c) of the training subset.")
     seed: int = opt(0, sweep=True, help="Seed of the initialization, the data order and the augmentation.")
     patience: int | None = opt(None, low=1, help="Early stop after this many epochs without val improvement.")

@@ -78,7 +78,7 @@ class StudyConfig:
     methods: tuple[str, ...] = ("backbone", "slca", "fuse", "fuse_slca", "linear_probe", "probe_meanstd")
     focus: str = "background"
     train: dict = field(default_factory=lambda: {
-        "backbone": "resnet18", "img_size": 64, "epochs": 20, "min_steps": 300, "batch_size": 32, "lr": 1e-3})
+        "backbone": "resnet18", "img_size": 64, "epochs": 15, "min_steps": 200, "batch_size": 32, "lr": 1e-3})
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -170,13 +170,14 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                         both = np.concatenate([subset, test_rows])
                         m = linear_probe(np.stack([f[int(r)] for r in both]), s.labels[both],
                                          np.arange(len(subset)), np.arange(len(subset), len(both)), seed)
-                        best_epoch, steps = "", ""
+                        best_epoch, steps, val = "", "", ""
                     else:
                         tcfg = cfg.options(method, str(store), fraction, seed, out / "runs" / f"{method}-f{fraction}-s{seed}")
                         result = train(tcfg, overwrite=True, log=lambda _: None, cache=cache)
                         m, best_epoch, steps = result["test"], result["best_epoch"], result["steps"]
+                        val = result["val_best"]["balanced_accuracy"]
                     row = {"method": method, "fraction": fraction, "seed": seed, "train_samples": len(subset),
-                           **{k: m[k] for k in METRIC_KEYS}, "best_epoch": best_epoch, "steps": steps,
+                           **{k: m[k] for k in METRIC_KEYS}, "val_balanced_accuracy": val, "best_epoch": best_epoch, "steps": steps,
                            "seconds": round(time.perf_counter() - t0, 1)}
                     rows.append(row)
                     write_rows(rows, out / "runs.csv")

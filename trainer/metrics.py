@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-__all__ = ["classification_metrics"]
+__all__ = ["classification_metrics", "format_metrics"]
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
@@ -35,3 +35,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
         "auc": auc,
         "confusion": confusion_matrix(y_true, pred, labels=np.arange(k)).tolist(),
     }
+
+
+def format_metrics(m: dict) -> str:
+    """One line of the four metrics, as every command prints them."""
+    auc = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
+    return (f"accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  "
+            f"macro-F1 {m['macro_f1']:.3f}  AUC {auc}")

@@ -37,7 +37,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache, cache_bytes, paired_views, plan_residency
 from .errors import TrainError
-from .metrics import classification_metrics
+from .metrics import classification_metrics, format_metrics
 from .model import build_model, load_weights
 from .plots import plot_attention, plot_confusion, plot_learning_curves
 from .records import write_rows
@@ -336,8 +336,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     plot_learning_curves(history, out / "curves.png", cfg.select_metric)
     plot_confusion(test["confusion"], class_names, out / "confusion.png", f"test, best epoch {best_state['epoch'] + 1}")
     attention_figure(model, pipeline, cache, rows.test[: cfg.attention_images], cfg, class_names, out / "attention.png")
-    log(f"test: accuracy {test['accuracy']:.3f}  balanced accuracy {test['balanced_accuracy']:.3f}  "
-        f"macro-F1 {test['macro_f1']:.3f}  AUC {_fmt(test['auc'])}")
+    log(f"test: {format_metrics(test)}")
     log(f"wrote {out}/: {RUN_FILES}")
     return result
 

@@ -102,3 +102,18 @@ def test_litemedsam_matches_its_package_on_full_range_square_images():
     frame, size = load_frame(rgb, 256)
     ours = normalize_frames(torch.from_numpy(frame)[None], torch.tensor([size]), enc.preprocessing)
     assert torch.allclose(ours, _image_tensor(image, 256)[None], atol=1e-6)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['SAMCACHE_PWNED']}",))
+
+
+def test_an_encoder_checkpoint_with_a_payload_is_refused_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMCACHE_PWNED", str(tmp_path / "pwned"))
+    torch.save({"image_encoder.x": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(EncoderError, match=r"evil\.pth is not a readable torch state dict"):
+        create_encoder("tiny", checkpoint=tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()

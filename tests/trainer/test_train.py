@@ -174,11 +174,14 @@ def test_missing_split_and_missing_images_are_refused(tmp_path):
              train_labels=np.array([0, 1, 0, 1]), test_images=rng.integers(0, 255, (2, 28, 28), dtype=np.uint8),
              test_labels=np.array([0, 1]))
     extract_dataset(tmp_path / "d.npz", tmp_path / "s.zarr", "tiny", image_size=32, num_workers=0, progress=False)
+    import zarr
+
+    splits = zarr.open_array(str(tmp_path / "s.zarr" / "splits"), mode="r+")
+    assert (splits[:] == 1).any()  # a dataset without val gets one drawn from train at extraction
+    splits[:] = np.where(splits[:] == 1, 0, splits[:])  # a store made without: refused by name
     with pytest.raises(TrainError, match="has no such split in split 'val'"):
         train(_cfg(tmp_path / "s.zarr", tmp_path / "r"), log=lambda s: None)
     extract_dataset(tmp_path / "d.npz", tmp_path / "noimg.zarr", "tiny", image_size=0, num_workers=0, progress=False)
-    import zarr
-
     zarr.open_array(str(tmp_path / "noimg.zarr" / "splits"), mode="r+")[1] = 1  # a val split, so the images check is reached
     with pytest.raises(TrainError, match="keeps no images; extract it again with --image-size"):
         train(_cfg(tmp_path / "noimg.zarr", tmp_path / "r2"), log=lambda s: None)

@@ -67,7 +67,7 @@ def test_predict_and_eval_on_an_external_labelled_store(run, tiny_store, sample_
     result = runner.invoke(app, ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(ext),
                                  "--out", str(tmp_path / "e.csv"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "labelled: accuracy" in result.output and len(_rows(tmp_path / "e.csv")) == 15
+    assert "labelled (15 samples): accuracy" in result.output and len(_rows(tmp_path / "e.csv")) == 15
     assert "label" in _rows(tmp_path / "e.csv")[0]
     ev = runner.invoke(app, ["eval", "--checkpoint", str(run / "best.pt"), "--cache", str(ext), "--split", "all",
                              "--json", "--device", "cpu"])
@@ -130,7 +130,9 @@ def test_pretrained_sources_the_timm_way(tmp_path, monkeypatch):
     source, _ = create_backbone("resnet18", 1000, 64)
     folder = tmp_path / "r18-local"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 1000}))
+    (folder / "config.json").write_text(json.dumps({  # the form timm's push_to_hf_hub writes
+        "architecture": "resnet18", "num_classes": 1000,
+        "pretrained_cfg": {"num_classes": 1000, "classifier": "fc", "input_size": [3, 224, 224]}}))
     save_file(source.state_dict(), str(folder / "model.safetensors"))
     model, weights = create_backbone(f"local-dir:{folder}", 3, 64, pretrained=True)
     assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.out_features == 3
