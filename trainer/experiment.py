@@ -64,8 +64,9 @@ METHODS: dict[str, dict | None] = {
     "probe_meanstd": None,
 }
 # (a, b): the paired differences a - b reported per fraction
-PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("focus", "backbone"),
-         ("focus_slca", "focus"), ("fuse", "linear_probe"))
+PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("fuse_slca", "slca"),
+         ("focus", "backbone"), ("focus_slca", "focus"), ("fuse", "linear_probe"), ("fuse_slca", "linear_probe"),
+         ("slca", "linear_probe"), ("fuse_slca", "probe_meanstd"))
 
 
 @dataclass
@@ -247,6 +248,8 @@ def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[
                      "steps": sel[0].get("steps", "")}
             for k in METRIC_KEYS:
                 entry[f"{k}_mean"], entry[f"{k}_std"] = mean_std([r[k] for r in sel])
+            entry["val_balanced_accuracy_mean"], entry["val_balanced_accuracy_std"] = mean_std(
+                [r.get("val_balanced_accuracy") for r in sel])  # the selected epoch's; none for the probes
             summary.append(entry)
     paired = []
     for a, b in PAIRS:
@@ -266,10 +269,11 @@ def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[
 
 
 def _markdown(summary: list[dict], paired: list[dict]) -> str:
-    lines = ["| method | fraction | seeds | steps | accuracy | balanced accuracy | macro-F1 | AUC |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | fraction | seeds | steps | accuracy | balanced accuracy | macro-F1 | AUC | val balanced accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
-        cells = [f"{e[f'{k}_mean']:.3f} ± {e[f'{k}_std']:.3f}" for k in METRIC_KEYS]
+        cells = [f"{e[f'{k}_mean']:.3f} ± {e[f'{k}_std']:.3f}" for k in METRIC_KEYS + ("val_balanced_accuracy",)]
+        cells = [c if "nan" not in c else "—" for c in cells]
         lines.append(f"| {e['method']} | {e['fraction']:g} | {e['seeds']} | {e['steps']} | " + " | ".join(cells) + " |")
     lines += ["", "| difference (balanced accuracy) | fraction | pairs | mean | 95 % interval | verdict |",
               "|---|---|---|---|---|---|"]

@@ -23,6 +23,9 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     assert {r["fraction"]: r["train_samples"] for r in runs} == {"0.5": "6", "1.0": "9"}
     # the step budget: 6 samples at batch 4 are 1 step a pass, 9 are 2; --min-steps 4 makes both 4
     assert {r["steps"] for r in runs if r["method"] != "linear_probe"} == {"4"}
+    # the selected epoch's validation score is kept for choosing on validation data; probes have none
+    assert all(0 <= float(r["val_balanced_accuracy"]) <= 1 for r in runs if r["method"] != "linear_probe")
+    assert all(r["val_balanced_accuracy"] == "" for r in runs if r["method"] == "linear_probe")
     assert len(summary) == 4 * 2
     with open(tmp_path / "paired.csv") as f:
         paired = {(r["a"], r["b"], r["fraction"]): r for r in csv.DictReader(f)}
