@@ -44,6 +44,14 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the ranks, on the device (no host sync); ``value`` in one process."""
+        if self.world == 1:
+            return value
+        out = value.detach().clone()
+        dist.all_reduce(out)
+        return out / self.world
+
     def all_finite(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is finite on every rank (so that all ranks stop together)."""
         ok = torch.isfinite(value.detach()).all().float().reshape(1)

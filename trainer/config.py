@@ -97,9 +97,9 @@ class TrainConfig:
                                                            "cache or hub; honours HF_HUB_OFFLINE).")
     pretrained_path: str | None = opt(None, help="Local backbone weights file (implies --pretrained).")
     slca: SLCAConfig = field(default_factory=SLCAConfig)
-    fuse: str = opt("none", choices=FUSIONS, sweep=True,
+    fuse: str = opt("meanstd", choices=FUSIONS, sweep=True,
                     help="Join statistics of the cached embedding (over the image crop) to the head: mean (256) or "
-                         "mean and std (512) per channel.")
+                         "mean and std (512) per channel; none leaves them out.")
     focus: str = opt("none", choices=FOCUS_MODES, sweep=True,
                      help="Use the store's SAM mask (`samcache masks`) as a visual prompt: darken the background, "
                           "crop to the mask's box, or add it as a fourth input channel.")

@@ -54,12 +54,12 @@ __all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "summarize_study", "l
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
 METHODS: dict[str, dict | None] = {
-    "backbone": {"slca": False},
-    "slca": {"slca": True},
+    "backbone": {"slca": False, "fuse": "none"},
+    "slca": {"slca": True, "fuse": "none"},
     "fuse": {"slca": False, "fuse": "meanstd"},
-    "fuse_slca": {"slca": True, "fuse": "meanstd"},
-    "focus": {"slca": False, "focus": "background"},
-    "focus_slca": {"slca": True, "focus": "background"},
+    "fuse_slca": {"slca": True, "fuse": "meanstd"},  # the default recipe
+    "focus": {"slca": False, "fuse": "none", "focus": "background"},
+    "focus_slca": {"slca": True, "fuse": "none", "focus": "background"},
     "linear_probe": None,
     "probe_meanstd": None,
 }

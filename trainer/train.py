@@ -22,7 +22,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -128,6 +127,23 @@ def _shuffle_plan(cfg: TrainConfig, store: EmbeddingStore, n_rows: int, device: 
     return store.shard_size, max(1, cfg.shuffle_buffer // store.shard_size)
 
 
+def _loss_fn(weight: torch.Tensor | None, label_smoothing: float, ctx) -> Callable:
+    """Cross-entropy, with optional class weights, whose step under torchrun equals one process's.
+
+    PyTorch's weighted mean divides by the batch's sum of weights. Under DDP, which averages the
+    ranks' gradients, each rank would divide by its own sum; here each divides by the mean over
+    ranks of those sums (a collective on the device, no host sync), which makes the step equal to
+    the same global batch in one process. In one process this is ``F.cross_entropy`` itself.
+    """
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if weight is None or ctx.world == 1:
+            return F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+        per_sample = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing, reduction="none")
+        return per_sample.sum() / ctx.mean(weight[y].sum())
+
+    return loss
+
+
 def _class_weights(labels: np.ndarray, k: int, device: torch.device) -> torch.Tensor:
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     return torch.tensor(len(labels) / (k * np.maximum(counts, 1)), dtype=torch.float32, device=device)
@@ -224,7 +240,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
                       state["steps_per_epoch"] if state is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, plan.total))
     weight = _class_weights(store.labels[rows.train], len(class_names), device) if cfg.class_balance == "loss" else None
-    loss_fn = partial(F.cross_entropy, weight=weight, label_smoothing=cfg.label_smoothing)
+    loss_fn = _loss_fn(weight, cfg.label_smoothing, ctx)
     amp = cfg.amp and device.type == "cuda"
     if plan.steps_per_epoch > plan.steps_per_pass:
         log(f"steps: {plan.steps_per_epoch} per epoch ({plan.steps_per_epoch / plan.steps_per_pass:.1f} passes over "

@@ -80,14 +80,14 @@ def test_no_slca_trains_the_same_backbone_on_the_same_data_order(slca_run, tiny_
 def test_paired_methods_start_from_the_same_backbone(tiny_store, tmp_path, extra):
     """Building SLCA gates or a fusion head does not shift the backbone's random initialization,
     nor the generator state that the run continues with."""
-    plain, _ = build_model(_cfg(tiny_store, tmp_path, slca=False), 3)
+    plain, _ = build_model(_cfg(tiny_store, tmp_path, slca=False, fuse="none"), 3)
     after_plain = torch.rand(3)
     other, _ = build_model(_cfg(tiny_store, tmp_path, **extra), 3)
     after_other = torch.rand(3)
     a, b = plain.backbone.state_dict(), other.backbone.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(after_plain, after_other)
-    seed1, _ = build_model(_cfg(tiny_store, tmp_path, slca=False, seed=1), 3)
+    seed1, _ = build_model(_cfg(tiny_store, tmp_path, slca=False, fuse="none", seed=1), 3)
     assert not torch.equal(seed1.backbone.conv1.weight, plain.backbone.conv1.weight)
 
 

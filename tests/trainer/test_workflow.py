@@ -28,7 +28,7 @@ def _cfg(store, out, **kw):
 @pytest.fixture(scope="module")
 def run(tiny_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "plain"
-    train(_cfg(tiny_store, out, slca=False), log=lambda s: None)
+    train(_cfg(tiny_store, out, slca=False, fuse="none"), log=lambda s: None)  # the backbone alone
     return out
 
 
@@ -97,13 +97,14 @@ def test_export_is_a_plain_timm_state_dict(run, tiny_store, tmp_path):
 
 
 def test_export_keeps_slca_weights_apart(tiny_store, tmp_path):
-    train(_cfg(tiny_store, tmp_path / "slca", slca=True), log=lambda s: None)
+    train(_cfg(tiny_store, tmp_path / "slca", slca=True), log=lambda s: None)  # the default: SLCA and fusion
     from trainer.export import export_checkpoint
 
     info = export_checkpoint(tmp_path / "slca" / "best.pt", tmp_path / "x.pth")
     extras = torch.load(tmp_path / "x.pth.extras.pth", weights_only=True)["state_dict"]
-    assert not info["complete"] and all(k.startswith("slca.") for k in extras)
-    assert not any(k.startswith("slca.") for k in torch.load(tmp_path / "x.pth", weights_only=True))
+    assert not info["complete"] and all(k.startswith(("slca.", "fuse.")) for k in extras)
+    assert any(k.startswith("slca.") for k in extras) and any(k.startswith("fuse.") for k in extras)
+    assert not any(k.startswith(("slca.", "fuse.")) for k in torch.load(tmp_path / "x.pth", weights_only=True))
 
 
 def test_a_finished_run_can_be_extended_and_nothing_else_changed(tiny_store, tmp_path):
