@@ -25,7 +25,8 @@ full set, instead of a handful of one-step epochs; ``runs.csv`` records the step
 Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction; ``paired.csv``
 gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
 and a 95 % t-interval, the test for "does SLCA change anything". A rerun resumes: rows already in
-``runs.csv`` are kept.
+``runs.csv`` are kept. ``study.json`` holds the resolved recipe (defaults included) and each
+invocation; resuming under another recipe (a default changed since, another ``--set``) is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import resolve_device, train
 
-__all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "summarize_study", "linear_probe", "pooled_features",
+__all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "study_recipe", "record_study", "summarize_study", "linear_probe", "pooled_features",
            "mean_std", "paired_difference"]
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
@@ -132,6 +133,44 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray
     return classification_metrics(labels[test_pos], probs)
 
 
+# options that a study sets per run (method, subset, seed, paths); the rest is the study's recipe
+_PER_RUN = ("cache", "out", "slca", "fuse", "focus", "train_fraction", "seed", "subset_seed", "device")
+
+
+def study_recipe(cfg: StudyConfig) -> dict:
+    """The resolved recipe every run of ``cfg`` shares: ``{flat option name: value}``, defaults
+    included, without the options the study sets per run (method, fraction, seed, paths)."""
+    flat = cfg.options("backbone", "", 1.0, 0, Path(".")).flat()
+    return {k: v for k, v in flat.items() if k not in _PER_RUN}
+
+
+def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:
+    """Write or extend ``out/study.json``: the resolved recipe once, and each invocation's store,
+    fractions, seeds and methods appended (a resumed study keeps the record of earlier ones).
+
+    Raises:
+      ConfigError: ``out`` holds a study run with another recipe (say, a default changed since):
+        its rows would not be comparable. The message names the options that differ.
+    """
+    from .errors import ConfigError
+
+    path = out / "study.json"
+    recipe = json.loads(json.dumps(study_recipe(cfg)))  # JSON's view (tuples as lists)
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    old = prev.get("recipe")
+    if old is not None and old != recipe:
+        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+        raise ConfigError(f"{path}: this study was run with another recipe; differing options: "
+                          + ", ".join(f"{k} (was {old.get(k)!r}, now {recipe.get(k)!r})" for k in diff)
+                          + "; use another --out, or --set the old values")
+    invocations = prev.get("invocations") or ([{k: prev[k] for k in prev if k != "recipe"}] if prev else [])
+    invocations.append({"store": str(store), "fractions": list(cfg.fractions), "seeds": list(cfg.seeds),
+                        "extra_seeds": {str(k): list(v) for k, v in cfg.extra_seeds.items()},
+                        "methods": list(cfg.methods), "focus": cfg.focus, "train": cfg.train,
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    path.write_text(json.dumps({"recipe": recipe, "invocations": invocations}, indent=2))
+
+
 def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
     """Run the protocol on one store; resume a study already in ``out``.
@@ -141,10 +180,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({
-        "store": str(store), "fractions": list(cfg.fractions), "seeds": list(cfg.seeds),
-        "extra_seeds": {str(k): list(v) for k, v in cfg.extra_seeds.items()}, "methods": list(cfg.methods),
-        "focus": cfg.focus, "train": cfg.train}, indent=2))
+    record_study(out, store, cfg)
     dev = resolve_device(device)
     rows = read_rows(out / "runs.csv")
     done = {(r["method"], float(r["fraction"]), int(r["seed"])) for r in rows}

@@ -1,10 +1,12 @@
 import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from trainer.errors import ConfigError
 from trainer.experiment import StudyConfig, paired_difference, pooled_features, run_study, verdict
 
 RECIPE = {"backbone": "resnet18", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}
@@ -36,6 +38,14 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     assert (tmp_path / "fraction_balanced_accuracy.png").stat().st_size > 1000
     again = run_study(tiny_store, tmp_path, cfg, device="cpu", log=logged.append)
     assert len(again) == len(summary) and sum("seed" in line for line in logged) == 20  # nothing rerun
+    record = json.loads((tmp_path / "study.json").read_text())
+    assert len(record["invocations"]) == 2
+    assert record["recipe"]["class_balance"] == "loss" and record["recipe"]["lr"] == 1e-3  # defaults resolved
+    # resuming under another recipe would mix incomparable rows: refused before anything runs
+    changed = StudyConfig(fractions=(1.0,), seeds=(0,), methods=("backbone",), train={**RECIPE, "lr": 0.01})
+    with pytest.raises(ConfigError, match=r"study.json.*lr \(was 0.001, now 0.01\)"):
+        run_study(tiny_store, tmp_path, changed, device="cpu", log=logged.append)
+    assert len(json.loads((tmp_path / "study.json").read_text())["invocations"]) == 2
 
 
 def test_paired_difference_is_a_t_interval():
