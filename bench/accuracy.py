@@ -4,6 +4,8 @@
     python bench/accuracy.py --store runs/isic.zarr --out runs/study-isic --extra-seeds "0.1:5-9;1.0:5-9"
     python bench/accuracy.py --store runs/busi.zarr --out runs/study-busi-focus --methods backbone,focus,focus_slca \\
         --set focus=crop
+    # studies run side by side (one per core) on the same store and recipe, joined into one
+    python bench/accuracy.py --merge runs/study-busi runs/study-busi-focus --out runs/study-busi-all
     # GPU, full size: a pretrained backbone at 224 px
     python bench/accuracy.py --store /data/busi.zarr --out runs/busi-r50 --set backbone=resnet50 img_size=224 pretrained=true
 
@@ -22,7 +24,8 @@ import yaml
 
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
-from trainer.experiment import METHODS, StudyConfig, run_study  # noqa: E402
+from trainer.errors import ConfigError  # noqa: E402
+from trainer.experiment import METHODS, StudyConfig, merge_studies, run_study  # noqa: E402
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -39,7 +42,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 def main() -> None:
     base = StudyConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--store", required=True, help="a store made by samcache extract (with images)")
+    p.add_argument("--store", help="a store made by samcache extract (with images)")
     p.add_argument("--out", required=True)
     p.add_argument("--fractions", default=",".join(f"{f:g}" for f in base.fractions))
     p.add_argument("--seeds", default=",".join(map(str, base.seeds)), help="e.g. 0-4")
@@ -49,7 +52,17 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                    help="recipe options by slca-train's names (YAML values), over the CPU defaults")
     p.add_argument("--device")
+    p.add_argument("--merge", nargs="+", metavar="STUDY", help="join these study folders into --out (no training)")
     a = p.parse_args()
+    if a.merge:
+        try:
+            merge_studies(a.merge, a.out)
+        except ConfigError as e:
+            p.exit(2, f"accuracy.py: {e}\n")
+        print((Path(a.out) / "summary.md").read_text())
+        return
+    if not a.store:
+        p.error("--store is required (or --merge)")
     recipe = dict(base.train)
     for item in a.set:
         name, _, value = item.partition("=")

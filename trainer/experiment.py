@@ -50,7 +50,7 @@ from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import resolve_device, train
 
-__all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "study_recipe", "record_study", "summarize_study", "linear_probe", "pooled_features",
+__all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "linear_probe", "pooled_features",
            "mean_std", "paired_difference"]
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
@@ -266,6 +266,66 @@ def verdict(diff: dict, margin: float = 0.05) -> str:
     if diff["low"] > -margin and diff["high"] < margin:
         return f"no effect (within ±{margin:g})"
     return "not resolved"
+
+
+def _run_recipes(study: Path) -> dict[str, dict]:
+    """``{run folder: its recipe}`` from each trained run's ``config.yaml`` (per-run options dropped)."""
+    out = {}
+    for cfg in sorted((study / "runs").glob("*/config.yaml")):
+        flat = TrainConfig.load(cfg).flat()
+        out[str(cfg.parent)] = {k: v for k, v in flat.items() if k not in _PER_RUN}
+    return out
+
+
+def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
+    """One study from several run on the same store with the same recipe (say, in two processes
+    side by side): their ``runs.csv`` rows joined into ``out``, then summarized.
+
+    The recipe check reads every trained run's ``config.yaml``, so it covers studies from before
+    ``study.json`` recorded the recipe.
+
+    Returns:
+      The summary rows (see :func:`summarize_study`).
+
+    Raises:
+      ConfigError: a source has no ``runs.csv``, two trained runs had different recipes (the message
+        names the runs and options), the sources' stores differ, or a (method, fraction, seed) is
+        in two sources with different results.
+    """
+    from .errors import ConfigError
+
+    out = Path(out)
+    rows, seen, recipes, record = [], {}, {}, {"merged_from": []}
+    for src in map(Path, sources):
+        if not (src / "runs.csv").exists():
+            raise ConfigError(f"{src / 'runs.csv'}: not found; is {src} a study folder?")
+        info = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else {}
+        stores = {i.get("store") for i in info.get("invocations", [info]) if i.get("store")}
+        record["merged_from"].append({"study": str(src), "stores": sorted(stores), **info})
+        every = {st for m in record["merged_from"] for st in m["stores"]}
+        if len(every) > 1:
+            raise ConfigError(f"the studies were run on different stores: {sorted(every)}")
+        recipes.update(_run_recipes(src))
+        for r in read_rows(src / "runs.csv"):
+            key = (r["method"], float(r["fraction"]), int(r["seed"]))
+            if key in seen:
+                if seen[key]["balanced_accuracy"] != r["balanced_accuracy"]:
+                    raise ConfigError(f"{src / 'runs.csv'}: {key} is also in {seen[key]['_from']} with another result")
+                continue
+            seen[key] = {**r, "_from": str(src)}
+            rows.append(r)
+    if recipes:
+        first, ref = next(iter(recipes.items()))
+        for run, recipe in recipes.items():
+            diff = sorted(k for k in set(ref) | set(recipe) if ref.get(k) != recipe.get(k))
+            if diff:
+                raise ConfigError(f"{run} and {first} were trained with different recipes: "
+                                  + ", ".join(f"{k} ({ref.get(k)!r} vs {recipe.get(k)!r})" for k in diff))
+        record["recipe"] = json.loads(json.dumps(ref))
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, out / "runs.csv")
+    (out / "study.json").write_text(json.dumps(record, indent=2))
+    return summarize_study(out)
 
 
 def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[dict]:

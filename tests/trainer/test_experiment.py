@@ -1,13 +1,15 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from trainer.errors import ConfigError
-from trainer.experiment import StudyConfig, paired_difference, pooled_features, run_study, verdict
+from trainer.experiment import StudyConfig, merge_studies, paired_difference, pooled_features, run_study, verdict
+from trainer.records import write_rows
 
 RECIPE = {"backbone": "resnet18", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}
 
@@ -46,6 +48,22 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     with pytest.raises(ConfigError, match=r"study.json.*lr \(was 0.001, now 0.01\)"):
         run_study(tiny_store, tmp_path, changed, device="cpu", log=logged.append)
     assert len(json.loads((tmp_path / "study.json").read_text())["invocations"]) == 2
+
+    # a study run in two halves (two processes side by side) merges back into the same summary
+    for half, keep in (("a", {"backbone", "linear_probe"}), ("b", {"slca", "fuse"})):
+        (tmp_path / half).mkdir()
+        shutil.copytree(tmp_path / "runs", tmp_path / half / "runs")
+        shutil.copy(tmp_path / "study.json", tmp_path / half / "study.json")
+        write_rows([r for r in runs if r["method"] in keep], tmp_path / half / "runs.csv")
+    merged = merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert len(merged) == len(summary)
+    for name in ("summary.md", "paired.csv"):
+        assert (tmp_path / "merged" / name).read_text() == (tmp_path / name).read_text()
+    # a run trained with another recipe is refused, by name
+    cfg_file = next((tmp_path / "b" / "runs").glob("slca-*/config.yaml"))
+    cfg_file.write_text(cfg_file.read_text().replace("lr: 0.001", "lr: 0.002"))
+    with pytest.raises(ConfigError, match=r"different recipes: lr \(0.001 vs 0.002\)"):
+        merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "merged2")
 
 
 def test_paired_difference_is_a_t_interval():
