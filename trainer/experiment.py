@@ -25,7 +25,9 @@ full set, instead of a handful of one-step epochs; ``runs.csv`` records the step
 Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction; ``paired.csv``
 gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
 and a 95 % t-interval, the test for "does SLCA change anything". A rerun resumes: rows already in
-``runs.csv`` are kept. ``study.json`` holds the resolved recipe (defaults included) and each
+``runs.csv`` are kept, and a run cut off part way starts again. Each run folder keeps ``best.pt``
+(the test figures come from it) but not ``last.pt``, which only resuming that run would read: a
+study of a hundred runs would otherwise hold three copies of every model. ``study.json`` holds the resolved recipe (defaults included) and each
 invocation; resuming under another recipe (a default changed since, another ``--set``) is refused.
 """
 
@@ -211,6 +213,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                     else:
                         tcfg = cfg.options(method, str(store), fraction, seed, out / "runs" / f"{method}-f{fraction}-s{seed}")
                         result = train(tcfg, overwrite=True, log=lambda _: None, cache=cache)
+                        (Path(tcfg.out) / "last.pt").unlink(missing_ok=True)  # only a run's resume reads it
                         m, best_epoch, steps = result["test"], result["best_epoch"], result["steps"]
                         val = result["val_best"]["balanced_accuracy"]
                     row = {"method": method, "fraction": fraction, "seed": seed, "train_samples": len(subset),

@@ -11,7 +11,7 @@ from trainer.errors import ConfigError
 from trainer.experiment import StudyConfig, merge_studies, paired_difference, pooled_features, run_study, verdict
 from trainer.records import write_rows
 
-RECIPE = {"backbone": "resnet18", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}
+RECIPE = {"backbone": "resnet10t", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}
 
 
 def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_path):
@@ -38,6 +38,9 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     table = (tmp_path / "summary.md").read_text()
     assert "| slca | 0.5 | 2 | 4 |" in table and "| slca − backbone | 1 | 3 |" in table
     assert (tmp_path / "fraction_balanced_accuracy.png").stat().st_size > 1000
+    run_dirs = list((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 3 * 5  # the trained methods; each keeps best.pt, not the resume-only last.pt
+    assert all((d / "best.pt").is_file() and not (d / "last.pt").exists() for d in run_dirs)
     again = run_study(tiny_store, tmp_path, cfg, device="cpu", log=logged.append)
     assert len(again) == len(summary) and sum("seed" in line for line in logged) == 20  # nothing rerun
     record = json.loads((tmp_path / "study.json").read_text())
