@@ -97,8 +97,9 @@ def masks(
     with user_errors():
         r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
                          batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
-    say(f"stored {r['written']} new masks in {store} ({r['already_done']} already done, {r['total']} in all); "
-        f"mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty")
+    quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] else ""
+    say(f"stored {r['written']} new masks in {store} ({r['already_done']} already done, {r['total']} in all)"
+        + quality)
 
 
 @app.command("export")

@@ -106,6 +106,8 @@ def test_masks_are_stored_reported_and_refused_when_made_differently(tiny_store,
         for k in range(15):
             assert masks[k, 0, h[k]:].max(initial=0) == 0 and masks[k, 0, :, w[k]:].max(initial=0) == 0
     assert decode_masks(store, prompt="box", progress=False)["written"] == 0  # a rerun resumes: nothing to do
+    rerun = runner.invoke(app, ["masks", str(store), "--prompt", "box", "--no-progress"])
+    assert rerun.exit_code == 0 and "stored 0 new masks" in rerun.output and "nan" not in rerun.output
     info = runner.invoke(app, ["info", str(store)])
     assert info.exit_code == 0 and "15 done, prompt box, decoder tiny" in info.output
     refused = runner.invoke(app, ["masks", str(store), "--prompt", "candidates", "--no-progress"])
