@@ -31,8 +31,9 @@ def apply_focus(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor 
     """Split a ``B x 4 x T x T`` view into the RGB image (0..255) and its mask, and prompt with it.
 
     Arguments:
-      x: the view from :func:`~trainer.data.paired_views`; channel 3 is the mask (0..1) when
-        ``mode`` is not ``none``.
+      x: the view from :func:`~trainer.data.paired_views`: ``B x 3 x T x T``, or ``B x 4 x T x T``
+        whose channel 3 is the mask (0..1). Every mode but ``none`` needs the mask; ``none`` drops
+        it if present (a study shares one cache between focus and non-focus methods).
       mode: one of :data:`MODES`.
 
     Returns:
@@ -40,7 +41,9 @@ def apply_focus(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor 
       ``background``); ``extra`` is the ``B x 1 x T x T`` mask for ``channel``, else None.
     """
     if mode == "none":
-        return x, None
+        return x[:, :3], None
+    if x.shape[1] != 4:
+        raise ValueError(f"focus mode {mode!r} needs a view with a mask channel, got {x.shape[1]} channels")
     rgb, mask = x[:, :3], x[:, 3:4].clamp(0, 1)
     empty = mask.flatten(1).amax(1).view(-1, 1, 1, 1) == 0
     if mode == "background":

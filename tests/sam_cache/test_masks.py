@@ -171,3 +171,21 @@ def test_focus_mask_moves_with_the_image_through_crop_and_flip(tiny_store, tmp_p
         x, _ = paired_views(img, None, boxes, flips, 48)
         a, b = x[0, 0] > 127, x[0, 3] > 0.5
         assert (a == b).float().mean() > 0.99
+
+
+def test_a_study_mixes_focus_and_plain_methods_on_one_cache(tiny_store, tmp_path):
+    """One study cache carries the masks for the focus rows; the plain rows see 3 channels only."""
+    from trainer.experiment import StudyConfig, run_study
+    from trainer.focus import apply_focus
+
+    view = torch.rand(2, 4, 8, 8)
+    assert torch.equal(apply_focus(view, "none")[0], view[:, :3])
+    with pytest.raises(ValueError, match="needs a view with a mask channel"):
+        apply_focus(view[:, :3], "background")
+    store = tmp_path / "m.zarr"
+    shutil.copytree(tiny_store, store)
+    decode_masks(store, prompt="box", progress=False)
+    recipe = {"backbone": "resnet10t", "img_size": 32, "epochs": 1, "min_steps": 2, "batch_size": 4}
+    cfg = StudyConfig(fractions=(1.0,), seeds=(0,), methods=("backbone", "focus", "slca"), train=recipe)
+    summary = run_study(store, tmp_path / "study", cfg, device="cpu", log=lambda _: None)
+    assert {row["method"] for row in summary} == {"backbone", "focus", "slca"}
