@@ -33,6 +33,13 @@ def extract(**values) -> None:
     say(f"stored {result.written} new embeddings in {result.store_path} "
         f"({result.already_done} already done, {result.total} in all) "
         f"in {result.seconds:.1f} s, {result.images_per_second:.1f} img/s")
+    if result.suspect:
+        warn(f"{len(result.suspect)} stored image(s) hold no picture; check them (all listed by "
+             f"`samcache info --json {result.store_path}`):")
+        for s in result.suspect[:5]:
+            warn(f"  {s['source']}: {s['problem']}")
+        if len(result.suspect) > 5:
+            warn(f"  ... and {len(result.suspect) - 5} more")
     if result.skipped:
         err_console.print(f"[bold yellow]skipped {len(result.skipped)} image(s)[/] that could not be read:")
         for s in result.skipped:
@@ -146,6 +153,8 @@ def info(
         ("images", f"{summary['image_size']} px" if summary["image_size"] else "not stored"),
         ("masks", _masks_line(summary["masks"])),
         ("skipped", str(len(summary["skipped"]))),
+        ("suspect", f"{len(summary['suspect'])} image(s) with no picture (one colour or stripes)"
+                    if summary["suspect"] else "0"),
         ("created", f"{summary['created']} by samcache {summary['package_version']}"),
     ]
     for k, v in rows:

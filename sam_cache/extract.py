@@ -5,6 +5,8 @@ Stages, overlapped:
 1. DataLoader workers decode each image, window deep images to 8 bits, resize it into the
    encoder's frame and (optionally) into the stored training frame. A file that cannot be
    decoded comes back as an error string instead of a frame, so one bad file never stops a run.
+   An image that decodes but holds no picture (:func:`~sam_cache.preprocess.image_problem`:
+   one colour, or stripes) is stored, and named in the result and the store's ``suspect`` list.
 2. The main thread moves uint8 frames to the device (pinned, non-blocking on CUDA), normalizes
    them there and runs the encoder under ``torch.inference_mode`` (bf16 autocast on CUDA).
 3. A writer thread stores the rows and, after them, the ``done`` flags, while the next batch is
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets import DatasetManifest, open_dataset
 from .encoders import Encoder, EncoderError, create_encoder
 from .fast_attention import use_fast_attention
-from .preprocess import ImageDecodeError, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
+from .preprocess import ImageDecodeError, image_problem, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
 from . import distributed
 from .errors import ConfigError
 from .extract_config import ExtractConfig
@@ -43,13 +45,15 @@ __all__ = ["extract_dataset", "ExtractionResult"]
 
 @dataclass
 class ExtractionResult:
-    """What a run did: rows written now, rows already done before, and the images skipped."""
+    """What a run did: rows written now, rows already done before, the images skipped, and the
+    stored images that look like no picture (``suspect``: index, id, source, problem)."""
 
     store_path: str
     total: int
     already_done: int
     written: int
     skipped: list[dict] = field(default_factory=list)
+    suspect: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     rank: int = 0
 
@@ -72,7 +76,7 @@ class _FrameDataset(Dataset):
     def __getitem__(self, k: int) -> dict:
         index = int(self.indices[k])
         s, r = self.encoder_size, self.image_size or 0
-        item = {"index": index, "error": "", "frame": torch.zeros(3, s, s, dtype=torch.uint8),
+        item = {"index": index, "error": "", "problem": "", "frame": torch.zeros(3, s, s, dtype=torch.uint8),
                 "size": torch.zeros(2, dtype=torch.int64), "orig": torch.zeros(2, dtype=torch.int32),
                 "window": torch.full((2,), float("nan")), "image": torch.zeros(3, r, r, dtype=torch.uint8)}
         try:
@@ -84,7 +88,7 @@ class _FrameDataset(Dataset):
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             item["error"] = reason if isinstance(exc, ImageDecodeError) else f"{type(exc).__name__}: {reason}"
             return item
-        item.update(frame=torch.from_numpy(frame), size=torch.tensor(size), orig=torch.tensor(rgb.shape[:2], dtype=torch.int32))
+        item.update(problem=image_problem(rgb), frame=torch.from_numpy(frame), size=torch.tensor(size), orig=torch.tensor(rgb.shape[:2], dtype=torch.int32))
         if applied is not None:
             item["window"] = torch.tensor(applied, dtype=torch.float32)
         if image is not None:
@@ -272,6 +276,10 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
                     rec = manifest.records[indices[k]]
                     result.skipped.append({"index": int(indices[k]), "id": rec.id, "source": rec.source,
                                            "error": batch["error"][k]})
+                for k in np.flatnonzero(ok & np.array([p != "" for p in batch["problem"]])):
+                    rec = manifest.records[indices[k]]
+                    result.suspect.append({"index": int(indices[k]), "id": rec.id, "source": rec.source,
+                                           "problem": batch["problem"][k]})
                 if ok.any():
                     sel = torch.from_numpy(ok)
                     frames = batch["frame"][sel].to(dev, non_blocking=True)
@@ -308,11 +316,13 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
         result.seconds = time.perf_counter() - t0
         try:
             # every rank's skipped images and counts; rank 0 records the report
-            everyone = ctx.gather((result.skipped, result.written))
-            result.skipped = sorted((s for skipped, _ in everyone for s in skipped), key=lambda s: s["index"])
-            result.written = sum(w for _, w in everyone)
+            everyone = ctx.gather((result.skipped, result.written, result.suspect))
+            result.skipped = sorted((s for skipped, _, _ in everyone for s in skipped), key=lambda s: s["index"])
+            result.written = sum(w for _, w, _ in everyone)
+            result.suspect = sorted((s for _, _, suspect in everyone for s in suspect), key=lambda s: s["index"])
             if ctx.is_main:
                 store.set_skipped(result.skipped)
+                store.add_suspect(result.suspect, redone=pending)
             store.close()
         except Exception:
             if finished:

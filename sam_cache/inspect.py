@@ -27,7 +27,7 @@ def summarize_store(path: str | Path) -> dict:
     Returns:
       ``{"path", "format", "samples", "done", "embedding_shape", "dtype", "encoder",
       "checkpoint_sha256", "random_weights", "class_names", "labels", "label_counts"
-      (per split, per class), "skipped", "image_size", "preprocessing", "manifest_sha256",
+      (per split, per class), "skipped", "suspect", "image_size", "preprocessing", "manifest_sha256",
       "schema_version", "package_version", "created", "disk_bytes", "checksums", "masks"}``;
       ``masks`` is None, or their signature with ``done`` and ``mean_iou``.
 
@@ -55,6 +55,7 @@ def summarize_store(path: str | Path) -> dict:
             "labels": store.labels.tolist(),
             "label_counts": counts,
             "skipped": meta.get("skipped", []),
+            "suspect": meta.get("suspect", []),
             "image_size": meta.get("image_size"),
             "preprocessing": meta["preprocessing"],
             "split_info": meta.get("split_info"),

@@ -263,6 +263,22 @@ def to_rgb_uint8(
     return np.ascontiguousarray(array), applied
 
 
+def image_problem(rgb: np.ndarray) -> str:
+    """Why an ``HxWx3`` uint8 image carries no picture, or ``""``: one colour everywhere, or every
+    column (row) one colour from top to bottom (left to right), the stripes a broken resize or
+    export leaves. Such images decode and encode fine, so only this check finds them."""
+    if rgb.shape[0] > 1 and rgb.shape[1] > 1:
+        columns = bool((rgb == rgb[:1]).all())
+        rows = bool((rgb == rgb[:, :1]).all())
+        if columns and rows:
+            return "one colour everywhere"
+        if columns:
+            return "every column is one colour (vertical stripes)"
+        if rows:
+            return "every row is one colour (horizontal stripes)"
+    return ""
+
+
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """The ``(h, w)`` after scaling the longest side to ``long_side``; segment-anything's rule."""
     scale = long_side * 1.0 / max(height, width)

@@ -36,7 +36,9 @@ mask_done       (N,)                    bool      set only after the sample's ma
 Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``encoder``,
 ``checkpoint_sha256``, ``random_weights``, ``preprocessing``, ``dtype``, ``manifest_sha256``,
 ``image_size``), ``class_names``, ``split_info``, ``dataset``, ``package_version``, ``created``,
-``skipped``: the images the last run could not decode, each with its id, source and error; and,
+``skipped``: the images the last run could not decode, each with its id, source and error;
+``suspect``: stored images that hold no picture (one colour, stripes), each with its index, id,
+source and problem; and,
 once masks exist, ``masks``: their own signature (:mod:`sam_cache.masks`).
 
 Encoding belongs to the store: :meth:`EmbeddingStore.write_rows` takes float embeddings (numpy or
@@ -794,6 +796,13 @@ class EmbeddingStore:
     def set_skipped(self, skipped: list[dict]) -> None:
         """Record the images that could not be read in the last run (replaces the old report)."""
         self.update_meta(skipped=skipped)
+
+    def add_suspect(self, suspect: list[dict], redone: np.ndarray) -> None:
+        """Record the suspect images of a run that extracted the rows ``redone``: the report of
+        earlier runs is kept for the rows this run did not touch (a resumed run adds to it)."""
+        touched = set(np.asarray(redone).tolist())
+        kept = [s for s in self.meta.get("suspect", []) if s["index"] not in touched]
+        self.update_meta(suspect=sorted(kept + list(suspect), key=lambda s: s["index"]))
 
     def close(self) -> None:
         self._b.close()

@@ -171,3 +171,38 @@ def test_int8_store_is_half_the_size_and_close_to_float16(sample_dir, tiny_store
     size = lambda p: sum(x.stat().st_size for x in (p / "embeddings").rglob("*") if x.is_file())  # noqa: E731
     assert size(tmp_path / "q.zarr") < 0.55 * size(tiny_store)
     assert verify_store(tmp_path / "q.zarr") == []
+
+
+def test_images_without_a_picture_are_stored_and_named(sample_dir, tmp_path):
+    """Stripes (every column one colour, as in 102 of ISIC-550's files) decode fine: only the check names them."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.samcache import app
+    from sam_cache.preprocess import image_problem
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    files = sorted((data / "synthetic-smooth").iterdir())
+    stripes = np.repeat(np.random.default_rng(0).integers(0, 255, (1, 40, 3), dtype=np.uint8), 30, axis=0)
+    Image.fromarray(stripes).save(files[0])
+    Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(files[1])
+    assert image_problem(stripes) == "every column is one colour (vertical stripes)"
+    assert image_problem(stripes.transpose(1, 0, 2)) == "every row is one colour (horizontal stripes)"
+    assert image_problem(np.asarray(Image.open(files[2]).convert("RGB"))) == ""
+    out = tmp_path / "s.zarr"
+    result = extract_dataset(data, out, "tiny", image_size=0, **KW)
+    assert result.written == 15 and result.skipped == []  # stored all the same
+    assert [(s["source"], s["problem"]) for s in result.suspect] == [
+        (str(files[0]), "every column is one colour (vertical stripes)"), (str(files[1]), "one colour everywhere")]
+    with EmbeddingStore.open(out, mode="r+") as s:  # a resumed run keeps the report of the rows it skips
+        s.add_suspect([], redone=np.array([result.suspect[1]["index"]]))
+    runner = CliRunner(env={"COLUMNS": "200"})
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "1 image(s) with no picture" in info.output
+    again = runner.invoke(app, ["extract", "--dataset", str(data), "--out", str(out), "--encoder", "tiny",
+                                "--image-size", "0", "--workers", "0", "--overwrite", "--no-progress",
+                                *[a for k, v in SPLIT_ARGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    assert again.exit_code == 0, again.output
+    assert "2 stored image(s) hold no picture" in again.output and str(files[0]) in " ".join(again.output.split())
