@@ -4,7 +4,9 @@
 
 Draws the stored image (in the embedding's frame) with the stored mask's outline, for the first
 ``--per-class`` samples of each class in the test split, titled with the class and the decoder's
-predicted IoU.
+predicted IoU. Images that hold no picture (the store's ``suspect`` list, or a stored image that
+:func:`~sam_cache.preprocess.image_problem` flags, for stores made before that check) are left
+out, and counted in the title: their masks say nothing about lesions.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sam_cache import EmbeddingStore  # noqa: E402
-from sam_cache.preprocess import resized_shape  # noqa: E402
+from sam_cache.preprocess import image_problem, resized_shape  # noqa: E402
 
 
 def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") -> None:
@@ -30,6 +32,11 @@ def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") 
             raise StoreError(f"{store_path} has no masks; run `samcache masks {store_path}` first")
         rows = s.split_indices(split)
         rows = rows[s.mask_done[rows]]
+        suspect = {x["index"] for x in s.meta.get("suspect", [])}
+        stored = s.read_rows(rows, "images")
+        picture = np.array([r not in suspect and image_problem(im.transpose(1, 2, 0)) == "" for r, im in zip(rows, stored)],
+                           dtype=bool)
+        left_out, rows = int((~picture).sum()), rows[picture]
         chosen = [r for c in range(len(s.class_names)) for r in rows[s.labels[rows] == c][:per_class]]
         images = s.read_rows(np.array(chosen), "images")
         masks = s.read_rows(np.array(chosen), "masks")
@@ -48,7 +55,8 @@ def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") 
         if masks[k, 0].any():
             ax.contour(masks[k, 0][:h, :w], levels=[0.5], colors="cyan", linewidths=1.2)
         ax.set_title(f"{names[k]}  IoU~{iou[k]:.2f}", fontsize=7)
-    fig.suptitle(f"SAM masks decoded from the cache ({prompt} prompt), {store_path}", fontsize=9)
+    note = f"; {left_out} {split} images with no picture left out" if left_out else ""
+    fig.suptitle(f"SAM masks decoded from the cache ({prompt} prompt), {store_path}{note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
