@@ -36,9 +36,9 @@ def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") 
         stored = s.read_rows(rows, "images")
         picture = np.array([r not in suspect and image_problem(im.transpose(1, 2, 0)) == "" for r, im in zip(rows, stored)],
                            dtype=bool)
-        left_out, rows = int((~picture).sum()), rows[picture]
-        chosen = [r for c in range(len(s.class_names)) for r in rows[s.labels[rows] == c][:per_class]]
-        images = s.read_rows(np.array(chosen), "images")
+        left_out, rows, stored = int((~picture).sum()), rows[picture], stored[picture]
+        pos = [k for c in range(len(s.class_names)) for k in np.flatnonzero(s.labels[rows] == c)[:per_class]]
+        chosen, images = [rows[k] for k in pos], stored[pos]
         masks = s.read_rows(np.array(chosen), "masks")
         iou = s.mask_iou[chosen]
         names = [s.class_names[s.labels[r]] for r in chosen]

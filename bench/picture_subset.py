@@ -28,8 +28,6 @@ import torch
 
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
-from PIL import Image  # noqa: E402
-
 from sam_cache import EmbeddingStore  # noqa: E402
 from sam_cache.preprocess import image_problem, read_image, to_rgb_uint8  # noqa: E402
 from trainer import load_run_model  # noqa: E402
@@ -38,8 +36,6 @@ from trainer.experiment import linear_probe, mean_std, paired_difference, pooled
 from trainer.metrics import classification_metrics  # noqa: E402
 from trainer.step import BatchPipeline, predict  # noqa: E402
 from trainer.subset import stratified_subset  # noqa: E402
-
-Image.MAX_IMAGE_PIXELS = None
 
 
 def picture_rows(store: EmbeddingStore, exclude: set[str] = frozenset()) -> np.ndarray:
