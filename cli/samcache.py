@@ -30,6 +30,9 @@ def extract(**values) -> None:
         result = extract_dataset(dataset, out, config=config)
     if result.rank != 0:  # under torchrun, rank 0 speaks for all
         raise typer.Exit(EXIT_SKIPPED if result.skipped else 0)
+    if result.recreated:
+        warn(f"{result.store_path}: an earlier run was stopped while creating this store, before any row was "
+             "written; it was created again")
     say(f"stored {result.written} new embeddings in {result.store_path} "
         f"({result.already_done} already done, {result.total} in all) "
         f"in {result.seconds:.1f} s, {result.images_per_second:.1f} img/s")

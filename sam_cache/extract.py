@@ -45,8 +45,9 @@ __all__ = ["extract_dataset", "ExtractionResult"]
 
 @dataclass
 class ExtractionResult:
-    """What a run did: rows written now, rows already done before, the images skipped, and the
-    stored images that look like no picture (``suspect``: index, id, source, problem)."""
+    """What a run did: rows written now, rows already done before, the images skipped, the
+    stored images that look like no picture (``suspect``: index, id, source, problem), and whether
+    a store left empty by a dead creator was made again (``recreated``)."""
 
     store_path: str
     total: int
@@ -56,6 +57,7 @@ class ExtractionResult:
     suspect: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     rank: int = 0
+    recreated: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -221,11 +223,14 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
     dev = torch.device(f"cuda:{ctx.local_rank}" if want_cuda and ctx.world > 1 else (device or ("cuda" if want_cuda else "cpu")))
 
     # rank 0 creates (or checks) the store; the others open it once it is there
-    error = None
+    error, recreated = None, False
     if ctx.is_main:
         try:
             if overwrite and EmbeddingStore.exists(out):
                 EmbeddingStore.remove(out)
+            elif EmbeddingStore.abandoned_creation(out):  # it holds no row: nothing is lost
+                EmbeddingStore.remove(out)
+                recreated = True
             if EmbeddingStore.exists(out):
                 with EmbeddingStore.open(out) as existing:
                     existing.check_signature(signature)
@@ -247,7 +252,7 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
     already = int(store.done.sum())
     mine = distributed.rank_row_mask(len(manifest), store.block_size, ctx.rank, ctx.world)
     pending = np.flatnonzero(~store.done & mine)
-    result = ExtractionResult(out, len(manifest), already, 0, rank=ctx.rank)
+    result = ExtractionResult(out, len(manifest), already, 0, rank=ctx.rank, recreated=recreated)
     model = encoder.model.to(dev)
     if attention in ("sdpa", "flex") or (attention == "auto" and dev.type == "cuda"):
         use_fast_attention(model, "flex" if attention == "flex" else "sdpa")

@@ -54,14 +54,19 @@ Crash safety: Zarr's local store writes every shard file atomically (temporary f
 and ``done`` is written after the data it vouches for, so a process killed at any point leaves a
 store that resumes correctly. HDF5 has no such guarantee against a kill; the writer flushes the
 rows (which raises on a full disk) *before* it sets their ``done`` flags, so a failed write is
-never marked done, and a file damaged by a hard kill is refused with a clear message.
+never marked done, and a file damaged by a hard kill is refused with a clear message. While a store
+is being made, before its first row, its attributes are only ``{"creating": {"host", "pid"}}``: it
+is refused on open, and a later extraction on the same host makes it again when that process is
+gone (it holds no row, so nothing is lost); a live or foreign creator is refused.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
+import socket
 import zlib
 from pathlib import Path
 
@@ -306,6 +311,24 @@ def _h5_open_problem(path: str, mode: str, exc: OSError) -> str:
             "file; if so, remove it (or pass --overwrite) and extract again, or use a Zarr store, which survives a kill")
 
 
+def _creator() -> dict:
+    """Who is creating a store: the "creating" marker, so that a later run can tell a dead creator."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive(pid) -> bool:
+    """Whether a process with this id exists on this host (one we may not signal counts as alive)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class EmbeddingStore:
     """A store of SAM embeddings; make one with :meth:`create`, reopen it with :meth:`open`."""
 
@@ -316,9 +339,11 @@ class EmbeddingStore:
         self.writable = writable
         self.meta = backend.get_meta()
         if self.meta.get("creating"):
-            raise StoreError(f"{path} is a samcache store that is being created, or whose creation was interrupted "
-                             "before any row was written; if no extraction is running, remove it or extract with "
-                             "--overwrite to start it over")
+            by = self.meta["creating"]
+            who = f" by process {by['pid']} on {by['host']}" if isinstance(by, dict) else ""
+            raise StoreError(f"{path} is a samcache store that is being created{who}, or whose creation was "
+                             "interrupted before any row was written; if no extraction is running, remove it or "
+                             "extract with --overwrite to start it over")
         if self.meta.get("schema_version") is None:
             raise StoreError(f"{path} exists and is not a samcache store; choose another path")
         if self.meta["schema_version"] > SCHEMA_VERSION:
@@ -383,10 +408,10 @@ class EmbeddingStore:
         # marked from its first byte: a store killed while being made, or read while being made, is known as ours
         if fmt == "hdf5":
             b = _H5Backend(path, "w")
-            b.set_meta({"creating": True})
+            b.set_meta({"creating": _creator()})
             b.flush()
         else:
-            b = _ZarrBackend(path, "w", attributes={"samcache": {"creating": True}})
+            b = _ZarrBackend(path, "w", attributes={"samcache": {"creating": _creator()}})
         shape = (EMBED_SHAPE[0], grid, grid)
         shards = (min(shard_size, n),) + shape if fmt == "zarr" else None
         b.create_array("embeddings", (n,) + shape, _NUMPY_DTYPES[dtype], (1,) + shape, shards)
@@ -482,6 +507,28 @@ class EmbeddingStore:
             return bool(_ZarrBackend(path, "r").get_meta())
         except Exception:  # not a zarr group at all
             return False
+
+    @staticmethod
+    def abandoned_creation(path: str | Path) -> bool:
+        """Whether ``path`` is a store whose creation was interrupted by a process that is gone.
+
+        Such a store holds no row (creation ends before the first one is written), so starting it
+        over loses nothing. Only a creator on this host whose process no longer exists counts; a
+        live creator, one on another host, or a store from before creators were recorded is not
+        abandoned as far as this can tell, and is refused on open as before.
+        """
+        path = str(path)
+        if not EmbeddingStore.is_store(path):
+            return False
+        try:
+            b = _H5Backend(path, "r") if store_format(path) == "hdf5" else _ZarrBackend(path, "r")
+            try:
+                by = b.get_meta().get("creating")
+            finally:
+                b.close()
+        except Exception:  # damaged: not ours to judge here
+            return False
+        return isinstance(by, dict) and by.get("host") == socket.gethostname() and not _alive(by.get("pid"))
 
     @staticmethod
     def remove(path: str | Path) -> None:

@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -326,6 +327,46 @@ def test_a_store_killed_in_its_first_milliseconds_is_refused_with_a_hint(sample_
     assert "--overwrite" in result.output
     again = _extract(sample_dir, tmp_path / "s.zarr", "--overwrite")
     assert again.exit_code == 0, again.output
+
+
+def _interrupted_creation(sample_dir, out, monkeypatch, creator):
+    """A store stopped while being made, its "creating" marker then set to ``creator``."""
+    import zarr
+
+    from sam_cache import store as store_module
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module._ZarrBackend, "create_array", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract_dataset(sample_dir, out, "tiny", image_size=32, num_workers=0, progress=False, **SPLIT_ARGS)
+    monkeypatch.undo()
+    zarr.open_group(str(out), mode="r+").attrs["samcache"] = {"creating": creator}
+
+
+def test_a_store_whose_creator_died_before_any_row_is_created_again(sample_dir, tmp_path, monkeypatch):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process now
+    out = tmp_path / "s.zarr"
+    _interrupted_creation(sample_dir, out, monkeypatch, {"host": socket.gethostname(), "pid": gone.pid})
+    result = _extract(sample_dir, out)
+    assert result.exit_code == 0, result.output
+    assert "created again" in " ".join(result.output.split())
+    with EmbeddingStore.open(out) as s:
+        assert s.done.all()
+
+
+@pytest.mark.parametrize("where", ["this host, alive", "another host"])
+def test_a_store_being_created_by_a_live_or_foreign_process_is_refused(sample_dir, tmp_path, monkeypatch, where):
+    creator = {"host": socket.gethostname(), "pid": os.getpid()} if where == "this host, alive" \
+        else {"host": socket.gethostname() + "-elsewhere", "pid": 2 ** 22 + 1}
+    out = tmp_path / "s.zarr"
+    _interrupted_creation(sample_dir, out, monkeypatch, creator)
+    result = _extract(sample_dir, out)
+    text = " ".join(result.output.split())
+    assert result.exit_code != 0 and f"being created by process {creator['pid']} on {creator['host']}" in text
+    assert EmbeddingStore.is_store(out)  # refused, not deleted
 
 
 # --- kills and concurrency ------------------------------------------------------------------------
