@@ -64,6 +64,12 @@ class ExtractionResult:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
+def _report(manifest: DatasetManifest, rows: np.ndarray, key: str, texts: np.ndarray) -> list[dict]:
+    """One entry per row for the run's report (``skipped``, ``suspect``): index, id, source and ``key``."""
+    return [{"index": int(i), "id": manifest.records[i].id, "source": manifest.records[i].source, key: str(t)}
+            for i, t in zip(rows, texts)]
+
+
 class _FrameDataset(Dataset):
     """Decodes rows of a manifest into encoder frames (and stored images) in worker processes."""
 
@@ -277,14 +283,9 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
             for batch in loader:
                 ok = np.array([e == "" for e in batch["error"]])
                 indices = batch["index"].numpy()
-                for k in np.flatnonzero(~ok):
-                    rec = manifest.records[indices[k]]
-                    result.skipped.append({"index": int(indices[k]), "id": rec.id, "source": rec.source,
-                                           "error": batch["error"][k]})
-                for k in np.flatnonzero(ok & np.array([p != "" for p in batch["problem"]])):
-                    rec = manifest.records[indices[k]]
-                    result.suspect.append({"index": int(indices[k]), "id": rec.id, "source": rec.source,
-                                           "problem": batch["problem"][k]})
+                result.skipped += _report(manifest, indices[~ok], "error", np.array(batch["error"])[~ok])
+                odd = ok & np.array([p != "" for p in batch["problem"]])
+                result.suspect += _report(manifest, indices[odd], "problem", np.array(batch["problem"])[odd])
                 if ok.any():
                     sel = torch.from_numpy(ok)
                     frames = batch["frame"][sel].to(dev, non_blocking=True)
