@@ -67,11 +67,15 @@ class DatasetOptions:
       nifti_axis: the axis of a NIfTI volume that slices are taken across (2: axial for RAS data).
       nifti_slices: ``all``, ``middle`` or ``every:N``.
       single_split: put every image in this split and draw none (prediction reads ``test``).
+      group_column: a CSV column naming each image's group (a patient, a study): the images of
+        one group always share a split. Drawn splits keep groups whole; a split column that puts
+        one group in two splits is refused as a leak. None: every image is its own group.
     """
 
     path_column: str = "path"
     label_column: str = "label"
     split_column: str = "split"
+    group_column: str | None = None
     require_labels: bool = True
     nifti_axis: int = 2
     nifti_slices: str = "all"
@@ -203,6 +207,8 @@ def open_dataset(path: str | Path, seed: int = 0, val_fraction: float = 0.1, tes
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")
     if path.is_file() and path.suffix.lower() == ".npz":
+        if options.group_column:
+            raise DatasetError(f"{path}: --group-column needs a CSV dataset; an npz has no group column")
         return _open_npz(path, options)
     if path.is_file() and path.suffix.lower() == ".csv":
         return _open_csv(path, seed, val_fraction, test_fraction, options)
@@ -210,6 +216,8 @@ def open_dataset(path: str | Path, seed: int = 0, val_fraction: float = 0.1, tes
         for name in _CSV_NAMES:
             if (path / name).is_file():
                 return _open_csv(path / name, seed, val_fraction, test_fraction, options)
+        if options.group_column:
+            raise DatasetError(f"dataset {path}: --group-column needs a CSV dataset (a folder has no group column)")
         return _open_folder(path, seed, val_fraction, test_fraction, options)
     raise DatasetError(f"dataset {path}: expected a folder, a .csv or a .npz file")
 
@@ -277,8 +285,13 @@ def _canonical_labels(labels: list[str], where: str) -> list[str]:
     return labels
 
 
-def stratified_splits(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+def stratified_splits(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float,
+                      groups: np.ndarray | None = None) -> list[str]:
     """Assign train/val/test to each label, stratified by class and reproducible from ``seed``.
+
+    With ``groups`` (one key per image), every group lands whole in one split: scikit-learn's
+    ``StratifiedGroupKFold`` draws the test part, then the val part of what remains (the fractions
+    are then approximate: one fold of ``round(1 / fraction)``). See :func:`_grouped_draw`.
 
     scikit-learn's stratified draw, as long as every class is large enough for it. When a class
     is too small (a few images), each class is split on its own instead: one image of each class
@@ -295,6 +308,15 @@ def stratified_splits(labels: np.ndarray, seed: int, val_fraction: float, test_f
         raise DatasetError(f"bad split fractions val={val_fraction} test={test_fraction}")
     idx = np.arange(len(labels))
     out = np.empty(len(labels), dtype=object)
+    if groups is not None:
+        out[:] = "train"
+        test = _grouped_draw(labels, groups, seed, test_fraction, "test")
+        out[test] = "test"
+        if val_fraction > 0:
+            rest = np.flatnonzero(~test)
+            val = _grouped_draw(labels[rest], groups[rest], seed, val_fraction / (1 - test_fraction), "val")
+            out[rest[val]] = "val"
+        return out.tolist()
     try:
         rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
         val = np.array([], dtype=int)
@@ -334,17 +356,48 @@ def _small_class_splits(labels: np.ndarray, seed: int, val_fraction: float, test
     return out.tolist()
 
 
-def draw_val_from_train(labels: np.ndarray, splits: list[str], seed: int, val_fraction: float) -> list[str]:
+def _grouped_draw(labels: np.ndarray, groups: np.ndarray, seed: int, fraction: float, name: str) -> np.ndarray:
+    """A boolean mask of about ``fraction`` of the images, whole groups only, stratified by class.
+
+    One fold of ``StratifiedGroupKFold(round(1 / fraction))``, shuffled with ``seed``.
+
+    Raises:
+      DatasetError: fewer groups than folds (the split could not hold whole groups).
+    """
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, int(round(1 / fraction)))
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise DatasetError(f"cannot draw a {name} split of {fraction:.2f} from {n_groups} group(s): it needs at least "
+                           f"{n_splits} groups; give the splits yourself (a split column) or use smaller fractions")
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": expected, harmless
+        warnings.simplefilter("ignore", UserWarning)
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, drawn = next(folds.split(np.zeros(len(labels)), labels, groups))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[drawn] = True
+    return mask
+
+
+def draw_val_from_train(labels: np.ndarray, splits: list[str], seed: int, val_fraction: float,
+                        groups: np.ndarray | None = None) -> list[str]:
     """Move a stratified, seeded ``val_fraction`` of the whole dataset from train to val.
 
     For data that comes with train and test splits but no validation split (``Training/`` and
-    ``Testing/`` folders are common in public medical sets).
+    ``Testing/`` folders are common in public medical sets). With ``groups``, whole groups move.
     """
     splits = list(splits)
     train = np.flatnonzero(np.array(splits) == "train")
     if val_fraction <= 0 or len(train) < 2:
         return splits
     share = min(0.5, val_fraction * len(labels) / len(train))
+    if groups is not None:
+        for i in train[_grouped_draw(labels[train], groups[train], seed, share, "val")]:
+            splits[i] = "val"
+        return splits
     drawn = stratified_splits(labels[train], seed, 0.0, share)  # its "test" part becomes val
     for i, s in zip(train, drawn):
         if s == "test":
@@ -352,8 +405,21 @@ def draw_val_from_train(labels: np.ndarray, splits: list[str], seed: int, val_fr
     return splits
 
 
-def _finish(root, kind, entries, seed, val_fraction, test_fraction, options: DatasetOptions) -> DatasetManifest:
-    """Build a manifest from ``(id, class_name or None, split_or_None, source)`` entries."""
+def _refuse_group_leaks(root, groups: np.ndarray, splits: list[str], ids: list[str], column: str) -> None:
+    """A group (a patient) whose images sit in two splits would leak between them."""
+    seen: dict = {}
+    for g, s, i in zip(groups.tolist(), splits, ids):
+        first = seen.setdefault(g, (s, i))
+        if first[0] != s:
+            raise DatasetError(f"dataset {root}: {column} {g!r} is in two splits ({first[1]!r} in {first[0]}, {i!r} in "
+                               f"{s}); the images of one {column} must share a split, or the test split leaks")
+
+
+def _finish(root, kind, entries, seed, val_fraction, test_fraction, options: DatasetOptions,
+            groups: list[str] | None = None) -> DatasetManifest:
+    """Build a manifest from ``(id, class_name or None, split_or_None, source)`` entries.
+
+    ``groups``, one key per entry, keeps each group in one split (:class:`DatasetOptions`)."""
     if not entries:
         raise DatasetError(f"dataset {root}: no images found")
     labelled = [e[1] is not None for e in entries]
@@ -370,21 +436,29 @@ def _finish(root, kind, entries, seed, val_fraction, test_fraction, options: Dat
     class_names, index = _class_index([e[1] for e in entries])
     labels = np.array([index[e[1]] for e in entries])
     given = [e[2] for e in entries]
+    keys = np.array(groups) if groups is not None else None
     if options.single_split is not None:
         splits, info = [options.single_split] * len(entries), {"source": options.single_split}
     elif all(s is not None for s in given):
+        if keys is not None:
+            _refuse_group_leaks(root, keys, given, [e[0] for e in entries], options.group_column)
         splits, info = given, {"source": "given"}
         if "val" not in splits and "test" in splits and val_fraction > 0:
-            splits = draw_val_from_train(labels, splits, seed, val_fraction)
+            try:
+                splits = draw_val_from_train(labels, splits, seed, val_fraction, keys)
+            except DatasetError as exc:
+                raise DatasetError(f"dataset {root}: {exc}") from None
             info = {"source": "given", "val": "drawn from train", "seed": seed, "val_fraction": val_fraction}
     elif any(s is not None for s in given):
         raise DatasetError(f"dataset {root}: some rows have a split and some do not")
     else:
         try:
-            splits = stratified_splits(labels, seed, val_fraction, test_fraction)
+            splits = stratified_splits(labels, seed, val_fraction, test_fraction, keys)
         except DatasetError as exc:
             raise DatasetError(f"dataset {root}: {exc}") from None
         info = {"source": "stratified", "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    if keys is not None:
+        info["group_column"] = options.group_column
     records = [Record(e[0], int(lab), s, e[3]) for e, lab, s in zip(entries, labels, splits)]
     return DatasetManifest(str(root), kind, records, class_names, info)
 
@@ -443,13 +517,14 @@ def _open_csv(csv_path: Path, seed, val_fraction, test_fraction, options: Datase
         raise DatasetError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
         raise DatasetError(f"{csv_path}: not a readable CSV: {exc}") from None
-    need = [pc] + ([lc] if options.require_labels else [])
+    gc = options.group_column
+    need = [pc] + ([lc] if options.require_labels else []) + ([gc] if gc else [])
     missing = [c for c in need if c not in columns]
     if missing:
         raise DatasetError(f"{csv_path}: needs the column(s) {', '.join(repr(c) for c in missing)}, found {columns} "
-                           "(rename them with --path-column / --label-column)")
+                           "(rename them with --path-column / --label-column / --group-column)")
     has_labels = lc in columns
-    entries, raw_labels = [], []
+    entries, raw_labels, groups = [], [], []
     for line, row in enumerate(rows, start=2):
         if None in row.values() or None in row:
             raise DatasetError(f"{csv_path}, line {line}: the row has {len([v for v in row.values() if v is not None])} "
@@ -468,14 +543,19 @@ def _open_csv(csv_path: Path, seed, val_fraction, test_fraction, options: Datase
             if split.lower() not in _SPLIT_ALIASES:
                 raise DatasetError(f"{csv_path}, line {line}: unknown split {split!r}")
             split = _SPLIT_ALIASES[split.lower()]
+        group = (row[gc] or "").strip() if gc else None
+        if gc and not group:
+            raise DatasetError(f"{csv_path}, line {line}: the {gc!r} cell is empty")
         rel_id = Path(os.path.normpath(rel)).as_posix()
         for i, src in _expand(rel_id, source, options):
             entries.append([i, label, split, src])
             raw_labels.append(label)
+            groups.append(group)
     if has_labels:
         for e, lab in zip(entries, _canonical_labels(raw_labels, str(csv_path))):
             e[1] = lab
-    return _finish(csv_path, "csv", [tuple(e) for e in entries], seed, val_fraction, test_fraction, options)
+    return _finish(csv_path, "csv", [tuple(e) for e in entries], seed, val_fraction, test_fraction, options,
+                   groups if gc else None)
 
 
 def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:

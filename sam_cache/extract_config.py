@@ -49,6 +49,8 @@ class ExtractConfig:
     path_column: str = opt("path", help="CSV column of image paths.")
     label_column: str = opt("label", help="CSV column of labels.")
     split_column: str = opt("split", help="CSV column of splits (optional in the file).")
+    group_column: str | None = opt(None, help="CSV column of groups (patients): a group's images always share a "
+                                              "split, drawn or given (a leak is refused).")
     nifti_axis: int = opt(2, low=0, high=2, help="NIfTI volumes: the axis slices are taken across.")
     nifti_slices: str = opt("all", help="NIfTI volumes: all, middle or every:N slices.")
 
@@ -69,7 +71,8 @@ class ExtractConfig:
         from .datasets import DatasetOptions
 
         return DatasetOptions(path_column=self.path_column, label_column=self.label_column,
-                              split_column=self.split_column, nifti_axis=self.nifti_axis,
+                              split_column=self.split_column, group_column=self.group_column,
+                              nifti_axis=self.nifti_axis,
                               nifti_slices=self.nifti_slices)
 
 

@@ -230,3 +230,60 @@ def test_multi_frame_dicom_gives_one_sample_per_frame(tmp_path):
     grey, window = m.read(1, "0,400")
     assert grey.dtype == np.uint8 and window == (0.0, 400.0)
     assert grey[0, 0] == window_to_uint8(np.array([200.0]), (0.0, 400.0))[0]  # the second frame's value
+
+
+def _grouped_csv(tmp_path, n_patients=30, per_patient=3, split=None):
+    """``n_patients`` patients with ``per_patient`` images each, the class a property of the patient."""
+    rows = ["path,label,case" + (",fold" if split else "")]
+    for p in range(n_patients):
+        for k in range(per_patient):
+            f = tmp_path / "images" / f"{p}-{k}.png"
+            _png(f, value=p)
+            rows.append(f"images/{p}-{k}.png,{'ab'[p % 3 == 0]},{p}" + (f",{split(p, k)}" if split else ""))
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "m.csv"
+
+
+def _patients_per_split(m):
+    where = {}
+    for r in m.records:
+        where.setdefault(r.id.split("/")[1].split("-")[0], set()).add(r.split)
+    return where
+
+
+def test_group_column_keeps_every_patient_in_one_drawn_split(tmp_path):
+    csv_path = _grouped_csv(tmp_path)
+    m = open_dataset(csv_path, seed=1, options=DatasetOptions(group_column="case"))
+    where = _patients_per_split(m)
+    assert all(len(s) == 1 for s in where.values()), {p: s for p, s in where.items() if len(s) > 1}
+    assert {s for v in where.values() for s in v} == {"train", "val", "test"}
+    assert m.split_info["group_column"] == "case"
+    for split in ("train", "val", "test"):  # stratified: both classes in every split
+        assert set(m.labels[np.array(m.splits) == split]) == {0, 1}
+    # the same draw without groups splits patients across splits: the test above can fail
+    plain = _patients_per_split(open_dataset(csv_path, seed=1))
+    assert any(len(s) > 1 for s in plain.values())
+    # reproducible from the seed, different with another
+    again = open_dataset(csv_path, seed=1, options=DatasetOptions(group_column="case"))
+    other = open_dataset(csv_path, seed=2, options=DatasetOptions(group_column="case"))
+    assert again.splits == m.splits and other.splits != m.splits
+
+
+def test_group_column_draws_val_from_a_given_train_split_by_patient(tmp_path):
+    csv_path = _grouped_csv(tmp_path, split=lambda p, k: "test" if p < 6 else "train")
+    m = open_dataset(csv_path, val_fraction=0.2, options=DatasetOptions(group_column="case", split_column="fold"))
+    where = _patients_per_split(m)
+    assert all(len(s) == 1 for s in where.values())
+    assert all(where[str(p)] == {"test"} for p in range(6))  # the file's test split is honoured
+    assert any(s == {"val"} for s in where.values())
+
+
+def test_a_split_column_that_puts_one_patient_in_two_splits_is_refused(tmp_path):
+    csv_path = _grouped_csv(tmp_path, split=lambda p, k: "test" if (p, k) == (4, 2) else "train")
+    with pytest.raises(DatasetError, match=r"case '4' is in two splits \('images/4-0\.png' in train, "
+                                           r"'images/4-2\.png' in test\)"):
+        open_dataset(csv_path, options=DatasetOptions(group_column="case", split_column="fold"))
+    with pytest.raises(DatasetError, match=r"needs the column\(s\) 'patient'"):
+        open_dataset(csv_path, options=DatasetOptions(group_column="patient"))
+    with pytest.raises(DatasetError, match="--group-column needs a CSV dataset"):
+        open_dataset(tmp_path / "images", options=DatasetOptions(group_column="case"))
