@@ -326,7 +326,7 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
             result.skipped = sorted((s for skipped, _, _ in everyone for s in skipped), key=lambda s: s["index"])
             result.written = sum(w for _, w, _ in everyone)
             result.suspect = sorted((s for _, _, suspect in everyone for s in suspect), key=lambda s: s["index"])
-            if ctx.is_main:
+            if ctx.is_main and writer.error is None:  # after a failed write (a full disk) no metadata is rewritten
                 store.set_skipped(result.skipped)
                 store.add_suspect(result.suspect, redone=pending)
             store.close()

@@ -31,6 +31,8 @@ masks           (N, 1, R, R)            uint8     optional (``samcache masks``):
 mask_iou        (N,)                    float32   the decoder's predicted IoU of that mask
 mask_box        (N, 4)                  float32   its box prompt, encoder-frame pixels
 mask_done       (N,)                    bool      set only after the sample's mask is written
+meta_created    (bytes,)                uint8     HDF5 only: the attributes as created (JSON),
+                                                  written once; read when the attribute is damaged
 ==============  ======================  ========  ==========================================
 
 Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``encoder``,
@@ -54,7 +56,11 @@ Crash safety: Zarr's local store writes every shard file atomically (temporary f
 and ``done`` is written after the data it vouches for, so a process killed at any point leaves a
 store that resumes correctly. HDF5 has no such guarantee against a kill; the writer flushes the
 rows (which raises on a full disk) *before* it sets their ``done`` flags, so a failed write is
-never marked done, and a file damaged by a hard kill is refused with a clear message. While a store
+never marked done, and a file damaged by a hard kill is refused with a clear message. HDF5 rewrites
+an attribute in place, so a rewrite cut short by a full disk would leave it unreadable: the
+attributes are rewritten only when the disk has room for them (refused otherwise, touching
+nothing), extraction writes no report after a failed write, and a store whose attribute is
+damaged all the same is read from ``meta_created`` (and repaired when opened for writing). While a store
 is being made, before its first row, its attributes are only ``{"creating": {"host", "pid"}}``: it
 is refused on open, and a later extraction on the same host makes it again when that process is
 gone (it holds no row, so nothing is lost); a live or foreign creator is refused.
@@ -251,6 +257,9 @@ class _ZarrBackend(_Backend):
         pass
 
 
+_H5_META_COPY = "meta_created"  # HDF5 only: the attributes as created, the fallback of a damaged attribute
+
+
 class _H5Backend(_Backend):
     def __init__(self, path: str, mode: str):
         import h5py
@@ -274,11 +283,34 @@ class _H5Backend(_Backend):
         self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) > 1 or shape[0] else None)
 
     def get_meta(self) -> dict:
-        raw = self.file.attrs.get("samcache")
+        """The ``samcache`` attribute; if it cannot be read (a rewrite that a full disk cut short),
+        the creation record ``meta_created`` instead, with ``self.repaired`` set."""
+        self.repaired = False
+        try:
+            raw = self.file.attrs.get("samcache")
+        except (OSError, RuntimeError, KeyError) as exc:
+            if _H5_META_COPY not in self.file:
+                raise StoreError(f"HDF5 store {self.path}: its samcache attribute cannot be read ({exc}) and the "
+                                 "store has no creation record to repair it from (made before samcache 0.2.1)") from None
+            self.repaired = True
+            return json.loads(bytes(np.asarray(self.file[_H5_META_COPY][:], dtype=np.uint8)).decode())
         return json.loads(raw) if raw is not None else {}
 
     def set_meta(self, meta: dict) -> None:
-        self.file.attrs["samcache"] = json.dumps(meta)
+        """Write the attributes, refusing up front when the disk cannot hold them: HDF5 rewrites an
+        attribute in place, and a rewrite cut short by a full disk leaves it unreadable."""
+        text = json.dumps(meta)
+        if self.path and "://" not in self.path:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+            if free < 4 * len(text) + (1 << 20):
+                raise StoreError(f"HDF5 store {self.path}: no space left on device to update its attributes "
+                                 f"({free} bytes free); nothing was changed. Free some space and rerun")
+        self.file.attrs["samcache"] = text
+
+    def record_creation(self, meta: dict) -> None:
+        """Keep a copy of the creation-time attributes as a uint8 array, written once: what
+        :meth:`get_meta` falls back to when the attribute is damaged."""
+        self.file.create_dataset(_H5_META_COPY, data=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
 
     def read_str(self, name) -> np.ndarray:
         return np.asarray(self.file[name].asstr()[:], dtype=str)
@@ -338,6 +370,12 @@ class EmbeddingStore:
         self._b = backend
         self.writable = writable
         self.meta = backend.get_meta()
+        #: True when an HDF5 store's attribute was damaged and its creation record was read instead:
+        #: the signature is whole, the reports (skipped, suspect, masks) of later runs are lost
+        self.repaired = bool(getattr(backend, "repaired", False))
+        if self.repaired and writable:
+            backend.set_meta(self.meta)
+            backend.flush()
         if self.meta.get("creating"):
             by = self.meta["creating"]
             who = f" by process {by['pid']} on {by['host']}" if isinstance(by, dict) else ""
@@ -445,6 +483,8 @@ class EmbeddingStore:
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             skipped=[],
         )
+        if fmt == "hdf5":
+            b.record_creation(meta)
         b.set_meta(meta)
         b.flush()
         return cls(path, b, writable=True)

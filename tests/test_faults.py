@@ -155,6 +155,60 @@ def test_full_disk_marks_nothing_done_that_was_not_written_and_a_rerun_repairs(s
         assert verify_store(out) == []
 
 
+@pytest.mark.slow
+def test_hdf5_on_a_full_disk_keeps_a_readable_store_that_resumes(sample_dir, tmp_path):
+    """Issue 21.1: the report rewritten after a failed write damaged the HDF5 attribute for good."""
+    with tmpfs(tmp_path / "disk", "20m") as disk:  # 15 rows of 2 MiB do not fit
+        if disk is None:
+            pytest.skip("needs a tmpfs mount")
+        out = disk / "b.h5"
+        result = _extract(sample_dir, out)
+        assert result.exit_code == 1 and "no space left on device" in result.output.lower(), result.output
+        assert "Traceback" not in result.output
+        info = runner.invoke(samcache, ["info", str(out)])
+        assert info.exit_code == 0 and "cannot be read" not in info.output, info.output
+        with EmbeddingStore.open(out) as s:
+            done = int(s.done.sum())
+            assert not s.repaired and 0 < done < 15
+        assert verify_store(out) == []
+        subprocess.run(["mount", "-o", "remount,size=80m", str(disk)], check=True)  # the disk is enlarged
+        again = _extract(sample_dir, out)
+        assert again.exit_code == 0, again.output
+        assert f"({done} already done, 15 in all)" in " ".join(again.output.split())
+        assert verify_store(out) == []
+
+
+@pytest.mark.slow
+def test_a_damaged_hdf5_attribute_is_repaired_from_the_creation_record(tiny_store, sample_dir, tmp_path):
+    """Issue 21.1: a store that has lost its attribute is read, and repaired, from its own arrays."""
+    import h5py
+
+    with tmpfs(tmp_path / "disk", "40m") as disk:
+        if disk is None:
+            pytest.skip("needs a tmpfs mount")
+        out = disk / "b.h5"
+        extract_dataset(sample_dir, out, "tiny", image_size=0, num_workers=0, progress=False, **SPLIT_ARGS)
+        (disk / "fill").write_bytes(b"")
+        with open(disk / "fill", "wb") as f:  # fill the disk
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+        with contextlib.suppress(Exception):  # what an unguarded attribute rewrite did on that disk
+            with h5py.File(out, "r+", rdcc_nbytes=0) as f:
+                f.attrs["samcache"] = "x" * 300_000
+        with pytest.raises(OSError), h5py.File(out, "r") as f:
+            f.attrs["samcache"]  # the attribute is gone: this is the damage to repair
+        with EmbeddingStore.open(out) as s:
+            assert s.repaired and s.signature["encoder"] == "tiny" and int(s.done.sum()) == 15
+        (disk / "fill").unlink()
+        with EmbeddingStore.open(out, "r+") as s:
+            assert s.repaired
+        with EmbeddingStore.open(out) as s:
+            assert not s.repaired and s.signature["encoder"] == "tiny"
+        assert verify_store(out) == []
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['SAMCACHE_PWNED']}",))
