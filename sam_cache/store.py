@@ -340,7 +340,7 @@ def _h5_open_problem(path: str, mode: str, exc: OSError) -> str:
             or "read-only" in text.lower():
         return f"HDF5 store {path} cannot be opened for {'writing' if mode != 'r' else 'reading'}: permission denied ({text})"
     return (f"HDF5 store {path} cannot be opened ({text}). A process killed while writing HDF5 can damage the "
-            "file; if so, remove it (or pass --overwrite) and extract again, or use a Zarr store, which survives a kill")
+            "file; if so, remove it yourself (--overwrite deletes only a file it can read as a store) and extract again, or use a Zarr store, which survives a kill")
 
 
 def _creator() -> dict:
@@ -524,9 +524,11 @@ class EmbeddingStore:
     def is_store(path: str | Path) -> bool:
         """Whether ``path`` holds a samcache store (finished, partial, or interrupted while being made).
 
-        A Zarr folder counts when its group attributes carry ``samcache``; an HDF5 file when its
-        attributes do, or when it is an HDF5 file so damaged that it cannot be opened (what a kill
-        while writing HDF5 leaves). Anything else, a dataset or a user's folder, is not a store.
+        A Zarr folder counts when its group attributes carry ``samcache``; an HDF5 file when it opens
+        and its attributes name ``samcache`` (or it holds the ``meta_created`` record). Only what is
+        positively a store counts: an HDF5 file that cannot be opened (held by another process,
+        truncated, damaged) is not, so ``--overwrite`` never deletes it. Anything else, a dataset
+        or a user's folder, is not a store.
         """
         path = str(path)
         if not EmbeddingStore.exists(path):
@@ -539,10 +541,9 @@ class EmbeddingStore:
                 import h5py
 
                 with h5py.File(p, "r") as f:
-                    return "samcache" in f.attrs
+                    return "samcache" in f.attrs or _H5_META_COPY in f
             except OSError:
-                with open(p, "rb") as f:
-                    return f.read(8) == b"\x89HDF\r\n\x1a\n"
+                return False
         try:
             return bool(_ZarrBackend(path, "r").get_meta())
         except Exception:  # not a zarr group at all
@@ -581,7 +582,10 @@ class EmbeddingStore:
         if not EmbeddingStore.exists(path):
             return
         if not EmbeddingStore.is_store(path):
-            raise StoreError(f"{path} is not a samcache store, so --overwrite will not delete it (nothing was "
+            unreadable = store_format(str(path)) == "hdf5" and Path(str(path)).is_file()
+            why = (" (or cannot be opened to tell: another process may hold it, or it is truncated or damaged; if it "
+                   "is a store of yours, remove it yourself)") if unreadable else ""
+            raise StoreError(f"{path} is not a samcache store{why}, so --overwrite will not delete it (nothing was "
                              "touched); choose another output path")
         if "://" in str(path):
             import fsspec

@@ -114,6 +114,32 @@ def test_overwrite_never_deletes_what_is_not_a_store(sample_dir, tmp_path):
     assert sum(1 for _ in data.rglob("*.png")) == n
 
 
+def test_overwrite_never_deletes_an_hdf5_file_that_is_not_positively_a_store(sample_dir, tmp_path):
+    """Issue 21.2: any HDF5 file that failed to open counted as a store, and --overwrite deleted it."""
+    import h5py
+
+    held = tmp_path / "user.h5"
+    with h5py.File(held, "w") as f:
+        f["data"] = np.arange(10)
+    big = tmp_path / "big.h5"
+    with h5py.File(big, "w") as f:
+        f["data"] = np.random.default_rng(0).random((200, 200))
+    truncated = tmp_path / "t.h5"
+    truncated.write_bytes(big.read_bytes()[:300_000 // 2])
+    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, time; f = h5py.File({str(held)!r}, 'a'); "
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for victim in (held, truncated):
+            before = victim.read_bytes()
+            result = _extract(sample_dir, victim, "--overwrite")
+            assert result.exit_code == 1 and "so --overwrite will not delete it" in result.output, result.output
+            assert victim.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "h5"])
 def test_full_disk_marks_nothing_done_that_was_not_written_and_a_rerun_repairs(sample_dir, tmp_path, fmt,
                                                                                 monkeypatch):
