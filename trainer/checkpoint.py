@@ -9,11 +9,12 @@ numpy scalars, dataclasses or other objects into a checkpoint.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import torch
+
+from sam_cache.outputs import OutputError, atomic_write, describe_os_error
 
 from .errors import TrainError
 
@@ -28,14 +29,10 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     A failure (a full disk, a read-only folder) leaves the old file as it was, removes the
     temporary file, and raises :class:`TrainError` naming the path and the cause.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise TrainError(f"cannot write checkpoint {path}: {_cause(exc)}; the previous one, if any, is kept") from exc
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OutputError as exc:
+        raise TrainError(f"cannot write checkpoint {path}: {exc.cause}; the previous one, if any, is kept") from exc
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -63,13 +60,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise TrainError(f"checkpoint {path} holds objects that are not tensors or plain values, so it was not "
                          f"loaded (a samcache checkpoint never does): {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # torch.load raises many kinds (KeyError, RuntimeError, EOFError...) for a non-checkpoint
-        raise TrainError(f"checkpoint {path} is not a readable torch checkpoint: {_cause(exc)}") from None
+        raise TrainError(f"checkpoint {path} is not a readable torch checkpoint: {describe_os_error(exc)}") from None
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         raise TrainError(f"{path} is a torch file but not a samcache checkpoint (it lacks "
                          f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state)})")
     return state
 
-
-def _cause(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return "no space left on device" if getattr(exc, "errno", None) == 28 or "No space left" in text else text

@@ -34,7 +34,7 @@ INFO_KEYS = ("backbone_weights",)  # written into config.yaml for the record; no
 POOLS = ("avg", "max", "avgmax")
 GATES = ("scaled", "residual")
 FUSIONS = ("none", "mean", "meanstd")
-FOCUS_MODES = ("none", "background", "crop", "channel")
+from .focus import MODES as FOCUS_MODES  # noqa: E402  (the one list of focus modes)
 
 
 @dataclass
@@ -101,10 +101,11 @@ class TrainConfig:
                     help="Join statistics of the cached embedding (over the image crop) to the head: mean (256) or "
                          "mean and std (512) per channel; none leaves them out.")
     focus: str = opt("none", choices=FOCUS_MODES, sweep=True,
-                     help="Use the store's SAM mask (`samcache masks`) as a visual prompt: darken the background, "
-                          "crop to the mask's box, or add it as a fourth input channel.")
+                     help="Use the store's mask (`samcache masks`) as a visual prompt: tint it onto the image "
+                          "(overlay, MedFocusCLIP's), darken the background, crop to the mask's box, or add it as a "
+                          "fourth input channel.")
     # data
-    img_size: int = opt(224, low=16, sweep=True, help="Training image side.")
+    img_size: int = opt(224, low=16, high=4096, sweep=True, help="Training image side.")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train_fraction: float | None = opt(None, low=1e-9, high=1.0, sweep=True,
                                        help="Stratified fraction of the train split.")
@@ -203,7 +204,10 @@ class TrainConfig:
         return d
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the recipe as YAML, atomically (raises OutputError when it cannot be written)."""
+        from sam_cache.outputs import atomic_write
+
+        atomic_write(path, lambda p: p.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False)))
 
     def flat(self) -> dict:
         """``{flat name: value}`` of every option."""

@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sam_cache.outputs import OutputError, atomic_write, refuse_overlap
+
 from .checkpoint import save_checkpoint
+from .errors import TrainError
 from .evaluate import load_run_model
 
 __all__ = ["export_checkpoint"]
@@ -31,16 +34,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict:
       The JSON's content: ``{"backbone", "num_classes", "in_chans", "class_names", "complete", "files"}``.
 
     Raises:
-      TrainError: the checkpoint is missing, unsafe or unreadable; or ``out`` cannot be written.
+      TrainError: the checkpoint is missing, unsafe or unreadable; ``out`` (or a file beside it)
+        is the checkpoint itself; or ``out`` cannot be written.
     """
-    model, cfg, state = load_run_model(checkpoint, "cpu")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    extra_path, json_path = out.with_name(out.name + ".extras.pth"), out.with_name(out.name + ".json")
+    try:
+        for path in (out, extra_path, json_path):
+            refuse_overlap(path, {"--checkpoint": checkpoint})
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+    model, cfg, state = load_run_model(checkpoint, "cpu")
     save_checkpoint(model.backbone.state_dict(), out)
     extras = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     files = [str(out)]
     if extras:
-        extra_path = out.with_name(out.name + ".extras.pth")
         save_checkpoint({"state_dict": extras, "config": cfg.to_dict()}, extra_path)
         files.append(str(extra_path))
     in_chans = next(p for p in model.backbone.parameters() if p.ndim == 4).shape[1]
@@ -53,5 +61,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict:
                     f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}, "
                     f"num_classes={len(state['class_names'])}))",
             "files": files}
-    out.with_name(out.name + ".json").write_text(json.dumps(info, indent=2))
+    try:
+        atomic_write(json_path, lambda p: p.write_text(json.dumps(info, indent=2)))
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
     return info

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
+
+from sam_cache.outputs import atomic_write
 
 __all__ = ["read_rows", "write_rows"]
 
@@ -19,12 +20,17 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def write_rows(rows: list[dict], path: str | Path) -> None:
-    """Write ``rows`` (columns: the union of their keys, in first-seen order) to ``path`` atomically."""
-    path = Path(path)
+    """Write ``rows`` (columns: the union of their keys, in first-seen order) to ``path`` atomically.
+
+    Raises:
+      OutputError: the file cannot be written (the old one is kept).
+    """
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
