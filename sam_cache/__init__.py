@@ -5,7 +5,12 @@ The public surface::
     from sam_cache import create_encoder, open_dataset, extract_dataset, EmbeddingStore
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+
+try:  # the installed distribution's version, so that stores record what really made them
+    __version__ = _version("samcache")
+except _NotInstalled:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 from .convert import convert_store  # noqa: E402
 from .datasets import DatasetError, DatasetManifest, DatasetOptions, open_dataset  # noqa: E402

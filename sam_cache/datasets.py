@@ -144,11 +144,32 @@ class DatasetManifest:
         return [r.id for r in self.records]
 
     def sha256(self) -> str:
-        """Hash of what decides the store's rows: ids, labels, splits, sources, class names."""
+        """Hash of what decides the store's rows: ids, labels, splits, sources, class names.
+
+        Sources enter as resolved paths relative to the dataset's folder, so the same dataset
+        named ``/abs/data``, ``data`` or ``./data`` (or from another working directory) hashes
+        the same, and a resumed extraction is not refused for the spelling.
+        """
+        base = os.path.realpath(self.root if os.path.isdir(self.root) else os.path.dirname(os.path.abspath(self.root)))
+
+        def key(r: Record) -> str:
+            f = r.file
+            if f is None:
+                return r.source
+            rel = os.path.relpath(os.path.realpath(f), base)
+            return r.source[: len(r.source) - len(f)] + rel
+
+        return self._digest(key)
+
+    def legacy_sha256(self) -> str:
+        """The hash as samcache 0.2.0 made it (sources as spelled): stores made by it still resume."""
+        return self._digest(lambda r: r.source)
+
+    def _digest(self, source) -> str:
         digest = hashlib.sha256()
         digest.update(json.dumps(self.class_names).encode())
         for r in self.records:
-            digest.update(f"{r.id}\t{r.label}\t{r.split}\t{r.source}\n".encode())
+            digest.update(f"{r.id}\t{r.label}\t{r.split}\t{source(r)}\n".encode())
         return digest.hexdigest()
 
     def read(self, index: int, window: str = "auto") -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -492,18 +513,42 @@ def _open_folder(root: Path, seed, val_fraction, test_fraction, options: Dataset
         if len(split_dirs) != len(subdirs):
             others = [p.name for p in subdirs if p not in split_dirs]
             raise DatasetError(f"dataset {root}: mixes split folders with other folders {others}")
+        empty = []
         for split_dir in split_dirs:
             split = _SPLIT_ALIASES[split_dir.name.lower()]
-            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-                for f in sorted(filter(_is_image, class_dir.iterdir())):
-                    rel = f.relative_to(root).as_posix()
-                    entries += [(i, class_dir.name, split, src) for i, src in _expand(rel, f, options)]
+            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                found = _class_files(root, class_dir, options)
+                entries += [(i, class_dir.name, split, src) for i, src in found]
+                empty += [] if found else [class_dir]
+        _refuse_empty_classes(root, empty, entries)
     else:
+        empty = []
         for class_dir in subdirs:
-            for f in sorted(filter(_is_image, class_dir.iterdir())):
-                rel = f.relative_to(root).as_posix()
-                entries += [(i, class_dir.name, None, src) for i, src in _expand(rel, f, options)]
+            found = _class_files(root, class_dir, options)
+            entries += [(i, class_dir.name, None, src) for i, src in found]
+            empty += [] if found else [class_dir]
+        _refuse_empty_classes(root, empty, entries)
     return _finish(root, "folder", entries, seed, val_fraction, test_fraction, options)
+
+
+def _class_files(root: Path, class_dir: Path, options: DatasetOptions) -> list[tuple[str, str]]:
+    """``(id, source)`` of every sample in a class folder."""
+    found = []
+    for f in sorted(filter(_is_image, class_dir.iterdir())):
+        found += _expand(f.relative_to(root).as_posix(), f, options)
+    return found
+
+
+def _refuse_empty_classes(root: Path, empty: list[Path], entries: list) -> None:
+    """A class folder with no readable image, beside ones with images, is refused: it would vanish
+    from the classes, and the labels would change meaning without a word."""
+    if not empty or not entries:
+        return  # no images at all: "no images found" says it
+    d = empty[0]
+    others = sorted({p.suffix.lower() or p.name for p in d.iterdir() if not p.name.startswith(".")})
+    what = f"only {', '.join(others[:5])} files" if others else "nothing"
+    raise DatasetError(f"dataset {root}: class folder {d.relative_to(root).as_posix()} holds no image that samcache "
+                       f"reads ({what}); add images, or remove the folder")
 
 
 def _open_csv(csv_path: Path, seed, val_fraction, test_fraction, options: DatasetOptions) -> DatasetManifest:
@@ -560,7 +605,10 @@ def _open_csv(csv_path: Path, seed, val_fraction, test_fraction, options: Datase
 
 def _load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
-        return {s: z[f"{s}_images"] for s in SPLITS if f"{s}_images" in z}
+        try:
+            return {s: z[f"{s}_images"] for s in SPLITS if f"{s}_images" in z}
+        except ValueError:
+            raise DatasetError(f"{path}: its image arrays hold Python objects; save them as numeric arrays") from None
 
 
 def _open_npz(path: Path, options: DatasetOptions) -> DatasetManifest:
@@ -586,7 +634,10 @@ def _open_npz(path: Path, options: DatasetOptions) -> DatasetManifest:
                 labels = np.asarray(z[f"{s}_labels"])
             except ValueError:
                 raise DatasetError(f"{path}: {s}_labels holds Python objects; labels must be an integer array") from None
-            images = z[f"{s}_images"]
+            try:
+                images = z[f"{s}_images"]
+            except ValueError:
+                raise DatasetError(f"{path}: {s}_images holds Python objects; images must be a numeric array") from None
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim == 2:
@@ -608,6 +659,10 @@ def _open_npz(path: Path, options: DatasetOptions) -> DatasetManifest:
                 raise DatasetError(f"{path}: {s}_labels holds negative values; class labels start at 0")
             entries += [(f"{s}/{i:06d}", int(lab), s, f"npz:{s}:{i}") for i, lab in enumerate(labels)]
     if names is not None:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DatasetError(f"{path}: class_names names {', '.join(repr(n) for n in twice)} more than once; two "
+                               "labels would become one class")
         top = max(e[1] for e in entries)
         if top >= len(names):
             raise DatasetError(f"{path}: labels reach {top} but class_names has {len(names)} names")

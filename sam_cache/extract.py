@@ -165,6 +165,10 @@ def _refuse_dataset_overlap(manifest: DatasetManifest, out: str) -> None:
         real = os.path.realpath(f)
         if real == target or real.startswith(inside):
             raise StoreError(f"--out {out} holds the dataset ({f}); choose an output path outside it")
+    root = os.path.realpath(manifest.root)
+    if manifest.kind == "folder" and target.startswith(root.rstrip(os.sep) + os.sep):
+        raise StoreError(f"--out {out} lies inside the dataset folder {manifest.root}, where the next run would read it "
+                         "as a class or split folder; choose an output path outside it")
 
 
 def _progress(enabled: bool):
@@ -239,6 +243,8 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
                 recreated = True
             if EmbeddingStore.exists(out):
                 with EmbeddingStore.open(out) as existing:
+                    if existing.signature.get("manifest_sha256") == manifest.legacy_sha256():
+                        signature["manifest_sha256"] = manifest.legacy_sha256()  # a store made by samcache 0.2.0
                     existing.check_signature(signature)
             else:
                 EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size,

@@ -120,6 +120,22 @@ def verify_store(path: str | Path, progress=None) -> list[str]:
             checked += len(rows)
             if progress is not None:
                 progress(checked)
+        problems += _check_masks(store, shard)
+    return problems
+
+
+def _check_masks(store: EmbeddingStore, shard: int) -> list[str]:
+    """Done masks against their checksums, shard by shard (mask sets without checksums: none)."""
+    if not store.has_mask_checksums:
+        return []
+    problems = []
+    done = np.flatnonzero(store.mask_done)
+    for s in np.unique(done // shard):
+        rows = done[done // shard == s]
+        try:
+            store.read_rows(rows, "masks")  # verifies each mask's bytes against its checksum
+        except Exception as exc:  # a mismatch (StoreError), or a shard file that cannot be read at all
+            problems.append(f"{_shard_name(store, int(s), shard)}, masks: {str(exc).splitlines()[0]}")
     return problems
 
 

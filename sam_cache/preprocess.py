@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, SamcacheError
 
@@ -228,6 +228,7 @@ def read_image(path: str | Path, window: str = "auto", frame: int | None = None
                 raise ImageDecodeError(f"image of {im.width}x{im.height} pixels is larger than the limit of "
                                        f"{MAX_PIXELS:,} pixels")
             im.load()  # force a full decode so that truncation is caught here
+            im = ImageOps.exif_transpose(im)  # EXIF Orientation, as every viewer applies it
             if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
                 im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
             array = np.asarray(im)

@@ -31,6 +31,8 @@ masks           (N, 1, R, R)            uint8     optional (``samcache masks``):
 mask_iou        (N,)                    float32   the decoder's predicted IoU of that mask
 mask_box        (N, 4)                  float32   its box prompt, encoder-frame pixels
 mask_done       (N,)                    bool      set only after the sample's mask is written
+mask_checksums  (N,)                    uint32    CRC-32 of each stored mask's bytes (mask sets
+                                                  made before it have none and are not checked)
 meta_created    (bytes,)                uint8     HDF5 only: the attributes as created (JSON),
                                                   written once; read when the attribute is damaged
 ==============  ======================  ========  ==========================================
@@ -105,6 +107,13 @@ class StoreMismatchError(StoreError):
 def store_format(path: str | Path) -> str:
     """``"hdf5"`` for ``.h5``/``.hdf5``/``.hdf`` paths, else ``"zarr"``."""
     return "hdf5" if str(path).lower().endswith((".h5", ".hdf5", ".hdf")) else "zarr"
+
+
+def signature_digest(signature: dict) -> str:
+    """sha256 of a store's signature fields: recorded at creation, checked on open."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({k: signature.get(k) for k in SIGNATURE_KEYS}, sort_keys=True).encode()).hexdigest()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -270,7 +279,9 @@ class _H5Backend(_Backend):
         # rows were marked done. Without it, every write reaches the file at once and raises.
         cache = {} if mode == "r" else {"rdcc_nbytes": 0}
         try:
-            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w"}[mode], **cache)
+            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w", "w-": "w-"}[mode], **cache)
+        except FileExistsError:
+            raise
         except OSError as exc:
             raise StoreError(_h5_open_problem(path, mode, exc)) from exc
         self.root = self.file
@@ -343,6 +354,13 @@ def _h5_open_problem(path: str, mode: str, exc: OSError) -> str:
             "file; if so, remove it yourself (--overwrite deletes only a file it can read as a store) and extract again, or use a Zarr store, which survives a kill")
 
 
+def zarr_exists_error() -> type:
+    """The exception zarr raises when ``mode="w-"`` finds something at the path."""
+    from zarr.errors import ContainsGroupError
+
+    return ContainsGroupError
+
+
 def _creator() -> dict:
     """Who is creating a store: the "creating" marker, so that a later run can tell a dead creator."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
@@ -389,6 +407,7 @@ class EmbeddingStore:
                 f"{path} has schema version {self.meta['schema_version']}; this samcache reads up to "
                 f"{SCHEMA_VERSION}. Upgrade samcache"
             )
+        self._check_attributes()
         self.labels = np.asarray(backend["labels"][:], dtype=np.int64)
         self.ids = backend.read_str("ids")
         self.splits = np.array(SPLITS)[np.asarray(backend["splits"][:], dtype=np.int64)]
@@ -396,6 +415,27 @@ class EmbeddingStore:
         self.valid = np.asarray(backend["valid"][:])
         self.window = np.asarray(backend["window"][:])
         self.done = np.asarray(backend["done"][:], dtype=bool)
+
+    def _check_attributes(self) -> None:
+        """Refuse attributes that were edited by hand, or that do not describe the arrays.
+
+        Raises:
+          StoreError: the signature does not match its recorded ``signature_sha256``; or the
+            ``dtype`` attribute is not one that the ``embeddings`` array (and ``scales``) can hold.
+        """
+        recorded = self.meta.get("signature_sha256")
+        if recorded is not None and recorded != signature_digest(self.signature):
+            raise StoreError(f"store {self.path}: its signature attributes ({', '.join(SIGNATURE_KEYS)}) were changed "
+                             "after it was made (they no longer match signature_sha256); its embeddings cannot be "
+                             "trusted to be what it says. Extract it again")
+        dtype = self.meta.get("dtype")
+        if dtype not in _DTYPES:
+            raise StoreError(f"store {self.path}: dtype attribute {dtype!r} is not one of {_DTYPES}")
+        stored = str(self._b["embeddings"].dtype)
+        if stored != _NUMPY_DTYPES[dtype] or (dtype == "int8" and "scales" not in self._b):
+            raise StoreError(f"store {self.path}: its dtype attribute says {dtype!r}, but the embeddings array holds "
+                             f"{stored}{' without scales' if dtype == 'int8' and stored == 'int8' else ''}; the "
+                             "attributes were edited or damaged. Extract it again")
 
     # construction --------------------------------------------------------------------------
     @classmethod
@@ -444,12 +484,16 @@ class EmbeddingStore:
             raise StoreError(f"block_size {block} must be a multiple of shard_size {shard_size}")
         fmt = store_format(path)
         # marked from its first byte: a store killed while being made, or read while being made, is known as ours
-        if fmt == "hdf5":
-            b = _H5Backend(path, "w")
-            b.set_meta({"creating": _creator()})
-            b.flush()
-        else:
-            b = _ZarrBackend(path, "w", attributes={"samcache": {"creating": _creator()}})
+        try:  # exclusive: two runs that start together never both create (nor delete each other's)
+            if fmt == "hdf5":
+                b = _H5Backend(path, "w-")
+                b.set_meta({"creating": _creator()})
+                b.flush()
+            else:
+                b = _ZarrBackend(path, "w-", attributes={"samcache": {"creating": _creator()}})
+        except (FileExistsError, zarr_exists_error()) as exc:
+            raise StoreError(f"{path} was created by another process just now (two extractions into one new store?); "
+                             "let that one finish, then rerun to resume") from exc
         shape = (EMBED_SHAPE[0], grid, grid)
         shards = (min(shard_size, n),) + shape if fmt == "zarr" else None
         b.create_array("embeddings", (n,) + shape, _NUMPY_DTYPES[dtype], (1,) + shape, shards)
@@ -474,7 +518,7 @@ class EmbeddingStore:
         b["window"][:] = np.full((n, 2), np.nan, dtype=np.float32)
         from . import __version__
 
-        meta = {"schema_version": SCHEMA_VERSION}
+        meta: dict = {"schema_version": SCHEMA_VERSION}
         meta.update({k: signature.get(k) for k in ("encoder", "checkpoint_sha256", "random_weights", "preprocessing")})
         meta.update(
             dtype=dtype, grid=grid, manifest_sha256=manifest_sha256 or manifest.sha256(), image_size=image_size,
@@ -483,6 +527,7 @@ class EmbeddingStore:
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             skipped=[],
         )
+        meta["signature_sha256"] = signature_digest({k: meta.get(k, 64 if k == "grid" else None) for k in SIGNATURE_KEYS})
         if fmt == "hdf5":
             b.record_creation(meta)
         b.set_meta(meta)
@@ -671,6 +716,11 @@ class EmbeddingStore:
         return np.asarray(self._b["mask_done"][:], dtype=bool)
 
     @property
+    def has_mask_checksums(self) -> bool:
+        """Whether the stored masks carry checksums (mask sets made since they were added)."""
+        return self.has_masks and "mask_checksums" in self._b
+
+    @property
     def has_checksums(self) -> bool:
         """Whether rows carry checksums (schema 2 and later)."""
         return "checksums" in self._b
@@ -722,15 +772,17 @@ class EmbeddingStore:
 
         Embeddings come back as :meth:`read_embeddings` gives them (bfloat16 and int8 widened).
         With ``verify`` (default), each row's stored bytes are checked against the checksum
-        recorded when it was written (schema 2 stores; masks carry none).
+        recorded when it was written (schema 2 stores; masks since ``mask_checksums``).
 
         Raises:
           StoreError: rows whose bytes do not match their checksum (a corrupted, truncated or
-            deleted shard), named with the shard and the samples.
+            deleted shard), named with the shard and the samples. Masks are checked against
+            ``mask_checksums`` where their set has them.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        column = {"embeddings": 0, "images": 1}.get(name)
-        check = verify and column is not None and self.has_checksums
+        column = {"embeddings": 0, "images": 1, "masks": None}.get(name)
+        check = verify and ((column is not None and self.has_checksums)
+                            or (name == "masks" and self.has_mask_checksums))
         parts = []
         for _, start, stop in contiguous_runs(indices):
             try:
@@ -759,8 +811,11 @@ class EmbeddingStore:
     def _verify(self, name: str, column: int, start: int, stop: int, raw: np.ndarray) -> None:
         scales = np.asarray(self._b["scales"][start:stop]) if name == "embeddings" and self.dtype == "int8" else None
         have = _embedding_crc(raw, scales) if name == "embeddings" else _image_crc(raw)
-        want = np.asarray(self._b["checksums"][start:stop])[:, column]
-        bad = np.flatnonzero((have != want) & self.done[start:stop])
+        if name == "masks":
+            want, vouched = np.asarray(self._b["mask_checksums"][start:stop]), self.mask_done[start:stop]
+        else:
+            want, vouched = np.asarray(self._b["checksums"][start:stop])[:, column], self.done[start:stop]
+        bad = np.flatnonzero((have != want) & vouched)
         if len(bad):
             rows = start + bad
             shard = self.shard_size if self.format == "zarr" else 1
@@ -770,6 +825,22 @@ class EmbeddingStore:
                 f"truncated or deleted shard file(s) {', '.join(f'{name}/c/{s}/0/0/0' for s in shards[:5])}): "
                 f"samples {', '.join(f'{int(r)} ({self.ids[int(r)]})' for r in rows[:5])}. Run `samcache verify "
                 f"{self.path}` for the full list, and extract those samples again")
+
+    def require_complete(self, allow_partial: bool = False) -> int:
+        """The number of done rows; an incomplete store is refused unless ``allow_partial``.
+
+        Raises:
+          StoreError: some rows are not done (an extraction still running, stopped early, or
+            images that were skipped), saying how many and how to go on.
+        """
+        done, n = int(self.done.sum()), len(self)
+        if done < n and not allow_partial:
+            skipped = len(self.meta.get("skipped") or [])
+            why = f" ({skipped} image(s) could not be read and were skipped)" if skipped else ""
+            raise StoreError(f"store {self.path} is incomplete: {done} of {n} samples are done{why} (its extraction is "
+                             "still running, or stopped early). Finish it with the same `samcache extract` command "
+                             "(it resumes), or pass --allow-partial to use the done samples only")
+        return done
 
     def split_indices(self, split: str, done_only: bool = True) -> np.ndarray:
         """Row indices in ``split`` (``train``/``val``/``test``), by default only done rows."""
@@ -856,10 +927,11 @@ class EmbeddingStore:
             self._b.create_array("mask_iou", (n,), "float32", (block,))
             self._b.create_array("mask_box", (n, 4), "float32", (block, 4))
             self._b.create_array("mask_done", (n,), "bool", (block,))
+            self._b.create_array("mask_checksums", (n,), "uint32", (block,))
             self.update_meta(masks=signature)
 
     def _drop_masks(self) -> None:
-        for name in ("masks", "mask_iou", "mask_box", "mask_done"):
+        for name in ("masks", "mask_iou", "mask_box", "mask_done", "mask_checksums"):
             if name in self._b:
                 self._b.delete(name)
         self.meta.pop("masks", None)
@@ -871,9 +943,12 @@ class EmbeddingStore:
         rows = np.asarray(rows, dtype=np.int64)
         for pos, start, stop in contiguous_runs(rows):
             sl = slice(pos, pos + stop - start)
-            self._b["masks"][start:stop] = np.ascontiguousarray(masks[sl], dtype=np.uint8)
+            block = np.ascontiguousarray(masks[sl], dtype=np.uint8)
+            self._b["masks"][start:stop] = block
             self._b["mask_iou"][start:stop] = iou[sl]
             self._b["mask_box"][start:stop] = boxes[sl]
+            if "mask_checksums" in self._b:
+                self._b["mask_checksums"][start:stop] = _image_crc(block)
         self._b.flush()
         for _, start, stop in contiguous_runs(rows):
             self._b["mask_done"][start:stop] = np.ones(stop - start, dtype=bool)

@@ -287,3 +287,52 @@ def test_a_split_column_that_puts_one_patient_in_two_splits_is_refused(tmp_path)
         open_dataset(csv_path, options=DatasetOptions(group_column="patient"))
     with pytest.raises(DatasetError, match="--group-column needs a CSV dataset"):
         open_dataset(tmp_path / "images", options=DatasetOptions(group_column="case"))
+
+
+def test_datasets_that_would_change_meaning_silently_are_refused(tmp_path):
+    """Issue 21.9: an empty class folder vanished; a hidden folder became a class; duplicate class names merged."""
+    for cls in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / "flat" / cls / f"{i}.png")
+    (tmp_path / "flat" / "c").mkdir()
+    (tmp_path / "flat" / "c" / "x.gif").write_bytes(b"GIF89a")
+    with pytest.raises(DatasetError, match=r"class folder c holds no image that samcache reads \(only \.gif files\)"):
+        open_dataset(tmp_path / "flat")
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            for i in range(3):
+                _png(tmp_path / "split" / split / cls / f"{i}.png")
+    for i in range(4):
+        _png(tmp_path / "split" / "train" / ".ipynb_checkpoints" / f"{i}.png")
+    m = open_dataset(tmp_path / "split")
+    assert m.class_names == ["a", "b"] and len(m) == 12
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((3, 8, 8), np.uint8), train_labels=np.array([0, 1, 2]),
+             class_names=np.array(["benign", "benign", "malignant"]))
+    with pytest.raises(DatasetError, match=r"class_names names 'benign' more than once"):
+        open_dataset(tmp_path / "d.npz")
+    np.savez(tmp_path / "o.npz", train_images=np.array([np.zeros((8, 8)), np.zeros((4, 4))], dtype=object),
+             train_labels=np.array([0, 1]), allow_pickle=True)
+    with pytest.raises(DatasetError, match="train_images holds Python objects"):
+        open_dataset(tmp_path / "o.npz")
+
+
+def test_the_manifest_hash_does_not_depend_on_how_the_path_is_written(sample_dir, monkeypatch):
+    """Issue 21.13: a rerun with the dataset as an absolute path was told to --overwrite its done rows."""
+    a = open_dataset(sample_dir, seed=3)
+    monkeypatch.chdir(sample_dir.parent)
+    b = open_dataset(sample_dir.name, seed=3)
+    c = open_dataset(f"./{sample_dir.name}/", seed=3)
+    assert a.sha256() == b.sha256() == c.sha256()
+    assert a.legacy_sha256() != b.legacy_sha256()  # what 0.2.0 recorded depended on the spelling
+
+
+def test_exif_orientation_is_applied_as_viewers_do(tmp_path):
+    """Issue 21.9: a JPEG with Orientation=6 was stored rotated."""
+    from sam_cache.preprocess import read_image
+
+    im = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :], (20, 1)))  # 20 x 40, wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    im.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    array, _ = read_image(tmp_path / "r.jpg")
+    assert array.shape[:2] == (40, 20)  # upright: tall
