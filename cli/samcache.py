@@ -100,14 +100,29 @@ def masks(
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace masks made differently (embeddings are kept)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    from_masks: Optional[str] = typer.Option(None, help="Your own masks instead of a decoder: csv:COLUMN of the "
+                                                        "dataset's CSV, or a folder mirroring the dataset."),
+    mask_name: str = typer.Option("{stem}{suffix}", help="With a folder for --from-masks: a mask's file name from "
+                                                         "its image's {stem}, {suffix}, {name}."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="With --from-masks: an empty mask where a "
+                                                                      "sample has no mask file."),
+    split: Optional[str] = typer.Option(None, help="Decode only this split's rows (train, val, test)."),
 ) -> None:
-    """Decode a SAM mask per sample from the cached embeddings (no encoder pass) into the store. A rerun resumes."""
+    """Decode a SAM mask per sample from the cached embeddings (no encoder pass), or bring your own masks
+    (--from-masks), into the store. A rerun resumes."""
     from sam_cache.masks import decode_masks
+    from sam_cache.user_masks import import_masks
 
     with user_errors():
-        r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
-                         batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
-    quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] else ""
+        if from_masks is not None:
+            r = import_masks(store, from_masks, mask_name=mask_name, allow_missing=allow_missing, overwrite=overwrite,
+                             batch_size=batch_size, progress=progress)
+        else:
+            r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
+                             batch_size=batch_size, device=device, overwrite=overwrite, progress=progress,
+                             split=split)
+    quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] and "mean_iou" in r \
+        else (f"; {r['empty']} empty" if r["written"] else "")
     say(f"stored {r['written']} new masks in {store} ({r['already_done']} already done, {r['total']} in all)"
         + quality)
 
@@ -118,12 +133,13 @@ def export_command(
     out: Path = typer.Option(..., help="The .npz to write."),
     pooled: bool = typer.Option(True, "--pooled", help="One pooled vector per sample (the only export so far)."),
     stats: str = typer.Option("mean", help="mean (256 per sample) or meanstd (512)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Export the done rows of an unfinished store."),
 ) -> None:
     """Write one pooled embedding vector per sample, with labels, ids and splits, to an .npz."""
     from sam_cache import export_pooled
 
     with user_errors():
-        r = export_pooled(store, out, stats)
+        r = export_pooled(store, out, stats, allow_partial=allow_partial)
     say(f"wrote {r['rows']} x {r['dim']} features to {r['out']} "
         "(np.load: features, labels, ids, splits, class_names)")
 

@@ -67,6 +67,7 @@ def sweep(
 ) -> None:
     """Run a grid or an Optuna search over training options on one cache."""
     from rich.live import Live
+    from rich.markup import escape
     from rich.table import Table
 
     from trainer.sweep import load_space, run_sweep
@@ -74,20 +75,24 @@ def sweep(
     with user_errors():
         sp = load_space(space)
         columns = ["trial", "status", *sp.params, f"val_{sp.metric}", f"test_{sp.metric}", "seconds"]
-        table = Table(title=f"{sp.method} sweep on {cache}")
+        table = Table(title=escape(f"{sp.method} sweep on {cache}"))
         for c in columns:
             table.add_column(c, justify="right")
 
         def cell(v):
             return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
-        with Live(table, console=console, auto_refresh=False) as live:
-            def on_trial(row):
-                table.add_row(*(cell(row.get(c)) for c in columns))
-                live.refresh()
+        try:
+            with Live(table, console=console, auto_refresh=False) as live:
+                def on_trial(row):
+                    table.add_row(*(cell(row.get(c)) for c in columns))
+                    live.refresh()
 
-            result = run_sweep(cache, sp, out, device=device, on_trial=on_trial,
-                               log=lambda s: live.console.print(s, markup=False))
+                result = run_sweep(cache, sp, out, device=device, on_trial=on_trial,
+                                   log=lambda s: live.console.print(s, markup=False))
+        finally:
+            if not console.is_terminal:  # Live leaves a file's last line open: end it before the next line
+                console.print()
     best = result["best"]
     say(f"best: trial {best['trial']} with val {sp.metric} {cell(best[f'val_{sp.metric}'])}; "
         f"rerun it with: slca-train --config {result['best_config']}")
@@ -101,13 +106,14 @@ def eval_command(
     split: str = typer.Option("test", help="train, val, test or all."),
     device: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Use the done rows of an unfinished store."),
 ) -> None:
     """Evaluate a checkpoint on a split of a store."""
     from trainer import evaluate_checkpoint
     from trainer.metrics import format_metrics
 
     with user_errors():
-        m = evaluate_checkpoint(checkpoint, cache, split, device)
+        m = evaluate_checkpoint(checkpoint, cache, split, device, allow_partial=allow_partial)
     if as_json:
         print(json.dumps(m, indent=2))
         return
@@ -124,6 +130,8 @@ def predict_command(
                                                                 "training store's; checked by sha256)."),
     batch_size: Optional[int] = typer.Option(None, help="Default: the run's."),
     device: Optional[str] = typer.Option(None),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Predict the done rows of an unfinished store."),
 ) -> None:
     """Predict new data with a trained model; extracts a dataset's embeddings first (resumable)."""
     from trainer.metrics import format_metrics
@@ -131,7 +139,8 @@ def predict_command(
 
     with user_errors():
         r = predict_data(checkpoint, data, out, store=store, encoder_checkpoint=encoder_checkpoint, device=device,
-                         batch_size=batch_size, progress=console.is_terminal, log=say)
+                         batch_size=batch_size, progress=console.is_terminal, log=say, overwrite=overwrite,
+                         allow_partial=allow_partial)
     say(f"wrote {r['rows']} predictions to {r['csv']}")
     m = r["metrics"]
     if m is not None:

@@ -214,6 +214,9 @@ def _csv_boxes(path: Path, ids: np.ndarray, orig_size: np.ndarray, input_size: i
                     x0, y0, x1, y1 = (float(row[c]) for c in ("x0", "y0", "x1", "y1"))
                 except (TypeError, ValueError):
                     raise ConfigError(f"--boxes {path}, line {line}: box values must be numbers") from None
+                if not all(np.isfinite([x0, y0, x1, y1])) or x1 <= x0 or y1 <= y0:
+                    raise ConfigError(f"--boxes {path}, line {line}: the box ({x0}, {y0}, {x1}, {y1}) must be finite "
+                                      "numbers with x0 < x1 and y0 < y1")
                 h, w = orig_size[k]
                 nh, nw = resized_shape(int(h), int(w), input_size)
                 boxes[k] = [x0 * nw / w, y0 * nh / h, x1 * nw / w, y1 * nh / h]
@@ -234,7 +237,8 @@ def _to_stored(logits: torch.Tensor, orig: np.ndarray, frame: int, r: int, thres
 
 def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str | Path | None = None,
                  checkpoint: str | Path | None = None, threshold: float = 0.0, batch_size: int = 16,
-                 device: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                 device: str | None = None, overwrite: bool = False, progress: bool = True,
+                 split: str | None = None) -> dict:
     """Decode one mask per done sample of a store and store it there; resumable.
 
     Arguments:
@@ -247,6 +251,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
       device: default CUDA when available.
       overwrite: replace masks made with another signature instead of refusing.
       progress: show a progress bar.
+      split: decode only this split's rows (``train``, ``val``, ``test``): a measurement of the
+        masks on the test split costs no decoding of the rest (training with ``--focus`` needs all).
 
     Returns:
       ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel).
@@ -269,15 +275,17 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         signature = {"decoder": decoder.name, "decoder_sha256": decoder.sha256, "prompt": prompt,
                      "boxes_sha256": file_sha256(boxes) if boxes is not None else None,
                      "threshold": float(threshold), "version": MASKS_VERSION}
-        store.prepare_masks(signature, overwrite=overwrite)
         frame = decoder.input_size
         r = store.image_size
-        if prompt == "csv":
+        if prompt == "csv":  # read and checked before anything is recorded: a bad line changes nothing
             prompts = _csv_boxes(Path(boxes), store.ids, store.orig_size, frame)
         else:
             prompts = whole_image_boxes(store.orig_size, frame)
+        store.prepare_masks(signature, overwrite=overwrite)
         done_before = store.mask_done
-        todo = np.flatnonzero(store.done & ~done_before)
+        if split is not None and split not in ("train", "val", "test"):
+            raise ConfigError(f"--split must be train, val or test; got {split!r}")
+        todo = np.flatnonzero(store.done & ~done_before & (store.splits == split if split else True))
         ious, empty = [], 0
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

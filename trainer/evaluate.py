@@ -35,14 +35,28 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device | None = N
     """The trained model of a run, in eval mode on ``device``, with its config and checkpoint.
 
     Raises:
-      TrainError: the checkpoint is missing, unsafe or unreadable (see :func:`load_checkpoint`).
+      TrainError: the checkpoint is missing, unsafe or unreadable (see :func:`load_checkpoint`), or
+        inconsistent: class names or store signature of the wrong kind, or weights that do not fit
+        the model its config describes.
+      ConfigError: its config holds a bad option.
     """
     state = load_checkpoint(checkpoint)
+    names, signature = state["class_names"], state["store_signature"]
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        raise TrainError(f"checkpoint {checkpoint}: class_names must be a list of at least 2 names; got {names!r:.80}")
+    if not isinstance(signature, dict):
+        raise TrainError(f"checkpoint {checkpoint}: store_signature must be a mapping; got {type(signature).__name__}")
     cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
     dev = resolve_device(str(device) if device is not None else None)
     cfg = cfg.replace(device=str(dev), pretrained=False, pretrained_path=None)  # the weights come from the checkpoint
-    model, _ = build_model(cfg, len(state["class_names"]), state["class_names"])
-    load_weights(model, state["model"])
+    model, _ = build_model(cfg, len(names), names)
+    try:
+        load_weights(model, state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # missing, unexpected or misshapen tensors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = " ".join(str(exc).split())[:300]
+        raise TrainError(f"checkpoint {checkpoint}: its weights do not fit the model that its config and "
+                         f"{len(names)} classes describe ({cfg.backbone}): {first} {detail[len(first):]}".rstrip()) from None
     return model.to(dev), cfg, state
 
 
@@ -64,7 +78,7 @@ def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Pat
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None, split: str = "test",
-                        device: str | None = None) -> dict:
+                        device: str | None = None, allow_partial: bool = False) -> dict:
     """Evaluate a saved model on a split of a store.
 
     Arguments:
@@ -73,18 +87,21 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None,
         set) is accepted when its encoder side matches (:func:`check_encoder_side`).
       split: ``train``, ``val``, ``test`` or ``all``.
       device: default CUDA when available.
+      allow_partial: evaluate the done rows of a store whose extraction has not finished.
 
     Returns:
       :func:`~trainer.metrics.classification_metrics` plus ``loss``, ``split``, ``store`` and ``checkpoint``.
 
     Raises:
       TrainError: an unreadable checkpoint, other class names, or an empty split.
+      StoreError: an incomplete store without ``allow_partial``.
       StoreMismatchError: the store's encoder side differs from the one trained on.
     """
     model, cfg, state = load_run_model(checkpoint, device)
     path = str(cache or cfg.cache)
     with EmbeddingStore.open(path) as store:
         check_encoder_side(store, state, checkpoint)
+        store.require_complete(allow_partial)
         if store.class_names != state["class_names"]:
             raise TrainError(f"store {path} has classes {store.class_names}, the model {state['class_names']}")
         rows = np.flatnonzero(store.done) if split == "all" else store.split_indices(split)

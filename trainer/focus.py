@@ -13,6 +13,15 @@ chosen because each is a different, cheap kind of prompt:
   the same input size. The embedding is cut from the same box, so SLCA stays aligned.
 - ``channel``: the mask is a fourth input channel (the backbone's stem takes 4 channels), and
   the network learns how to use it; nothing is removed from the image.
+- ``overlay``: MedFocusCLIP's own prompt, the "segmented image": the mask drawn onto the image as
+  a colour overlay. The region is blended toward orange (``REGION_TINT``, alpha 0.35) and the
+  background toward blue (``BACKGROUND_TINT``, alpha 0.25). Why these: breast ultrasound and most
+  grey modalities carry no hue, so any hue is a clean signal; orange and blue are opposite hues,
+  so the boundary shows in every pair of channels whatever the grey level; and alphas under 0.4
+  keep the grey texture (speckle, margins, shadowing) visible on both sides, since that texture
+  is what tells benign from malignant. The background is tinted too, not dimmed: MedFocusCLIP
+  reports that a binary mask in place of the segmented image lost accuracy, and dimming hides
+  context when the mask misses. ``bench/focus_overlay.py`` draws what the classifier sees.
 
 An empty mask (the decoder found nothing) leaves the image as it is in every mode.
 """
@@ -21,10 +30,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_focus", "BACKGROUND_LEVEL", "MODES"]
+__all__ = ["apply_focus", "overlay", "BACKGROUND_LEVEL", "MODES"]
 
-MODES = ("none", "background", "crop", "channel")
+MODES = ("none", "background", "crop", "channel", "overlay")
 BACKGROUND_LEVEL = 0.3
+REGION_TINT, REGION_ALPHA = (255.0, 140.0, 0.0), 0.35  # orange
+BACKGROUND_TINT, BACKGROUND_ALPHA = (0.0, 90.0, 255.0), 0.25  # blue
 
 
 def apply_focus(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -38,7 +49,8 @@ def apply_focus(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor 
 
     Returns:
       ``(rgb, extra)``: ``rgb`` is ``B x 3 x T x T`` (dimmed outside the mask for
-      ``background``); ``extra`` is the ``B x 1 x T x T`` mask for ``channel``, else None.
+      ``background``, tinted for ``overlay``); ``extra`` is the ``B x 1 x T x T`` mask for
+      ``channel``, else None.
     """
     if mode == "none":
         return x[:, :3], None
@@ -51,4 +63,17 @@ def apply_focus(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor 
         return torch.where(empty, rgb, rgb * weight), None
     if mode == "channel":
         return rgb, mask
+    if mode == "overlay":
+        return torch.where(empty, rgb, overlay(rgb, mask)), None
     return rgb, None  # crop: the box did the work
+
+
+def overlay(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MedFocusCLIP's segmented image: ``rgb`` (``B x 3 x T x T``, 0..255) with the region of ``mask``
+    (``B x 1 x T x T``, 0..1) blended toward :data:`REGION_TINT` and the rest toward
+    :data:`BACKGROUND_TINT`. A fractional mask (a resized edge) blends between the two."""
+    region = torch.tensor(REGION_TINT, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    background = torch.tensor(BACKGROUND_TINT, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    inside = (1 - REGION_ALPHA) * rgb + REGION_ALPHA * region
+    outside = (1 - BACKGROUND_ALPHA) * rgb + BACKGROUND_ALPHA * background
+    return mask * inside + (1 - mask) * outside

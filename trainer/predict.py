@@ -23,6 +23,8 @@ import numpy as np
 from sam_cache import EmbeddingStore, extract_dataset
 from sam_cache.datasets import DatasetOptions, open_dataset
 
+from sam_cache.outputs import OutputError, atomic_write, refuse_overlap
+
 from .data import PairedCache
 from .errors import TrainError
 from .evaluate import check_encoder_side, load_run_model
@@ -35,7 +37,7 @@ __all__ = ["predict_data"]
 def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, store: str | Path | None = None,
                  encoder_checkpoint: str | Path | None = None, device: str | None = None,
                  batch_size: int | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, overwrite: bool = False, allow_partial: bool = False) -> dict:
     """Predict every sample of ``data`` with the model of ``checkpoint``; write ``out`` (CSV).
 
     Arguments:
@@ -49,19 +51,35 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
       batch_size: default the run's.
       progress: progress bars for extraction and prediction.
       log: where the one-off lines go.
+      overwrite: replace an existing ``out`` that is not a predictions CSV (refused otherwise; a
+        rerun replaces its own predictions).
+      allow_partial: predict the done rows of a given store whose extraction has not finished (a
+        dataset that this call extracts is always complete, but for images that cannot be read).
 
     Returns:
       ``{"rows", "csv", "store", "metrics"}``; ``metrics`` is None without labels.
 
     Raises:
       TrainError, StoreMismatchError, EncoderError, DatasetError: an unusable checkpoint, store,
-        encoder or dataset, each named.
+        encoder or dataset, each named; an ``out`` that exists (without ``overwrite``), is one of
+        the inputs or lies inside the dataset.
     """
+    data, out = str(data), Path(out)
+    is_store = EmbeddingStore.is_store(data)
+    try:
+        # a folder dataset takes every image file in it: nothing may be written inside it
+        refuse_overlap(out, {"--checkpoint": checkpoint, "--data": data, "--store": store},
+                       dataset=data if os.path.isdir(data) and not is_store else None)
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+    if out.exists() and not overwrite and not _is_predictions(out):
+        raise TrainError(f"{out} exists and is not a predictions CSV; choose another --out, or pass --overwrite to "
+                         "replace it")
     model, cfg, state = load_run_model(checkpoint, device)
     dev = next(model.parameters()).device
     sig = state["store_signature"]
-    data, out = str(data), Path(out)
-    if EmbeddingStore.is_store(data):
+    partial_ok = allow_partial or not is_store  # our own extraction: only skipped images are missing, each named
+    if is_store:
         store_path = data
     else:
         store_path = str(store or out.with_suffix(".zarr"))
@@ -76,6 +94,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
                 f"(first: {result.skipped[0]['source']}: {result.skipped[0]['error']})")
     with EmbeddingStore.open(store_path) as s:
         check_encoder_side(s, state, checkpoint)
+        s.require_complete(partial_ok)
         rows = np.flatnonzero(s.done)
         if not len(rows):
             raise TrainError(f"store {store_path} has no done samples to predict")
@@ -95,15 +114,30 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         sources = _sources(s, rows)
         labels = s.labels[rows]
     pred = probs.argmax(1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "source", *[f"p_{n}" for n in names], "predicted"] + (["label"] if labelled else []))
-        for k in range(len(rows)):
-            row = [ids[k], sources[k], *[f"{p:.6f}" for p in probs[k]], names[pred[k]]]
-            w.writerow(row + ([names[labels[k]]] if labelled else []))
+
+    def write(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "source", *[f"p_{n}" for n in names], "predicted"] + (["label"] if labelled else []))
+            for k in range(len(rows)):
+                row = [ids[k], sources[k], *[f"{p:.6f}" for p in probs[k]], names[pred[k]]]
+                w.writerow(row + ([names[labels[k]]] if labelled else []))
+
+    try:
+        atomic_write(out, write)
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
     metrics = classification_metrics(labels, probs) if labelled else None
     return {"rows": int(len(rows)), "csv": str(out), "store": store_path, "metrics": metrics}
+
+
+def _is_predictions(path: Path) -> bool:
+    """Whether ``path`` is a CSV that predict wrote (a rerun replaces its own output)."""
+    try:
+        with open(path, newline="") as f:
+            return f.readline().startswith("id,source,p_")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _sources(store: EmbeddingStore, rows: np.ndarray) -> list[str]:

@@ -105,7 +105,8 @@ def predict(model: Classifier, pipeline: BatchPipeline, cache: PairedCache, rows
         x, e, y = pipeline(cache, chunk, boxes, flips)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
             logits = model(x, e).float()
-        batch_loss = F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)  # -1: unlabelled
+        y = torch.where((y >= 0) & (y < logits.shape[1]), y, -1)  # unlabelled, or a class the model lacks
+        batch_loss = F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)
         loss = batch_loss if loss is None else loss + batch_loss
         probs.append(torch.softmax(logits, 1))
         labels.append(y)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam_cache.store import EmbeddingStore
+from sam_cache.store import EmbeddingStore, StoreError
 
 from .errors import TrainError
 
@@ -91,11 +91,11 @@ def split_rows(store: EmbeddingStore, train_fraction: float | None = None, shots
     bad = np.flatnonzero((store.labels < 0) | (store.labels >= k))
     if len(bad):
         raise TrainError(f"store {store.path}: labels of samples {bad[:5].tolist()} are outside 0..{k - 1}")
-    done, n = int(store.done.sum()), len(store)
-    if done < n and not allow_partial:
-        raise TrainError(f"store {store.path} is incomplete: {done} of {n} samples are done (its extraction is still "
-                         "running, or stopped early). Finish it with the same `samcache extract` command (it resumes), "
-                         "or pass --allow-partial to train on the done samples only")
+    n = len(store)
+    try:
+        done = store.require_complete(allow_partial)
+    except StoreError as exc:
+        raise TrainError(str(exc)) from None
     rows = {}
     for split in ("train", "val", "test"):
         r = store.split_indices(split)

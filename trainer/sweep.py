@@ -37,12 +37,15 @@ from sam_cache.store import EmbeddingStore
 from .config import METRIC_KEYS, TrainConfig, options
 from .data import PairedCache
 from .errors import ConfigError, TrainError
+from sam_cache.outputs import atomic_write
+
 from .records import read_rows, write_rows
 from .train import resolve_device, train
 
 __all__ = ["SweepSpace", "load_space", "run_sweep"]
 
 SWEEPABLE = frozenset(o.name for o in options() if o.sweep)  # marked in trainer/config.py, nowhere else
+_SWEEP_OWNED = frozenset({"out", "cache", "overwrite", "resume"})  # set by the sweep itself, never by a space file
 
 
 class SweepSpace:
@@ -69,6 +72,10 @@ class SweepSpace:
         unknown = set(self.params) - SWEEPABLE
         if unknown:
             raise ConfigError(f"{source}: cannot sweep {sorted(unknown)}; sweepable: {sorted(SWEEPABLE)}")
+        owned = sorted((set(self.base) | set(self.params)) & _SWEEP_OWNED)
+        if owned:
+            raise ConfigError(f"{source}: a space file cannot set {', '.join(owned)}: the sweep command gives the store "
+                              "(--cache) and each trial's folder (under --out), and overwrites only its own trials")
         for name, values in self.params.items():
             if self.method == "grid" and not isinstance(values, list):
                 raise ConfigError(f"{source}: grid parameter {name!r} needs a list of values")
@@ -78,6 +85,10 @@ class SweepSpace:
         if self.method == "grid":
             for params in self.grid():
                 TrainConfig.from_dict({"cache": "", "out": "", **self.base, **params}, source=f"{source} params")
+        else:
+            for name, spec in self.params.items():
+                for value in _range_values(name, spec, source):
+                    TrainConfig.from_dict({"cache": "", "out": "", **self.base, name: value}, source=f"{source} params")
 
     def grid(self) -> list[dict]:
         names = list(self.params)
@@ -89,7 +100,14 @@ def load_space(path: str | Path) -> SweepSpace:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep space {path} does not exist")
-    return SweepSpace(yaml.safe_load(path.read_text()) or {}, str(path))
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"sweep space {path} is not valid YAML (plain values only): {str(exc).splitlines()[0]}") \
+            from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep space {path}: expected a mapping, got {type(spec).__name__}")
+    return SweepSpace(spec, str(path))
 
 
 def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str | None = None,
@@ -111,17 +129,22 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
       TrainError, StoreError, ConfigError: as a single training run would.
     """
     out = Path(out)
-    (out / "trials").mkdir(parents=True, exist_ok=True)
-    (out / "space.yaml").write_text(yaml.safe_dump({"method": space.method, "metric": space.metric,
-                                                    "trials": space.trials, "seed": space.seed,
-                                                    "base": space.base, "params": space.params}, sort_keys=False))
+    spec = {"method": space.method, "metric": space.metric, "trials": space.trials, "seed": space.seed,
+            "base": space.base, "params": space.params}
+    # the store, once, for all trials
+    store = EmbeddingStore.open(cache)
+    try:
+        _claim_sweep_folder(out, spec, store)
+        (out / "trials").mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "space.yaml", lambda p: p.write_text(yaml.safe_dump(spec, sort_keys=False)))
+    except BaseException:
+        store.close()
+        raise
     dev = resolve_device(device)
     rows = read_rows(out / "trials.csv")
     if rows:
         log(f"resuming: {len(rows)} finished trial(s) kept from {out / 'trials.csv'}")
 
-    # the store, once, for all trials
-    store = EmbeddingStore.open(cache)
     configs = [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base, **p}) for p in space.grid()] \
         if space.method == "grid" else [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base})]
     needs_emb = any(c.slca.enabled or c.fuse != "none" for c in configs) or "fuse" in space.params \
@@ -136,8 +159,8 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
     log(f"cache: {cache_obj.describe()}, shared by every trial")
 
     def run_one(number: int, params: dict, report=None) -> dict:
-        cfg = TrainConfig.from_dict({"cache": str(cache), "out": str(out / "trials" / f"{number:04d}"),
-                                     "device": str(dev), **space.base, **params})
+        cfg = TrainConfig.from_dict({"device": str(dev), **space.base, **params, "cache": str(cache),
+                                     "out": str(out / "trials" / f"{number:04d}")})
         t0 = time.perf_counter()
         result = train(cfg, overwrite=True, log=lambda s: None, cache=cache_obj, on_epoch=report)
         row = {"trial": number, "status": "complete", **{k: json.dumps(v) if isinstance(v, list) else v
@@ -174,6 +197,65 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
     best_cfg.out = str(out / "best")
     best_cfg.save(out / "best.yaml")
     return {"best": best, "trials": rows, "best_config": str(out / "best.yaml")}
+
+
+def _range_values(name: str, spec, source: str) -> list:
+    """The values of an optuna parameter worth checking now: every choice, every integer of a small
+    integer range, or a float range's ends.
+
+    Raises:
+      ConfigError: a spec that is neither a list nor ``{low, high[, log]}``.
+    """
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict) and {"low", "high"} <= set(spec):
+        low, high = spec["low"], spec["high"]
+        if isinstance(low, int) and isinstance(high, int) and not spec.get("log") and high - low <= 256:
+            return list(range(low, high + 1))
+        return [low, high]
+    raise ConfigError(f"{source}: optuna parameter {name!r} needs a list or {{low, high[, log]}}, got {spec!r}")
+
+
+def _claim_sweep_folder(out: Path, spec: dict, store: EmbeddingStore) -> None:
+    """Record what the sweep in ``out`` is (``sweep.json``: the space and the store's signature), or
+    check that a rerun is the same sweep: its finished trials are kept only then (an Optuna sweep
+    may raise ``trials`` to search on).
+
+    Raises:
+      TrainError: ``out`` holds a sweep of another space or store (naming what differs), or files
+        that are not a sweep's.
+    """
+    ledger = {"space": json.loads(json.dumps(spec)), "store": store.signature}
+    path = out / "sweep.json"
+    if not path.is_file() and (out / "trials.csv").is_file() and (out / "space.yaml").is_file():
+        try:  # a sweep from before sweep.json: its space file is the record (its store was not kept)
+            old = {"space": yaml.safe_load((out / "space.yaml").read_text()), "store": ledger["store"]}
+        except (OSError, yaml.YAMLError) as exc:
+            raise TrainError(f"sweep {out}: space.yaml cannot be read ({exc}); use a new --out") from None
+    elif path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"sweep {out}: {path.name} cannot be read ({exc}); use a new --out") from None
+    else:
+        old = None
+    if old is not None:
+        diffs = [f"space {k}" for k in sorted(set(old.get("space", {})) | set(ledger["space"]))
+                 if old.get("space", {}).get(k) != ledger["space"].get(k) and k != "trials"]  # more trials: resume
+        diffs += [f"store {k}" for k in sorted(set(old.get("store", {})) | set(ledger["store"]))
+                  if old.get("store", {}).get(k) != ledger["store"].get(k)]
+        if diffs:
+            raise TrainError(f"sweep {out} was run with another space or store ({', '.join(diffs)} differ), and its "
+                             "trials would be mixed with this one's; use a new --out, or remove the old sweep")
+        if path.is_file():
+            return
+    if out.is_dir() and any(p.name not in _SWEEP_FILES for p in out.iterdir() if not p.name.startswith(".")):
+        raise TrainError(f"--out {out} holds files that are not a samcache sweep's; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps(ledger, indent=2)))
+
+
+_SWEEP_FILES = frozenset({"trials", "trials.csv", "space.yaml", "best.yaml", "optuna.db", "sweep.json", "best"})
 
 
 def _optuna(space: SweepSpace, out: Path, rows: list[dict], run_one, finish) -> None:

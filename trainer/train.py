@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_cache import distributed
+from sam_cache.outputs import OutputError, atomic_write, dataset_folder, describe_os_error, refuse_overlap
 from sam_cache.store import EmbeddingStore
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -190,11 +192,12 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     state = load_checkpoint(out / "last.pt") if resume else None
     if state is not None:
         _check_resume(cfg, state, out)
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrainError(f"cannot create run folder {out}: {exc.strerror or exc}") from None
+    try:
+        refuse_overlap(out, {"--cache": cfg.cache})
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+    if not (resume or overwrite):
+        _refuse_foreign_files(out)
     device = resolve_device(cfg.device)
     if ctx.world > 1 and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -204,6 +207,17 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         store = stack.enter_context(EmbeddingStore.open(cfg.cache))
     else:
         store = cache.store
+    try:
+        refuse_overlap(out, {}, dataset_folder(store.meta))
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+    if state is not None:
+        _check_resumed_store(store, state, out)
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainError(f"cannot create run folder {out}: {describe_os_error(exc)}") from None
     rows = split_rows(store, cfg.train_fraction, cfg.shots, cfg.subset_seed, cfg.allow_partial, log)
     class_names = store.class_names
     needs_emb = cfg.slca.enabled or cfg.fuse != "none"
@@ -349,8 +363,9 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     _write(out / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=2)))
 
     # figures
-    plot_learning_curves(history, out / "curves.png", cfg.select_metric)
-    plot_confusion(test["confusion"], class_names, out / "confusion.png", f"test, best epoch {best_state['epoch'] + 1}")
+    _write(out / "curves.png", lambda p: plot_learning_curves(history, p, cfg.select_metric))
+    _write(out / "confusion.png", lambda p: plot_confusion(test["confusion"], class_names, p,
+                                                          f"test, best epoch {best_state['epoch'] + 1}"))
     attention_figure(model, pipeline, cache, rows.test[: cfg.attention_images], cfg, class_names, out / "attention.png")
     log(f"test: {format_metrics(test)}")
     log(f"wrote {out}/: {RUN_FILES}")
@@ -387,12 +402,28 @@ def _config_text(cfg: TrainConfig, weights: dict) -> str:
 
 def _check_resume(cfg: TrainConfig, state: dict, out: Path) -> None:
     old = TrainConfig.from_dict(state["config"], source=str(out / "last.pt"))
-    changed = sorted(k for k, v in cfg.flat().items() if old.flat().get(k) != v and k != "epochs")
+    paths = ("out", "cache")  # one folder written /abs/run or ./run: compare where they point
+    changed = sorted(k for k, v in cfg.flat().items() if k != "epochs" and (
+        old.flat().get(k) != v if k not in paths else os.path.realpath(str(old.flat().get(k))) != os.path.realpath(v)))
     if changed:
         raise TrainError(f"cannot resume {out}: the recipe differs from {out / 'config.yaml'} in "
                          f"{', '.join(changed)} (only --epochs may change, to extend a run)")
     if cfg.epochs < state["epoch"] + 1:
         raise TrainError(f"cannot resume {out} with --epochs {cfg.epochs}: it has run {state['epoch'] + 1} already")
+
+
+def _check_resumed_store(store: EmbeddingStore, state: dict, out: Path) -> None:
+    """A resumed run trains on the store it started on: its signature must be the checkpoint's."""
+    from sam_cache.store import _flatten
+
+    recorded = state.get("store_signature")
+    have, want = _flatten(store.signature), _flatten(recorded if isinstance(recorded, dict) else {})
+    diffs = [f"{k}: store has {have.get(k)!r}, the run started on {want.get(k)!r}"
+             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if diffs:
+        raise TrainError(f"cannot resume {out}: store {store.path} is not the one the run started on (it was made "
+                         "again or replaced):\n  " + "\n  ".join(diffs) + "\nStart a new run (another --out), or "
+                         "pass --overwrite to restart this one")
 
 
 def _check_finite(ctx, finite: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
@@ -403,9 +434,34 @@ def _check_finite(ctx, finite: torch.Tensor, epoch: int, step: int, cfg: TrainCo
 
 def _write(path: Path, write: Callable[[Path], None]) -> None:
     try:
-        write(path)
-    except OSError as exc:
-        raise TrainError(f"cannot write {path}: {exc.strerror or exc}") from None
+        atomic_write(path, write)
+    except OutputError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``config.yaml`` is one that slca-train wrote (a recipe), not a file of the user's."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and {"cache", "out", "backbone"} <= set(data)
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    """A run folder that holds files slca-train did not write is refused (``--overwrite`` allows it)."""
+    if not out.is_dir():
+        return
+    ours = set(RUN_FILES.split()) | {"tb"}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+    if (out / "config.yaml").is_file() and not _is_run_config(out / "config.yaml"):
+        foreign.insert(0, "config.yaml")
+    if foreign:
+        raise TrainError(f"run folder {out} holds files that slca-train did not write ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}); choose a new --out, or pass --overwrite to replace "
+                         "them")
 
 
 @contextlib.contextmanager
@@ -452,4 +508,4 @@ def attention_figure(model, pipeline: BatchPipeline, cache: PairedCache, rows: n
         grid = model.stage_grid(stage, cfg.img_size)
         m = model.slca.attention_maps(e.float(), stage, grid)
         maps = F.interpolate(m[:, None], size=(cfg.img_size, cfg.img_size), mode="nearest")[:, 0].cpu().numpy()
-    plot_attention(pictures, maps, titles, path, stage_name, masks)
+    _write(path, lambda p: plot_attention(pictures, maps, titles, p, stage_name, masks))
