@@ -388,7 +388,7 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_temporary_file(tiny_sto
     monkeypatch.setattr(checkpoint.torch, "save", full)
     with pytest.raises(TrainError, match=r"cannot write checkpoint .*last\.pt: no space left on device"):
         train(_cfg(tiny_store, tmp_path / "r"), log=lambda s: None)
-    assert not list((tmp_path / "r").glob("*.tmp"))
+    assert not list((tmp_path / "r").glob("*.tmp*"))
 
 
 def test_a_store_killed_in_its_first_milliseconds_is_refused_with_a_hint(sample_dir, tmp_path, monkeypatch):
@@ -524,3 +524,311 @@ def test_a_locked_hdf5_store_names_the_lock_not_overwrite(sample_dir, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- issue 21, round two: outputs never overwrite inputs or the user's files -------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(_cfg(tiny_store, out), log=lambda s: None)
+    return out
+
+
+def test_export_and_predict_refuse_to_write_over_their_inputs(tiny_run, tiny_store, tmp_path):
+    """Issue 21.3: export --out run/best.pt replaced the checkpoint; predict --out labels.csv the manifest."""
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(tiny_run / "best.pt", ckpt)
+    before = ckpt.read_bytes()
+    result = runner.invoke(slca_train, ["export", "--checkpoint", str(ckpt), "--out", str(ckpt)])
+    assert result.exit_code == 1 and "would overwrite the input --checkpoint" in result.output, result.output
+    assert ckpt.read_bytes() == before
+    data = tmp_path / "c"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(data / f"{i}.png")
+    manifest = data / "labels.csv"
+    manifest.write_text("path\n0.png\n1.png\n")
+    text = manifest.read_text()
+    result = runner.invoke(slca_train, ["predict", "--checkpoint", str(ckpt), "--data", str(manifest),
+                                        "--out", str(manifest)])
+    assert result.exit_code == 1 and "would overwrite the input --data" in result.output, result.output
+    assert manifest.read_text() == text
+    # an existing output is replaced only when asked, and nothing half-written is ever left
+    preds = tmp_path / "p.csv"
+    preds.write_text("mine")
+    args = ["predict", "--checkpoint", str(ckpt), "--data", str(tiny_store), "--out", str(preds)]
+    result = runner.invoke(slca_train, args)
+    assert result.exit_code == 1 and "is not a predictions CSV" in result.output and preds.read_text() == "mine"
+    assert runner.invoke(slca_train, args + ["--overwrite"]).exit_code == 0
+    assert preds.read_text().startswith("id,source,")
+
+
+def test_a_run_folder_with_the_users_files_or_inside_the_dataset_is_refused(tiny_store, sample_dir, tmp_path):
+    """Issue 21.3: a user's config.yaml was overwritten; a run folder inside a class folder became images."""
+    p = tmp_path / "p"
+    p.mkdir()
+    (p / "config.yaml").write_text("notes\n")
+    with pytest.raises(TrainError, match=r"holds files that slca-train did not write \(config\.yaml\)"):
+        train(_cfg(tiny_store, p), log=lambda s: None)
+    assert (p / "config.yaml").read_text() == "notes\n"
+    inside = Path(EmbeddingStore.open(tiny_store).meta["dataset"]["root"]) / "synthetic-normal" / "run"
+    with pytest.raises(TrainError, match="lies inside the dataset"):
+        train(_cfg(tiny_store, inside), log=lambda s: None)
+    assert not inside.exists()
+    with pytest.raises(TrainError, match="would overwrite the input --cache"):
+        train(_cfg(tiny_store, tiny_store), log=lambda s: None)
+
+
+def test_samcache_export_names_the_file_it_writes_and_leaves_nothing_half_written(tiny_store, tmp_path, monkeypatch):
+    """Issue 21.11 and 13: export said "wrote ... to feats" and wrote feats.npz; a full disk left an empty file."""
+    result = runner.invoke(samcache, ["export", str(tiny_store), "--out", str(tmp_path / "feats")])
+    assert result.exit_code == 0 and f"to {tmp_path / 'feats.npz'} " in result.output
+    assert (tmp_path / "feats.npz").is_file()
+
+    def full(file, **arrays):
+        Path(file).write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    result = runner.invoke(samcache, ["export", str(tiny_store), "--out", str(tmp_path / "g.npz")])
+    assert result.exit_code == 1 and "cannot write" in result.output and "no space left on device" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.glob("*g*"))
+
+
+def test_a_sweep_space_cannot_aim_trials_at_another_folder(tmp_path):
+    """Issue 21.4: base: {out: victim} trained every trial into victim/ with overwrite forced on."""
+    from trainer import ConfigError
+    from trainer.sweep import SweepSpace, load_space
+
+    for key, value in (("out", str(tmp_path / "victim")), ("cache", "other.zarr"), ("overwrite", True)):
+        with pytest.raises(ConfigError, match=f"a space file cannot set {key}"):
+            SweepSpace({"base": {key: value, "epochs": 1}, "params": {"lr": [1e-3]}})
+    bad = tmp_path / "s.yaml"
+    bad.write_text("base: !!python/object/apply:os.system ['true']\nparams: {lr: [0.1]}\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_space(bad)
+
+
+def test_a_sweep_rerun_with_another_space_is_refused_not_mixed(tiny_store, tmp_path):
+    """Issue 21.6: a rerun with another space kept the old trials and ran nothing."""
+    from trainer.sweep import SweepSpace, run_sweep
+
+    base = {"epochs": 1, "img_size": 32, "batch_size": 4, "residency": "host"}
+    run_sweep(tiny_store, SweepSpace({"base": base, "params": {"lr": [1e-3]}}), tmp_path / "sw", device="cpu",
+              log=lambda s: None)
+    with pytest.raises(TrainError, match=r"run with another space or store \(space params differ\)"):
+        run_sweep(tiny_store, SweepSpace({"base": base, "params": {"lr": [0.05]}}), tmp_path / "sw", device="cpu",
+                  log=lambda s: None)
+    again = run_sweep(tiny_store, SweepSpace({"base": base, "params": {"lr": [1e-3]}}), tmp_path / "sw",
+                      device="cpu", log=lambda s: None)
+    assert len(again["trials"]) == 1
+
+
+def test_resume_refuses_another_store_and_accepts_the_run_folder_written_another_way(tiny_store, sample_dir,
+                                                                                      tmp_path, monkeypatch):
+    """Issue 21.5 and 13: resume trained on a replaced store; /abs/run vs ./run was "a recipe change"."""
+    store = tmp_path / "st.zarr"
+    shutil.copytree(tiny_store, store)
+    train(_cfg(store, tmp_path / "run"), log=lambda s: None)
+    monkeypatch.chdir(tmp_path)
+    # the same run folder and store, written relative: it resumes
+    train(_cfg("./st.zarr", "./run", epochs=2), resume=True, log=lambda s: None)
+    shutil.rmtree(store)  # replaced by an extraction of other data (another split seed: another manifest)
+    extract_dataset(sample_dir, store, "tiny", image_size=64, num_workers=0, progress=False, seed=5, **SPLIT_ARGS)
+    with pytest.raises(TrainError, match=r"(?s)not the one the run started on .*manifest_sha256"):
+        train(_cfg(store, tmp_path / "run", epochs=3), resume=True, log=lambda s: None)
+
+
+def test_eval_predict_and_export_refuse_an_incomplete_store_by_count(tiny_run, tiny_store, tmp_path):
+    """Issue 21.8: with done[6:] False, predict wrote 6 rows and eval and export used 6, silently."""
+    import zarr
+
+    part = tmp_path / "part.zarr"
+    shutil.copytree(tiny_store, part)
+    done = zarr.open_group(str(part), mode="r+")["done"]
+    done[6:] = False
+    ckpt = str(tiny_run / "best.pt")
+    cases = (
+        (slca_train, ["eval", "--checkpoint", ckpt, "--cache", str(part), "--split", "all"]),
+        (slca_train, ["predict", "--checkpoint", ckpt, "--data", str(part), "--out", str(tmp_path / "p.csv")]),
+        (samcache, ["export", str(part), "--out", str(tmp_path / "f.npz")]),
+    )
+    for app, args in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "is incomplete: 6 of 15 samples are done" in result.output, result.output
+        assert runner.invoke(app, args + ["--allow-partial"]).exit_code == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 7
+
+
+def test_damaged_masks_are_found_by_verify_and_stop_focus_training(tiny_store, tmp_path):
+    """Issue 21.7: a deleted and an overwritten mask shard passed verify, and focus trained on them."""
+    from sam_cache.masks import decode_masks
+
+    store = tmp_path / "m.zarr"
+    shutil.copytree(tiny_store, store)
+    decode_masks(store, prompt="box", progress=False)
+    assert verify_store(store) == []
+    shard0 = store / "masks" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard0.read_bytes())
+    data[100:5100] = bytes(255 - b for b in data[100:5100])
+    shard0.write_bytes(bytes(data))
+    problems = verify_store(store)
+    assert any("masks" in p and "do not match their checksums" in p for p in problems), problems
+    with pytest.raises(StoreError, match="masks of .* do not match their checksums"):
+        train(_cfg(store, tmp_path / "run", focus="background", slca=False, fuse="none"), log=lambda s: None)
+
+
+def _writing_commands(dataset, store, ckpt, out, space):
+    """Every command that writes, with all of its outputs under ``out`` (``store`` may be there too)."""
+    return {
+        "extract": (samcache, [*EXTRACT, "--dataset", str(dataset), "--out", str(out / "e.zarr")]),
+        "masks": (samcache, ["masks", str(store), "--prompt", "box", "--no-progress"]),
+        "convert": (samcache, ["convert", str(store), "--out", str(out / "c.zarr"), "--dtype", "int8", "--no-progress"]),
+        "samcache export": (samcache, ["export", str(store), "--out", str(out / "f.npz")]),
+        "train": (slca_train, ["--cache", str(store), "--out", str(out / "run"), "--epochs", "1", "--img-size", "32",
+                               "--batch-size", "4", "--device", "cpu"]),
+        "predict": (slca_train, ["predict", "--checkpoint", str(ckpt), "--data", str(store), "--out", str(out / "p.csv")]),
+        "export": (slca_train, ["export", "--checkpoint", str(ckpt), "--out", str(out / "x.pth")]),
+        "sweep": (slca_train, ["sweep", "--cache", str(store), "--space", str(space), "--out", str(out / "sw")]),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disk", ["read-only", "full"])
+def test_every_writing_command_fails_in_one_line_and_leaves_nothing_half_written(tiny_run, tiny_store, sample_dir,
+                                                                                 tmp_path, disk):
+    """Issue 21.10 and 21.11: read-only destinations and full disks gave tracebacks and empty files."""
+    space = tmp_path / "space.yaml"
+    space.write_text("base: {epochs: 1, img_size: 32, batch_size: 4}\nparams: {lr: [0.001]}\n")
+    with tmpfs(tmp_path / "d", "40m") as d:
+        if d is None:
+            pytest.skip("needs a tmpfs mount")
+        shutil.copytree(tiny_store, d / "s.zarr")  # 30 MiB: masks write into the store itself
+        shutil.copy(tiny_run / "best.pt", tmp_path / "best.pt")
+        if disk == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+        else:
+            with open(d / "fill", "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+        before = {p.relative_to(d) for p in d.rglob("*")}
+        failed = []
+        for name, (app, args) in _writing_commands(sample_dir, d / "s.zarr", tmp_path / "best.pt", d, space).items():
+            result = runner.invoke(app, args)
+            text = result.output
+            if result.exit_code != 1 or "Traceback" in text or len([ln for ln in text.splitlines()
+                                                                      if ln.startswith("error:")]) != 1:
+                failed.append(f"{name}: exit {result.exit_code}: {text[-400:]!r} {result.exception!r}")
+        assert not failed, "\n".join(failed)
+        # nothing half-written: no new file that is empty or a temporary one
+        new = [p for p in d.rglob("*") if p.relative_to(d) not in before and p.is_file()]
+        assert not [p for p in new if p.stat().st_size == 0 or ".tmp" in p.name], new
+
+
+def test_edited_store_attributes_are_refused_by_every_reader(tiny_store, tmp_path):
+    """Issue 21.9 and 21.12: dtype edited to bfloat16 gave 91 % NaN features; to int8 a KeyError; an edited
+    encoder field passed eval."""
+    import zarr
+
+    for field, value, message in (("dtype", "bfloat16", "dtype attribute says 'bfloat16'"),
+                                  ("dtype", "int8", "dtype attribute says 'int8'"),
+                                  ("encoder", "vit_h", "signature attributes .* were changed")):
+        store = tmp_path / f"{field}-{value}.zarr"
+        shutil.copytree(tiny_store, store)
+        root = zarr.open_group(str(store), mode="r+")
+        meta = dict(root.attrs["samcache"])
+        meta[field] = value
+        if field == "dtype":
+            meta.pop("signature_sha256")  # a careful editor: only the dtype check is left to catch it
+        root.attrs["samcache"] = meta
+        for app, args in ((samcache, ["export", str(store), "--out", str(tmp_path / "f.npz")]),
+                          (samcache, ["masks", str(store), "--prompt", "box", "--no-progress"]),
+                          (slca_train, ["--cache", str(store), "--out", str(tmp_path / "r"), "--epochs", "1"])):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert __import__("re").search(message, result.output), result.output
+
+
+def test_a_second_creator_never_deletes_the_first_ones_store(tiny_store, sample_dir, tmp_path, monkeypatch):
+    """Issue 21.12: two extractions started together into one new store: one died with KeyError 'valid'
+    (mode "w" let the second wipe what the first had made)."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    monkeypatch.setattr(EmbeddingStore, "exists", staticmethod(lambda path: False))  # both saw no store
+    with pytest.raises(StoreError, match="was created by another process just now"):
+        extract_dataset(sample_dir, store, "tiny", image_size=64, num_workers=0, progress=False, **SPLIT_ARGS)
+    monkeypatch.undo()
+    assert verify_store(store) == [] and EmbeddingStore.open(store).done.all()
+
+
+def test_tampered_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
+    """Issue 21.12: a class more or fewer, another backbone, a string store_signature, img_size 100000."""
+    state = torch.load(tiny_run / "best.pt", weights_only=True)
+    cases = {
+        "class more": dict(state, class_names=state["class_names"] + ["extra"]),
+        "class fewer": dict(state, class_names=state["class_names"][:2]),
+        "backbone": dict(state, config={**state["config"], "backbone": "resnet10t"}),
+        "signature": dict(state, store_signature="x"),
+        "img_size": dict(state, config={**state["config"], "img_size": 100000}),
+    }
+    for name, bad in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(bad, path)
+        result = runner.invoke(slca_train, ["eval", "--checkpoint", str(path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, (name, result.output, result.exception)
+        assert "error:" in result.output, (name, result.output)
+
+
+def test_predict_scores_data_with_a_class_the_model_lacks(tiny_run, sample_dir, tmp_path):
+    """Issue 21.12: IndexError: Target 3 is out of bounds, and no CSV."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    shutil.copytree(data / "synthetic-normal", data / "synthetic-unseen")
+    result = runner.invoke(slca_train, ["predict", "--checkpoint", str(tiny_run / "best.pt"), "--data", str(data),
+                                        "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 21
+
+
+def test_sweep_space_problems_are_found_before_any_trial(tiny_store, tmp_path):
+    """Issue 21.12: an optuna window range failed in trial 1; a markup store path crashed the table."""
+    pytest.importorskip("optuna")
+    from trainer import ConfigError
+    from trainer.sweep import SweepSpace
+
+    with pytest.raises(ConfigError, match="window must divide 64, got 3"):
+        SweepSpace({"method": "optuna", "trials": 2, "params": {"window": {"low": 3, "high": 5}}})
+    odd = tmp_path / "m[" / "x.zarr"
+    shutil.copytree(tiny_store, odd)
+    (tmp_path / "s.yaml").write_text("base: {epochs: 1, img_size: 32, batch_size: 4}\nparams: {lr: [0.001]}\n")
+    result = runner.invoke(slca_train, ["sweep", "--cache", str(odd), "--space", str(tmp_path / "s.yaml"),
+                                        "--out", str(tmp_path / "sw"), "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_bad_boxes_are_refused_before_the_masks_signature_is_recorded(tiny_store, tmp_path):
+    """Issue 21.9: NaN boxes were accepted; a failed CSV left a signature that refused the corrected rerun."""
+    from sam_cache.masks import decode_masks
+
+    store = tmp_path / "m.zarr"
+    shutil.copytree(tiny_store, store)
+    ids = EmbeddingStore.open(store).ids
+    boxes = tmp_path / "b.csv"
+    boxes.write_text("id,x0,y0,x1,y1\n" + f"{ids[0]},nan,0,10,10\n")
+    with pytest.raises(Exception, match=r"line 2: the box .* must be finite"):
+        decode_masks(store, prompt="csv", boxes=boxes, progress=False)
+    assert not EmbeddingStore.open(store).has_masks  # nothing recorded
+    boxes.write_text("id,x0,y0,x1,y1\n" + f"{ids[0]},0,0,10,10\n")
+    assert decode_masks(store, prompt="csv", boxes=boxes, progress=False)["written"] == 15
+
+
+def test_an_extraction_into_a_split_dataset_folder_is_refused(sample_dir, tmp_path):
+    """Issue 21.13: --out inside a train/+test/ dataset broke the dataset for the next run."""
+    data = tmp_path / "sl"
+    for split in ("train", "test"):
+        shutil.copytree(sample_dir, data / split)
+    result = _extract(data, data / "emb.zarr")
+    assert result.exit_code == 1 and "lies inside the dataset folder" in result.output, result.output
+    assert not (data / "emb.zarr").exists()

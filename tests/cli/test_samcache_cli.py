@@ -67,3 +67,17 @@ def test_missing_checkpoint_is_one_clear_message(sample_dir, tmp_path):
                                  "--encoder", "vit_b", "--checkpoint", str(tmp_path / "sam_vit_b.pth"), *SPLIT])
     assert result.exit_code == 1 and "sam_vit_b.pth does not exist" in result.output
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_both_commands_give_the_installed_version_and_stores_record_it(tiny_store):
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    from conftest import ROOT
+    from sam_cache import EmbeddingStore
+
+    for module, name in (("cli.samcache", "samcache"), ("cli.slca_train", "slca-train")):
+        r = subprocess.run([sys.executable, "-m", module, "--version"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == f"{name} {version('samcache')}", r.stdout + r.stderr
+    assert EmbeddingStore.open(tiny_store).meta["package_version"] == version("samcache")
