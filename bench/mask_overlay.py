@@ -1,12 +1,14 @@
 """An overlay PNG of a store's SAM masks on its images: does the mask find the lesion?
 
     python bench/mask_overlay.py runs/busi.zarr --out bench/results/masks-busi.png --per-class 6
+    python bench/mask_overlay.py runs/busi.zarr --out bench/results/focus-overlay-busi.png --focus overlay
 
 Draws the stored image (in the embedding's frame) with the stored mask's outline, for the first
 ``--per-class`` samples of each class in the test split, titled with the class and the decoder's
 predicted IoU. Images that hold no picture (the store's ``suspect`` list, or a stored image that
 :func:`~sam_cache.preprocess.image_problem` flags, for stores made before that check) are left
-out, and counted in the title: their masks say nothing about lesions.
+out, and counted in the title: their masks say nothing about lesions. With ``--focus overlay`` it
+draws what ``slca-train --focus overlay`` feeds the classifier instead (:func:`trainer.focus.overlay`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sam_cache import EmbeddingStore  # noqa: E402
 from sam_cache.preprocess import image_problem, resized_shape  # noqa: E402
 
 
-def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") -> None:
+def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test", focus: str | None = None) -> None:
     """Write the overlay PNG. Raises StoreError for a store without masks."""
     with EmbeddingStore.open(store_path) as s:
         if not s.has_masks:
@@ -51,12 +53,21 @@ def overlay(store_path: str, out: str, per_class: int = 6, split: str = "test") 
         ax.axis("off")
     for k, ax in enumerate(axes.flat[: len(chosen)]):
         h, w = sizes[k]
-        ax.imshow(images[k].transpose(1, 2, 0)[:h, :w])
-        if masks[k, 0].any():
-            ax.contour(masks[k, 0][:h, :w], levels=[0.5], colors="cyan", linewidths=1.2)
+        if focus == "overlay":
+            import torch
+
+            from trainer.focus import overlay as tint
+
+            seen = tint(torch.from_numpy(images[k][None]).float(), torch.from_numpy(masks[k][None]).float())
+            ax.imshow(seen[0].clamp(0, 255).byte().numpy().transpose(1, 2, 0)[:h, :w])
+        else:
+            ax.imshow(images[k].transpose(1, 2, 0)[:h, :w])
+            if masks[k, 0].any():
+                ax.contour(masks[k, 0][:h, :w], levels=[0.5], colors="cyan", linewidths=1.2)
         ax.set_title(f"{names[k]}  IoU~{iou[k]:.2f}", fontsize=7)
     note = f"; {left_out} {split} images with no picture left out" if left_out else ""
-    fig.suptitle(f"SAM masks decoded from the cache ({prompt} prompt), {store_path}{note}", fontsize=9)
+    what = "what --focus overlay shows the classifier" if focus == "overlay" else "masks"
+    fig.suptitle(f"{what} ({prompt} prompt), {store_path}{note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -68,8 +79,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--per-class", type=int, default=6)
     p.add_argument("--split", default="test")
+    p.add_argument("--focus", choices=["overlay"], help="draw the focus prompt instead of the mask's outline")
     a = p.parse_args()
-    overlay(a.store, a.out, a.per_class, a.split)
+    overlay(a.store, a.out, a.per_class, a.split, a.focus)
     print(f"wrote {a.out}")
 
 

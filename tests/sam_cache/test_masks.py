@@ -189,3 +189,28 @@ def test_a_study_mixes_focus_and_plain_methods_on_one_cache(tiny_store, tmp_path
     cfg = StudyConfig(fractions=(1.0,), seeds=(0,), methods=("backbone", "focus", "slca"), train=recipe)
     summary = run_study(store, tmp_path / "study", cfg, device="cpu", log=lambda _: None)
     assert {row["method"] for row in summary} == {"backbone", "focus", "slca"}
+
+
+def test_overlay_focus_tints_the_region_and_the_background_as_promised(tiny_store, tmp_path):
+    """``--focus overlay``: region blended 35 % toward orange, background 25 % toward blue, empty masks
+    untouched; and a run trains with it end to end."""
+    from trainer import TrainConfig, train
+    from trainer.focus import (BACKGROUND_ALPHA, BACKGROUND_TINT, REGION_ALPHA, REGION_TINT, apply_focus)
+
+    x = torch.full((2, 4, 8, 8), 100.0)
+    x[:, 3] = 0
+    x[0, 3, 2:5, 2:5] = 1  # sample 0 has a mask; sample 1 an empty one
+    rgb, extra = apply_focus(x, "overlay")
+    assert extra is None and rgb.shape == (2, 3, 8, 8)
+    inside = torch.tensor([(1 - REGION_ALPHA) * 100 + REGION_ALPHA * c for c in REGION_TINT])
+    outside = torch.tensor([(1 - BACKGROUND_ALPHA) * 100 + BACKGROUND_ALPHA * c for c in BACKGROUND_TINT])
+    torch.testing.assert_close(rgb[0, :, 3, 3], inside)
+    torch.testing.assert_close(rgb[0, :, 0, 0], outside)
+    assert rgb[0, 0, 3, 3] > rgb[0, 2, 3, 3] and rgb[0, 2, 0, 0] > rgb[0, 0, 0, 0]  # orange in, blue out
+    torch.testing.assert_close(rgb[1], x[1, :3])  # an empty mask leaves the image as it is
+    store = tmp_path / "m.zarr"
+    shutil.copytree(tiny_store, store)
+    decode_masks(store, prompt="box", progress=False)
+    result = train(TrainConfig(cache=str(store), out=str(tmp_path / "run"), epochs=1, batch_size=4, img_size=32,
+                               device="cpu", focus="overlay"), log=lambda s: None)
+    assert result["focus"] == "overlay"
