@@ -44,9 +44,13 @@ from trainer.data import PairedCache  # noqa: E402
 from trainer.step import BatchPipeline, train_step  # noqa: E402
 
 
-def synthetic_store(path: Path, n: int, image_size: int, signature: dict) -> Path:
-    """A store of ``n`` random embeddings and images (3 classes), every row done."""
-    records = [Record(f"s{i:06d}", i % 3, "train", f"synthetic:{i}") for i in range(n)]
+def synthetic_store(path: Path, n: int, image_size: int, signature: dict, splits: bool = False) -> Path:
+    """A store of ``n`` random embeddings and images (3 classes), every row done; all in train, or
+    with ``splits`` every tenth row in test and the next in val (what a training run needs)."""
+    def split(i: int) -> str:
+        return {0: "test", 1: "val"}.get(i % 10, "train") if splits else "train"
+
+    records = [Record(f"s{i:06d}", i % 3, split(i), f"synthetic:{i}") for i in range(n)]
     manifest = DatasetManifest("synthetic", "folder", records, ["a", "b", "c"], {"source": "given"})
     rng = np.random.default_rng(0)
     sig = dict(signature, dtype="float16", manifest_sha256=manifest.sha256(), image_size=image_size)

@@ -64,3 +64,18 @@ def test_gate_strength_measures_how_far_trained_gates_moved(tiny_store, tmp_path
     train(TrainConfig(out=str(tmp_path / "plain"), slca=False, **base), log=lambda s: None)
     with pytest.raises(ValueError, match="without SLCA"):
         gate_strength(tmp_path / "plain")
+
+
+@pytest.mark.slow
+def test_device_check_smoke_runs_every_step_on_the_cpu(tmp_path):
+    """The GPU check's CPU half: every step runs, tiny and untimed, so a refactor that breaks it breaks CI."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "device_check.py"), "--device", "cpu", "--smoke",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500)
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    names = [s["name"] for s in report["steps"]]
+    assert run.returncode == 0, (report["failed"], [s.get("traceback") for s in report["steps"] if not s["ok"]])
+    for expected in ("extract[tiny,flex,bfloat16]", "extract[litemedsam,stock,float16]", "masks", "train[host]",
+                     "train[stream]", "torchrun", "predict", "speed.extract[tiny]", "speed.train", "speed.sweep"):
+        assert expected in names, expected
+    table = (tmp_path / "device_check.md").read_text()
+    assert "| train[stream] | ok |" in table and report["device"].startswith("CPU")
