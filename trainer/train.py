@@ -377,19 +377,23 @@ def _fmt(value) -> str:
 
 
 def _describe_model(cfg: TrainConfig, model, weights: dict) -> str:
+    """The model line: the backbone's, SLCA's and the fusion head's parameter counts, and the total."""
+    def millions(module) -> str:
+        n = sum(p.numel() for p in module.parameters())
+        return f"{n / 1e6:.2f} M" if n >= 100_000 else f"{n / 1e3:.1f} k"
+
     source = "random init" if weights["source"] == "random" else f"weights {weights['source']}"
-    parts = [f"model: {cfg.backbone} ({source})"]
+    parts = [f"model: {cfg.backbone} ({source}, {millions(model.backbone)} parameters)"]
     if model.slca is not None:
-        n = sum(p.numel() for p in model.slca.parameters())
         parts.append(f"SLCA on stages {[model.stage_names[s] for s in model.stages]}, window {cfg.slca.window}, "
-                     f"pool {cfg.slca.pool}, gate {cfg.slca.gate}, lr x{cfg.slca.lr_mult:g}, {n / 1e6:.2f} M parameters")
+                     f"pool {cfg.slca.pool}, gate {cfg.slca.gate}, lr x{cfg.slca.lr_mult:g}, {millions(model.slca)}")
     else:
         parts.append("no SLCA")
     if model.fuse is not None:
-        parts.append(f"fused embedding {cfg.fuse}")
+        parts.append(f"fused embedding {cfg.fuse}, {millions(model.fuse)}")
     if cfg.focus != "none":
         parts.append(f"focus {cfg.focus}")
-    return ", ".join(parts)
+    return ", ".join(parts) + f"; {millions(model)} parameters in all"
 
 
 def _config_text(cfg: TrainConfig, weights: dict) -> str:

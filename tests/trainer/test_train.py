@@ -48,6 +48,13 @@ def test_two_epoch_run_writes_every_file(slca_run):
     assert TrainConfig.load(out / "config.yaml").slca.enabled is True
     assert "backbone_weights" in (out / "config.yaml").read_text()
     assert "random init" in output and "SLCA on stages ['layer1', 'layer2', 'layer3', 'layer4']" in output
+    # issue 25: the line counts the backbone, SLCA and the fusion head apart, and their total
+    import re
+
+    line = next(ln for ln in output.splitlines() if ln.startswith("model:"))
+    counts = [float(x) * (1e6 if unit == "M" else 1e3) for x, unit in re.findall(r"([0-9.]+) ([Mk])\b", line)]
+    assert len(counts) == 4 and counts[0] > counts[1] > counts[2] > 0, line
+    assert abs(sum(counts[:3]) - counts[3]) <= 0.011e6, line
 
 
 def test_eval_reproduces_the_test_metrics(slca_run, tiny_store):
