@@ -160,6 +160,7 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
             raise ConfigError(f"--from-masks {source}: no mask file for {len(missing)} sample(s), first "
                               f"{store.ids[missing[0]]} ({paths[missing[0]] or 'an empty cell'}); pass "
                               "--allow-missing to store empty masks for them")
+        absent = set(missing)  # looked up once per row
         signature = {"decoder": None, "prompt": "file", "source": source, "mask_name": mask_name,
                      "files_sha256": _files_sha256(paths), "version": USER_MASKS_VERSION}
         store.prepare_masks(signature, overwrite=overwrite)
@@ -175,7 +176,7 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
                 masks = np.zeros((len(chunk), 1, r, r), dtype=np.uint8)
                 boxes = np.zeros((len(chunk), 4), dtype=np.float32)  # no prompt made these masks
                 for k, row in enumerate(chunk):
-                    if int(row) in missing:
+                    if int(row) in absent:
                         continue
                     m = read_mask(paths[row])
                     if tuple(m.shape[:2]) != tuple(int(v) for v in store.orig_size[row]):
