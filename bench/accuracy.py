@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--fractions", default=",".join(f"{f:g}" for f in base.fractions))
     p.add_argument("--seeds", default=",".join(map(str, base.seeds)), help="e.g. 0-4")
     p.add_argument("--extra-seeds", default="", help="more seeds at some fractions, e.g. '0.1:5-9;1.0:5-9'")
-    p.add_argument("--methods", default=",".join(base.methods), help=f"of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(base.methods),
+                   help=f"of {', '.join(METHODS)}, or focus-MODE-SET (e.g. focus-overlay-gt: a mask set of the store)")
     p.add_argument("--focus", default=base.focus, help="the focus mode of the focus methods")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                    help="recipe options by slca-train's names (YAML values), over the CPU defaults")

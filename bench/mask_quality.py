@@ -60,14 +60,16 @@ def ground_truth(store: EmbeddingStore, gt: str, gt_name: str, rows: np.ndarray)
     return out
 
 
-def measure(store_path: str, gt: str, gt_name: str = "{stem}{suffix}") -> dict:
-    """Per-sample Dice and IoU of the store's done masks, and their summary per split and class."""
+def measure(store_path: str, gt: str, gt_name: str = "{stem}{suffix}", mask_set: str = "default") -> dict:
+    """Per-sample Dice and IoU of the done masks of one mask set, and their summary per split and class."""
     with EmbeddingStore.open(store_path) as s:
-        if not s.has_masks:
-            raise SystemExit(f"{store_path} has no masks: run `samcache masks` first")
-        rows = np.flatnonzero(s.mask_done & s.done)
+        ms = s.mask_set(mask_set)
+        if not ms.exists:
+            raise SystemExit(f"{store_path} has no mask set {mask_set!r} (it has: {', '.join(s.mask_sets) or 'none'}): "
+                             "run `samcache masks` first")
+        rows = np.flatnonzero(ms.done & s.done)
         truth = ground_truth(s, gt, gt_name, rows)
-        masks = s.read_rows(rows, "masks")[:, 0].astype(bool)
+        masks = ms.read(rows)[:, 0].astype(bool)
         per = []
         for k, row in enumerate(rows):
             t = mask_to_frame(truth[int(row)], s.image_size).astype(bool)
@@ -75,7 +77,7 @@ def measure(store_path: str, gt: str, gt_name: str = "{stem}{suffix}") -> dict:
             per.append({"row": int(row), "id": str(s.ids[row]), "split": str(s.splits[row]),
                         "class": s.class_names[s.labels[row]], "lesion": bool(t.any()), "dice": d, "iou": j,
                         "area": float(masks[k].mean())})
-        prompt = dict(s.meta["masks"])
+        prompt = dict(ms.signature, mask_set=mask_set)
     groups = {}
     for r in per:
         for key in ((r["split"], r["class"]), (r["split"], "lesion classes" if r["lesion"] else "no lesion")):
@@ -97,7 +99,8 @@ def measure(store_path: str, gt: str, gt_name: str = "{stem}{suffix}") -> dict:
 
 def markdown(result: dict) -> str:
     m = result["masks"]
-    lines = [f"Masks of `{result['store']}` (prompt `{m.get('prompt')}`, decoder `{m.get('decoder')}`) against "
+    lines = [f"Masks of `{result['store']}`, set `{m.get('mask_set', 'default')}` (prompt `{m.get('prompt')}`, "
+             f"decoder `{m.get('decoder')}`) against "
              f"`{result['ground_truth']}`; miss = Dice < {MISS_DICE}", "",
              "| split | class | n | lesion images | Dice mean | Dice median | IoU mean | miss rate | mask where no lesion |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -142,6 +145,7 @@ def main() -> None:
     ap.add_argument("store")
     ap.add_argument("--gt", required=True, help="csv:COLUMN of the dataset's CSV, or a folder of masks")
     ap.add_argument("--gt-name", default="{stem}{suffix}", help="a mask's file name in a --gt folder")
+    ap.add_argument("--mask-set", default="default", help="the store's mask set to measure")
     ap.add_argument("--out", type=Path, help="OUT.json and OUT.md (the measurement)")
     ap.add_argument("--oracle-boxes", type=Path, help="write the grown ground-truth boxes here instead")
     ap.add_argument("--grow", type=int, default=5, help="pixels added on each side of an oracle box")
@@ -152,7 +156,7 @@ def main() -> None:
         return
     if a.out is None:
         ap.error("--out is needed to measure")
-    result = measure(a.store, a.gt, a.gt_name)
+    result = measure(a.store, a.gt, a.gt_name, a.mask_set)
     atomic_write(a.out.with_suffix(".json"), lambda p: p.write_text(json.dumps(result, indent=1)))
     atomic_write(a.out.with_suffix(".md"), lambda p: p.write_text(markdown(result)))
     print(markdown(result))

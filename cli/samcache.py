@@ -90,8 +90,8 @@ def convert(
 @app.command()
 def masks(
     store: str = typer.Argument(..., help="A store with images (samcache extract --image-size)."),
-    prompt: str = typer.Option("candidates", help="candidates (13 boxes, best predicted IoU), box (the whole image) "
-                                                 "or csv (--boxes)."),
+    prompt: str = typer.Option("candidates", help="candidates (13 boxes, best predicted IoU), box (the whole image), "
+                                                 "csv (--boxes) or learned (--learn-from)."),
     boxes: Optional[Path] = typer.Option(None, help="CSV of boxes for --prompt csv: id,x0,y0,x1,y1 in image pixels."),
     checkpoint: Optional[Path] = typer.Option(None, help="The encoder checkpoint the store was made with (SAM ViTs, "
                                                         "medsam; litemedsam uses its packaged one)."),
@@ -107,6 +107,13 @@ def masks(
     allow_missing: bool = typer.Option(False, "--allow-missing", help="With --from-masks: an empty mask where a "
                                                                       "sample has no mask file."),
     split: Optional[str] = typer.Option(None, help="Decode only this split's rows (train, val, test)."),
+    mask_set: str = typer.Option("default", help="The mask set to write; a store holds several (e.g. gt, learned), "
+                                                 "and training names one with --mask-set."),
+    learn_from: Optional[str] = typer.Option(None, help="With --prompt learned: the mask set whose train-split masks "
+                                                        "the prompt is learned from."),
+    learn_epochs: int = typer.Option(30, help="With --prompt learned: epochs of the lesion head."),
+    learn_seed: int = typer.Option(0, help="With --prompt learned: the lesion head's seed."),
+    learn_grow: float = typer.Option(1.0, help="With --prompt learned: grid cells added around the predicted box."),
 ) -> None:
     """Decode a SAM mask per sample from the cached embeddings (no encoder pass), or bring your own masks
     (--from-masks), into the store. A rerun resumes."""
@@ -116,14 +123,18 @@ def masks(
     with user_errors():
         if from_masks is not None:
             r = import_masks(store, from_masks, mask_name=mask_name, allow_missing=allow_missing, overwrite=overwrite,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, mask_set=mask_set)
         else:
+            from sam_cache.learned_prompt import HeadRecipe
+
+            recipe = HeadRecipe(epochs=learn_epochs, seed=learn_seed, grow=learn_grow)
             r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
                              batch_size=batch_size, device=device, overwrite=overwrite, progress=progress,
-                             split=split)
+                             split=split, mask_set=mask_set, learn_from=learn_from, recipe=recipe)
     quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] and "mean_iou" in r \
         else (f"; {r['empty']} empty" if r["written"] else "")
-    say(f"stored {r['written']} new masks in {store} ({r['already_done']} already done, {r['total']} in all)"
+    where = store if mask_set == "default" else f"{store}, mask set {mask_set}"
+    say(f"stored {r['written']} new masks in {where} ({r['already_done']} already done, {r['total']} in all)"
         + quality)
 
 
@@ -170,7 +181,7 @@ def info(
         ("checkpoint", str(summary["checkpoint_sha256"] or "-")[:16]),
         ("input", f"{summary['preprocessing']['input_size']} px, window {summary['preprocessing']['window']}"),
         ("images", f"{summary['image_size']} px" if summary["image_size"] else "not stored"),
-        ("masks", _masks_line(summary["masks"])),
+        ("masks", _mask_sets_line(summary["mask_sets"])),
         ("skipped", str(len(summary["skipped"]))),
         ("suspect", f"{len(summary['suspect'])} image(s) with no picture (one colour or stripes)"
                     if summary["suspect"] else "0"),
@@ -188,10 +199,15 @@ def info(
     console.print(counts)
 
 
-def _masks_line(m: dict | None) -> str:
-    if not m:
+def _mask_sets_line(sets: dict) -> str:
+    if not sets:
         return "none (samcache masks adds them)"
-    return f"{m['done']} done, prompt {m['prompt']}, decoder {m['decoder']}, mean predicted IoU {m['mean_iou']:.3f}"
+    lines = []
+    for name, m in sets.items():
+        made = (f"from {m['source']}" if m["prompt"] == "file" else
+                f"prompt {m['prompt']}, decoder {m['decoder']}, mean predicted IoU {m['mean_iou']:.3f}")
+        lines.append(f"{name}: {m['done']} done, {made}")
+    return "\n".join(lines)
 
 
 def _size(n: int | None) -> str:

@@ -28,8 +28,9 @@ def summarize_store(path: str | Path) -> dict:
       ``{"path", "format", "samples", "done", "embedding_shape", "dtype", "encoder",
       "checkpoint_sha256", "random_weights", "class_names", "labels", "label_counts"
       (per split, per class), "skipped", "suspect", "image_size", "preprocessing", "manifest_sha256",
-      "schema_version", "package_version", "created", "disk_bytes", "checksums", "masks"}``;
-      ``masks`` is None, or their signature with ``done`` and ``mean_iou``.
+      "schema_version", "package_version", "created", "disk_bytes", "checksums", "masks", "mask_sets"}``;
+      ``masks`` is None, or the default mask set's signature with ``done`` and ``mean_iou``;
+      ``mask_sets``: the same for every set, by name.
 
     Raises:
       StoreError: the path is not a readable store.
@@ -66,15 +67,17 @@ def summarize_store(path: str | Path) -> dict:
             "disk_bytes": _disk_bytes(str(path)),
             "checksums": store.has_checksums,
             "masks": _masks(store),
+            "mask_sets": {name: _masks(store, name) for name in store.mask_sets},
         }
 
 
-def _masks(store: EmbeddingStore) -> dict | None:
-    if not store.has_masks:
+def _masks(store: EmbeddingStore, name: str = "default") -> dict | None:
+    ms = store.mask_set(name)
+    if not ms.exists:
         return None
-    done = store.mask_done
-    iou = store.mask_iou[done]
-    return {**store.meta["masks"], "done": int(done.sum()), "mean_iou": float(iou.mean()) if len(iou) else float("nan")}
+    done = ms.done
+    iou = ms.iou[done]
+    return {**ms.signature, "done": int(done.sum()), "mean_iou": float(iou.mean()) if len(iou) else float("nan")}
 
 
 def verify_store(path: str | Path, progress=None) -> list[str]:
@@ -125,17 +128,20 @@ def verify_store(path: str | Path, progress=None) -> list[str]:
 
 
 def _check_masks(store: EmbeddingStore, shard: int) -> list[str]:
-    """Done masks against their checksums, shard by shard (mask sets without checksums: none)."""
-    if not store.has_mask_checksums:
-        return []
+    """Done masks of every set against their checksums, shard by shard (sets without checksums: none)."""
     problems = []
-    done = np.flatnonzero(store.mask_done)
-    for s in np.unique(done // shard):
-        rows = done[done // shard == s]
-        try:
-            store.read_rows(rows, "masks")  # verifies each mask's bytes against its checksum
-        except Exception as exc:  # a mismatch (StoreError), or a shard file that cannot be read at all
-            problems.append(f"{_shard_name(store, int(s), shard)}, masks: {str(exc).splitlines()[0]}")
+    for name in store.mask_sets:
+        ms = store.mask_set(name)
+        if not ms.has_checksums:
+            continue
+        done = np.flatnonzero(ms.done)
+        for s in np.unique(done // shard):
+            rows = done[done // shard == s]
+            try:
+                ms.read(rows)  # verifies each mask's bytes against its checksum
+            except Exception as exc:  # a mismatch (StoreError), or a shard file that cannot be read at all
+                problems.append(f"{_shard_name(store, int(s), shard)}, {ms.key('masks')}: "
+                                f"{str(exc).splitlines()[0]}")
     return problems
 
 

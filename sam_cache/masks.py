@@ -29,13 +29,17 @@ Prompts (``--prompt``), in the encoder's input frame:
 - ``csv``: a box per image from a CSV (``--boxes FILE``, columns ``id,x0,y0,x1,y1`` in original
   image pixels, ``id`` as the store's ids), e.g. from annotations; images without a row get the
   whole-image box.
+- ``learned``: a box predicted from the cached embedding by a small head trained on the train
+  split's masks of another mask set (``--learn-from SET``: the user's own masks); see
+  :mod:`sam_cache.learned_prompt`.
 
 Stored (the layout table of :mod:`sam_cache.store`): ``masks`` ``(N, 1, R, R)`` uint8 (0 or 1) at
 the stored image resolution and in its frame; ``mask_iou`` (the decoder's predicted IoU);
-``mask_box`` (the prompt, frame pixels); ``mask_done``; and a ``masks`` attribute with their own
-signature (decoder, decoder weights' sha256, prompt, threshold, version). A rerun resumes; a run
-with another signature is refused unless ``--overwrite`` (which replaces only the masks). A store
-without masks works exactly as before.
+``mask_box`` (the prompt, frame pixels); ``mask_done``; and their own signature (decoder, decoder
+weights' sha256, prompt, threshold, version), all in one mask set (``--mask-set NAME``, default
+``default``; a store holds any number: :class:`sam_cache.store.MaskSet`). A rerun resumes; a run
+with another signature in the same set is refused unless ``--overwrite`` (which replaces only that
+set). A store without masks works exactly as before.
 """
 
 from __future__ import annotations
@@ -52,11 +56,11 @@ from torch import nn
 from .encoders import RANDOM_SEED, EncoderError, build_tiny_sam, file_sha256, load_checkpoint
 from .errors import ConfigError
 from .preprocess import resized_shape
-from .store import EmbeddingStore, StoreError
+from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
 
 __all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "whole_image_boxes", "candidate_boxes", "PROMPTS"]
 
-PROMPTS = ("candidates", "box", "csv")
+PROMPTS = ("candidates", "box", "csv", "learned")
 MASKS_VERSION = 1
 SAM_ARCH = {"vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h", "medsam": "vit_b"}
 
@@ -238,53 +242,78 @@ def _to_stored(logits: torch.Tensor, orig: np.ndarray, frame: int, r: int, thres
 def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str | Path | None = None,
                  checkpoint: str | Path | None = None, threshold: float = 0.0, batch_size: int = 16,
                  device: str | None = None, overwrite: bool = False, progress: bool = True,
-                 split: str | None = None) -> dict:
-    """Decode one mask per done sample of a store and store it there; resumable.
+                 split: str | None = None, mask_set: str = DEFAULT_MASK_SET, learn_from: str | None = None,
+                 recipe: "HeadRecipe | None" = None) -> dict:
+    """Decode one mask per done sample of a store and store it in a mask set; resumable.
 
     Arguments:
       store_path: a store with images (the masks are kept at the images' resolution).
-      prompt: ``candidates`` (default), ``box`` or ``csv`` (see the module docstring).
+      prompt: ``candidates`` (default), ``box``, ``csv`` or ``learned`` (see the module docstring).
       boxes: the CSV of boxes for ``prompt="csv"``.
       checkpoint: the encoder checkpoint the store was made with (see :func:`create_mask_decoder`).
       threshold: the logit above which a pixel is in the mask (0: probability 0.5).
       batch_size: samples read and written per step.
       device: default CUDA when available.
-      overwrite: replace masks made with another signature instead of refusing.
+      overwrite: replace this set's masks made with another signature instead of refusing.
       progress: show a progress bar.
       split: decode only this split's rows (``train``, ``val``, ``test``): a measurement of the
         masks on the test split costs no decoding of the rest (training with ``--focus`` needs all).
+      mask_set: the set to write (:class:`sam_cache.store.MaskSet`); other sets are not touched.
+      learn_from: for ``prompt="learned"``: the mask set whose train-split masks the prompt is
+        learned from (:mod:`sam_cache.learned_prompt`).
+      recipe: for ``prompt="learned"``: how the lesion head is trained (default :class:`HeadRecipe`).
 
     Returns:
       ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel).
 
     Raises:
-      ConfigError: a bad prompt, or a CSV that cannot be used.
-      StoreError: the store keeps no images, is read-only, or has masks of another signature.
+      ConfigError: a bad prompt or split, a CSV that cannot be used, ``learned`` without
+        ``learn_from`` or learning from the set it writes.
+      StoreError: the store keeps no images, is read-only, or has masks of another signature in
+        this set; the set to learn from is missing or incomplete on the train split.
       EncoderError: no decoder, or the wrong checkpoint.
     """
+    from . import learned_prompt as lp
+
     if prompt not in PROMPTS:
         raise ConfigError(f"--prompt must be one of {', '.join(PROMPTS)}; got {prompt!r}")
     if prompt == "csv" and boxes is None:
         raise ConfigError("--prompt csv needs --boxes FILE (columns id,x0,y0,x1,y1)")
+    if prompt == "learned" and learn_from is None:
+        raise ConfigError("--prompt learned needs --learn-from SET: the mask set (e.g. your ground truth, brought in "
+                          "with --from-masks) whose train-split masks it learns from")
+    if prompt == "learned" and learn_from == mask_set:
+        raise ConfigError(f"--prompt learned cannot write the mask set it learns from ({mask_set!r}): pass another "
+                          "--mask-set")
+    if split is not None and split not in ("train", "val", "test"):
+        raise ConfigError(f"--split must be train, val or test; got {split!r}")
+    recipe = (recipe or lp.HeadRecipe()).check() if prompt == "learned" else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with EmbeddingStore.open(store_path, "r+") as store:
         if store.images is None:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in; extract it "
                              "with --image-size")
+        check_mask_set_name(mask_set)
         decoder = create_mask_decoder(store.signature, checkpoint).to(dev)
         signature = {"decoder": decoder.name, "decoder_sha256": decoder.sha256, "prompt": prompt,
                      "boxes_sha256": file_sha256(boxes) if boxes is not None else None,
                      "threshold": float(threshold), "version": MASKS_VERSION}
         frame = decoder.input_size
         r = store.image_size
+        head = None
         if prompt == "csv":  # read and checked before anything is recorded: a bad line changes nothing
             prompts = _csv_boxes(Path(boxes), store.ids, store.orig_size, frame)
         else:
             prompts = whole_image_boxes(store.orig_size, frame)
-        store.prepare_masks(signature, overwrite=overwrite)
-        done_before = store.mask_done
-        if split is not None and split not in ("train", "val", "test"):
-            raise ConfigError(f"--split must be train, val or test; got {split!r}")
+        if prompt == "learned":
+            head, signature = _learned_head(store, mask_set, learn_from, recipe, signature, overwrite, dev, progress)
+        ms = store.prepare_masks(signature, overwrite=overwrite, mask_set=mask_set)
+        if head is not None and ms.key("mask_head") not in store._b:
+            data = np.frombuffer(lp.head_bytes(head), dtype=np.uint8)
+            store._b.create_array(ms.key("mask_head"), data.shape, "uint8", data.shape)
+            store._b[ms.key("mask_head")][:] = data
+            store._b.flush()
+        done_before = ms.done
         todo = np.flatnonzero(store.done & ~done_before & (store.splits == split if split else True))
         ious, empty = [], 0
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -295,6 +324,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
             for start in range(0, len(todo), batch_size):
                 rows = todo[start:start + batch_size]
                 emb = torch.from_numpy(store.read_rows(rows)).float().to(dev)
+                if head is not None:
+                    prompts[rows] = lp.learned_boxes(store, head, rows, frame, recipe.grow, dev)
                 masks = np.zeros((len(rows), 1, r, r), dtype=np.uint8)
                 iou = np.zeros(len(rows), dtype=np.float32)
                 used = np.zeros((len(rows), 4), dtype=np.float32)
@@ -307,10 +338,37 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                     used[k] = cands[best // logits.shape[1]]
                 empty += int((masks.reshape(len(rows), -1).max(1) == 0).sum())
                 ious += iou.tolist()
-                store.write_masks(rows, masks, iou, used)
+                ms.write(rows, masks, iou, used)
                 bar.advance(task, len(rows))
         return {"written": int(len(todo)), "already_done": int(done_before.sum()), "total": int(store.done.sum()),
                 "mean_iou": float(np.mean(ious)) if ious else float("nan"), "empty": empty}
+
+
+def _learned_head(store: EmbeddingStore, mask_set: str, learn_from: str, recipe, signature: dict, overwrite: bool,
+                  dev: torch.device, progress: bool):
+    """The lesion head for ``--prompt learned`` and the set's full signature: the head kept in the
+    set when a run of the same recipe and source made it (a resumed run), else one trained now."""
+    from . import learned_prompt as lp
+
+    source = store.mask_set(learn_from)
+    base = {**signature, "learned_from": {"mask_set": learn_from, "signature": source.signature},
+            "head": lp.recipe_signature(recipe), "learned_version": lp.LEARNED_VERSION}
+    target = store.mask_set(mask_set)
+    have = target.signature or {}
+    kept = target.key("mask_head")
+    same = {k: v for k, v in have.items() if k != "head_sha256"} == base
+    if target.exists and same and kept not in store._b and not target.done.any():
+        target.drop()  # killed after its arrays were made, before its head was kept: nothing to lose
+    if target.exists and kept in store._b and same:
+        head = lp.load_head(np.asarray(store._b[kept][:]).tobytes(), recipe.width).to(dev)
+        if lp.weights_sha256(head) != have.get("head_sha256"):
+            raise StoreError(f"store {store.path}: the lesion head kept in mask set {mask_set!r} does not match its "
+                             "signature (damaged); pass --overwrite to learn it again")
+        return head, have
+    if target.exists and not overwrite:  # refused before the head is trained, not after
+        store.prepare_masks({**base, "head_sha256": have.get("head_sha256")}, overwrite=False, mask_set=mask_set)
+    head = lp.train_head(store, learn_from, recipe, dev, progress=progress)
+    return head, {**base, "head_sha256": lp.weights_sha256(head)}
 
 
 def _pick(logits: torch.Tensor, pred: torch.Tensor, orig: np.ndarray, frame: int, candidates: bool) -> int:

@@ -33,6 +33,8 @@ mask_box        (N, 4)                  float32   its box prompt, encoder-frame 
 mask_done       (N,)                    bool      set only after the sample's mask is written
 mask_checksums  (N,)                    uint32    CRC-32 of each stored mask's bytes (mask sets
                                                   made before it have none and are not checked)
+masks.NAME ...  as the five above       as above  another mask set ``NAME`` (:class:`MaskSet`):
+                                                  ``masks.NAME``, ``mask_iou.NAME``, ...
 meta_created    (bytes,)                uint8     HDF5 only: the attributes as created (JSON),
                                                   written once; read when the attribute is damaged
 ==============  ======================  ========  ==========================================
@@ -43,7 +45,8 @@ Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``e
 ``skipped``: the images the last run could not decode, each with its id, source and error;
 ``suspect``: stored images that hold no picture (one colour, stripes), each with its index, id,
 source and problem; and,
-once masks exist, ``masks``: their own signature (:mod:`sam_cache.masks`).
+once masks exist, ``masks``: the ``default`` mask set's own signature (:mod:`sam_cache.masks`), and
+``mask_sets``: ``{NAME: signature}`` of the other sets.
 
 Encoding belongs to the store: :meth:`EmbeddingStore.write_rows` takes float embeddings (numpy or
 torch, any float dtype) and stores them as the store's ``dtype`` (bfloat16 as raw bits, int8 with
@@ -80,10 +83,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SamcacheError
+from .errors import SamcacheError, differences
 from .datasets import SPLITS, DatasetManifest
 
-__all__ = ["EmbeddingStore", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format",
+__all__ = ["EmbeddingStore", "MaskSet", "DEFAULT_MASK_SET", "mask_array", "check_mask_set_name", "StoreError", "StoreMismatchError", "SCHEMA_VERSION", "SIGNATURE_KEYS", "store_format",
            "bytes_per_row", "encode_embeddings", "pool_to_grid", "EMBED_SHAPE", "GRIDS"]
 
 SCHEMA_VERSION = 2
@@ -221,6 +224,154 @@ def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarra
     if images is not None:
         out[:, 1] = _image_crc(images)
     return out
+
+
+DEFAULT_MASK_SET = "default"
+_MASK_ARRAYS = ("masks", "mask_iou", "mask_box", "mask_done", "mask_checksums", "mask_head")  # mask_head: learned sets
+
+
+def mask_array(base: str, mask_set: str = DEFAULT_MASK_SET) -> str:
+    """The array name of ``base`` (``masks``, ``mask_iou``, ...) in the mask set ``mask_set``:
+    ``base`` itself in the ``default`` set (the layout of stores made before sets existed),
+    ``base.NAME`` in another."""
+    return base if mask_set == DEFAULT_MASK_SET else f"{base}.{mask_set}"
+
+
+def _mask_set_of(name: str) -> str | None:
+    """The mask set whose masks array ``name`` is (``masks`` -> default, ``masks.gt`` -> gt), else None."""
+    if name == "masks":
+        return DEFAULT_MASK_SET
+    if name.startswith("masks."):
+        return name[len("masks."):]
+    return None
+
+
+def check_mask_set_name(name: str) -> str:
+    """``name`` when it is a valid mask-set name (1-40 letters, digits, ``_`` or ``-``).
+
+    Raises:
+      StoreError: any other name (it becomes part of array names in both formats).
+    """
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise StoreError(f"mask set name {name!r} must be 1-40 letters, digits, '_' or '-'")
+    return name
+
+
+class MaskSet:
+    """One named set of masks in a store: its arrays and its signature.
+
+    A store holds any number of sets (ground truth, decoded, learned...), each made by one
+    ``samcache masks`` command and named by its ``--mask-set`` (default ``default``). Training,
+    measurement and the overlays name the set they read. The ``default`` set keeps the array names
+    of the layout table (``masks``, ``mask_iou``, ``mask_box``, ``mask_done``, ``mask_checksums``)
+    and its signature in the ``masks`` attribute; a set ``NAME`` has the same arrays suffixed
+    ``.NAME`` and its signature in ``mask_sets[NAME]``.
+
+    Arguments:
+      store: an open :class:`EmbeddingStore`.
+      name: the set's name (see :func:`check_mask_set_name`).
+    """
+
+    def __init__(self, store: "EmbeddingStore", name: str = DEFAULT_MASK_SET):
+        self.store = store
+        self.name = check_mask_set_name(name)
+
+    def key(self, base: str) -> str:
+        """The array name of ``base`` in this set."""
+        return mask_array(base, self.name)
+
+    @property
+    def signature(self) -> dict | None:
+        """The set's signature as recorded (None when the set was never made)."""
+        meta = self.store.meta
+        if self.name == DEFAULT_MASK_SET:
+            return meta.get("masks")
+        return (meta.get("mask_sets") or {}).get(self.name)
+
+    def set_signature(self, signature: dict | None) -> None:
+        """Record (or, with None, forget) the set's signature in the store's attributes."""
+        if self.name == DEFAULT_MASK_SET:
+            if signature is None:
+                self.store.meta.pop("masks", None)
+                self.store._b.set_meta(self.store.meta)
+                self.store._b.flush()
+            else:
+                self.store.update_meta(masks=signature)
+            return
+        sets = dict(self.store.meta.get("mask_sets") or {})
+        if signature is None:
+            sets.pop(self.name, None)
+        else:
+            sets[self.name] = signature
+        self.store.update_meta(mask_sets=sets)
+
+    @property
+    def exists(self) -> bool:
+        """Whether the set's arrays and signature are in the store."""
+        return self.signature is not None and self.key("masks") in self.store._b
+
+    @property
+    def done(self) -> np.ndarray:
+        """``(N,)`` bool: rows whose mask in this set is stored (all False when the set does not exist)."""
+        if not self.exists:
+            return np.zeros(len(self.store), dtype=bool)
+        return np.asarray(self.store._b[self.key("mask_done")][:], dtype=bool)
+
+    @property
+    def iou(self) -> np.ndarray:
+        """``(N,)`` the decoder's predicted IoU of each mask (0 where none or not decoded)."""
+        if not self.exists:
+            return np.zeros(len(self.store), np.float32)
+        return np.asarray(self.store._b[self.key("mask_iou")][:])
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """``(N, 4)`` each mask's box prompt in encoder-frame pixels (0 where none)."""
+        if not self.exists:
+            return np.zeros((len(self.store), 4), np.float32)
+        return np.asarray(self.store._b[self.key("mask_box")][:])
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the set's masks carry checksums (sets made since checksums were added)."""
+        return self.exists and self.key("mask_checksums") in self.store._b
+
+    def read(self, rows: np.ndarray, verify: bool = True) -> np.ndarray:
+        """``(n, 1, R, R)`` uint8 masks of sorted, unique ``rows`` (see :meth:`EmbeddingStore.read_rows`).
+
+        Raises:
+          StoreError: the set does not exist, or a mask's bytes do not match its checksum.
+        """
+        if not self.exists:
+            raise StoreError(f"store {self.store.path} has no mask set {self.name!r}"
+                             + (f" (it has: {', '.join(self.store.mask_sets)})" if self.store.mask_sets else ""))
+        return self.store.read_rows(rows, self.key("masks"), verify=verify)
+
+    def write(self, rows: np.ndarray, masks: np.ndarray, iou: np.ndarray, boxes: np.ndarray) -> None:
+        """Write masks of sorted ``rows`` (``(n, 1, R, R)`` 0/1), then set their done flags."""
+        b = self.store._b
+        rows = np.asarray(rows, dtype=np.int64)
+        for pos, start, stop in contiguous_runs(rows):
+            sl = slice(pos, pos + stop - start)
+            block = np.ascontiguousarray(masks[sl], dtype=np.uint8)
+            b[self.key("masks")][start:stop] = block
+            b[self.key("mask_iou")][start:stop] = iou[sl]
+            b[self.key("mask_box")][start:stop] = boxes[sl]
+            if self.key("mask_checksums") in b:
+                b[self.key("mask_checksums")][start:stop] = _image_crc(block)
+        b.flush()
+        for _, start, stop in contiguous_runs(rows):
+            b[self.key("mask_done")][start:stop] = np.ones(stop - start, dtype=bool)
+        b.flush()
+
+    def drop(self) -> None:
+        """Delete the set's arrays and signature; the embeddings and other sets are kept."""
+        for base in _MASK_ARRAYS:
+            if self.key(base) in self.store._b:
+                self.store._b.delete(self.key(base))
+        self.set_signature(None)
 
 
 class _Backend:
@@ -653,8 +804,7 @@ class EmbeddingStore:
     def check_signature(self, expected: dict) -> None:
         """Refuse to mix: raise :class:`StoreMismatchError` naming every field that differs."""
         have, want = _flatten(self.signature), _flatten({k: expected.get(k) for k in SIGNATURE_KEYS})
-        diffs = [f"{k}: store has {have.get(k)!r}, this run asks for {want.get(k)!r}"
-                 for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        diffs = differences(have, want)
         if diffs:
             raise StoreMismatchError(
                 f"store {self.path} was made differently and will not be mixed:\n  " + "\n  ".join(diffs)
@@ -704,21 +854,36 @@ class EmbeddingStore:
         return bytes_per_row(self.dtype, self.grid)
 
     @property
+    def mask_sets(self) -> dict[str, dict]:
+        """The store's mask sets: ``{name: signature}`` (``default`` first when it exists)."""
+        out = {DEFAULT_MASK_SET: self.meta["masks"]} if "masks" in self.meta and "masks" in self._b else {}
+        for name, sig in (self.meta.get("mask_sets") or {}).items():
+            if mask_array("masks", name) in self._b:
+                out[name] = sig
+        return out
+
+    def mask_set(self, name: str = DEFAULT_MASK_SET) -> "MaskSet":
+        """The mask set ``name`` (it may not exist yet: see :attr:`MaskSet.exists`).
+
+        Raises:
+          StoreError: ``name`` is not a valid set name (letters, digits, ``_`` and ``-``).
+        """
+        return MaskSet(self, name)
+
+    @property
     def has_masks(self) -> bool:
-        """Whether ``samcache masks`` has added mask arrays (see :mod:`sam_cache.masks`)."""
-        return "masks" in self._b and "masks" in self.meta
+        """Whether the ``default`` mask set exists (see :mod:`sam_cache.masks`)."""
+        return self.mask_set().exists
 
     @property
     def mask_done(self) -> np.ndarray:
-        """``(N,)`` bool: rows whose mask is stored (all False without masks)."""
-        if not self.has_masks:
-            return np.zeros(len(self), dtype=bool)
-        return np.asarray(self._b["mask_done"][:], dtype=bool)
+        """``(N,)`` bool: rows whose ``default`` mask is stored (all False without masks)."""
+        return self.mask_set().done
 
     @property
     def has_mask_checksums(self) -> bool:
-        """Whether the stored masks carry checksums (mask sets made since they were added)."""
-        return self.has_masks and "mask_checksums" in self._b
+        """Whether the ``default`` masks carry checksums (mask sets made since they were added)."""
+        return self.mask_set().has_checksums
 
     @property
     def has_checksums(self) -> bool:
@@ -768,7 +933,8 @@ class EmbeddingStore:
         return np.asarray(self._b["checksums"][start:stop]) if self.has_checksums else None
 
     def read_rows(self, indices: np.ndarray, name: str = "embeddings", verify: bool = True) -> np.ndarray:
-        """Rows ``indices`` (sorted, unique) of ``embeddings``, ``images`` or ``masks``, read run by run.
+        """Rows ``indices`` (sorted, unique) of ``embeddings``, ``images`` or a mask set's masks
+        (``masks``, or ``masks.NAME`` for the set ``NAME``: :meth:`MaskSet.read`), read run by run.
 
         Embeddings come back as :meth:`read_embeddings` gives them (bfloat16 and int8 widened).
         With ``verify`` (default), each row's stored bytes are checked against the checksum
@@ -780,9 +946,10 @@ class EmbeddingStore:
             ``mask_checksums`` where their set has them.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        column = {"embeddings": 0, "images": 1, "masks": None}.get(name)
+        column = {"embeddings": 0, "images": 1}.get(name)
+        masks = _mask_set_of(name)
         check = verify and ((column is not None and self.has_checksums)
-                            or (name == "masks" and self.has_mask_checksums))
+                            or (masks is not None and self.mask_set(masks).has_checksums))
         parts = []
         for _, start, stop in contiguous_runs(indices):
             try:
@@ -811,8 +978,10 @@ class EmbeddingStore:
     def _verify(self, name: str, column: int, start: int, stop: int, raw: np.ndarray) -> None:
         scales = np.asarray(self._b["scales"][start:stop]) if name == "embeddings" and self.dtype == "int8" else None
         have = _embedding_crc(raw, scales) if name == "embeddings" else _image_crc(raw)
-        if name == "masks":
-            want, vouched = np.asarray(self._b["mask_checksums"][start:stop]), self.mask_done[start:stop]
+        masks = _mask_set_of(name)
+        if masks is not None:
+            ms = self.mask_set(masks)
+            want, vouched = np.asarray(self._b[ms.key("mask_checksums")][start:stop]), ms.done[start:stop]
         else:
             want, vouched = np.asarray(self._b["checksums"][start:stop])[:, column], self.done[start:stop]
         bad = np.flatnonzero((have != want) & vouched)
@@ -898,66 +1067,52 @@ class EmbeddingStore:
         self._b.flush()
         self.done[indices] = True  # in memory only once the flags are on disk
 
-    def prepare_masks(self, signature: dict, overwrite: bool = False) -> None:
-        """Make the mask arrays for ``signature``, or check that the existing ones have it.
+    def prepare_masks(self, signature: dict, overwrite: bool = False, mask_set: str = DEFAULT_MASK_SET) -> "MaskSet":
+        """Make the arrays of the mask set ``mask_set`` for ``signature``, or check that the existing ones have it.
+
+        Other mask sets are not touched. Returns the set.
 
         Raises:
-          StoreError: the store keeps no images; or it has masks of another signature and not
-            ``overwrite`` (which deletes only the mask arrays and starts them over).
+          StoreError: the store keeps no images or is read-only; or the set exists with another
+            signature and not ``overwrite`` (which deletes only that set's arrays and starts them over).
         """
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only")
         if self.image_size is None:
             raise StoreError(f"store {self.path} keeps no images, so masks have no frame")
-        have = self.meta.get("masks")
+        ms = self.mask_set(mask_set)
+        have = ms.signature
         if have is not None and have != signature:
             if not overwrite:
-                diffs = [f"{k}: store has {have.get(k)!r}, this run asks for {signature.get(k)!r}"
-                         for k in sorted(set(have) | set(signature)) if have.get(k) != signature.get(k)]
-                raise StoreError(f"store {self.path} has masks made differently:\n  " + "\n  ".join(diffs)
-                                 + "\nPass --overwrite to replace the masks (the embeddings are kept).")
-            self._drop_masks()
+                named = "" if mask_set == DEFAULT_MASK_SET else f" in its mask set {mask_set!r}"
+                raise StoreError(f"store {self.path} has masks made differently{named}:\n  "
+                                 + "\n  ".join(differences(_flatten(have), _flatten(signature)))
+                                 + "\nPass --overwrite to replace these masks (the embeddings and other mask sets are "
+                                 "kept), or --mask-set NAME to keep both")
+            ms.drop()
             have = None
-        if have is None or "masks" not in self._b:
+        if have is None or ms.key("masks") not in self._b:
             n, r = len(self), self.image_size
             block = min(n, self.block_size)
             shape = (1, r, r)
-            self._b.create_array("masks", (n,) + shape, "uint8", (1,) + shape,
+            self._b.create_array(ms.key("masks"), (n,) + shape, "uint8", (1,) + shape,
                                  (min(self.shard_size, n),) + shape if self.format == "zarr" else None)
-            self._b.create_array("mask_iou", (n,), "float32", (block,))
-            self._b.create_array("mask_box", (n, 4), "float32", (block, 4))
-            self._b.create_array("mask_done", (n,), "bool", (block,))
-            self._b.create_array("mask_checksums", (n,), "uint32", (block,))
-            self.update_meta(masks=signature)
+            self._b.create_array(ms.key("mask_iou"), (n,), "float32", (block,))
+            self._b.create_array(ms.key("mask_box"), (n, 4), "float32", (block, 4))
+            self._b.create_array(ms.key("mask_done"), (n,), "bool", (block,))
+            self._b.create_array(ms.key("mask_checksums"), (n,), "uint32", (block,))
+            ms.set_signature(signature)
+        return ms
 
-    def _drop_masks(self) -> None:
-        for name in ("masks", "mask_iou", "mask_box", "mask_done", "mask_checksums"):
-            if name in self._b:
-                self._b.delete(name)
-        self.meta.pop("masks", None)
-        self._b.set_meta(self.meta)
-        self._b.flush()
-
-    def write_masks(self, rows: np.ndarray, masks: np.ndarray, iou: np.ndarray, boxes: np.ndarray) -> None:
-        """Write masks of sorted ``rows`` (``(n, 1, R, R)`` 0/1), then set their ``mask_done`` flags."""
-        rows = np.asarray(rows, dtype=np.int64)
-        for pos, start, stop in contiguous_runs(rows):
-            sl = slice(pos, pos + stop - start)
-            block = np.ascontiguousarray(masks[sl], dtype=np.uint8)
-            self._b["masks"][start:stop] = block
-            self._b["mask_iou"][start:stop] = iou[sl]
-            self._b["mask_box"][start:stop] = boxes[sl]
-            if "mask_checksums" in self._b:
-                self._b["mask_checksums"][start:stop] = _image_crc(block)
-        self._b.flush()
-        for _, start, stop in contiguous_runs(rows):
-            self._b["mask_done"][start:stop] = np.ones(stop - start, dtype=bool)
-        self._b.flush()
+    def write_masks(self, rows: np.ndarray, masks: np.ndarray, iou: np.ndarray, boxes: np.ndarray,
+                    mask_set: str = DEFAULT_MASK_SET) -> None:
+        """Write masks of sorted ``rows`` (``(n, 1, R, R)`` 0/1) into ``mask_set``, then set their done flags."""
+        self.mask_set(mask_set).write(rows, masks, iou, boxes)
 
     @property
     def mask_iou(self) -> np.ndarray:
-        """``(N,)`` predicted IoU of each stored mask (0 where none)."""
-        return np.asarray(self._b["mask_iou"][:]) if self.has_masks else np.zeros(len(self), np.float32)
+        """``(N,)`` predicted IoU of each ``default`` mask (0 where none)."""
+        return self.mask_set().iou
 
     def set_skipped(self, skipped: list[dict]) -> None:
         """Record the images that could not be read in the last run (replaces the old report)."""

@@ -16,7 +16,8 @@ at the bottom and right. A mask whose size is not its image's original size is r
 A sample whose mask file is missing is refused by name unless ``allow_missing``, which stores an
 empty mask for it (an image with no lesion, such as BUSI's normal class, has an empty mask file).
 
-The masks are stored as any mask set is (:mod:`sam_cache.store`), with their own signature:
+The masks are stored as any mask set is (``--mask-set NAME``, :class:`sam_cache.store.MaskSet`), so
+a store can hold them beside decoded ones, with their own signature:
 ``{"decoder": None, "prompt": "file", "source", "mask_name", "files_sha256", "version"}``;
 ``files_sha256`` hashes every mask file's bytes in row order, so a changed file is another mask
 set. A rerun resumes; another source is refused unless ``overwrite``.
@@ -34,7 +35,7 @@ from PIL import Image
 
 from .errors import ConfigError
 from .preprocess import pad_to_square, resized_shape
-from .store import EmbeddingStore, StoreError
+from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
 
 __all__ = ["import_masks", "mask_to_frame", "mask_paths"]
 
@@ -129,7 +130,7 @@ def _files_sha256(paths: list[str]) -> str:
 
 def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{suffix}",
                  allow_missing: bool = False, overwrite: bool = False, batch_size: int = 32,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, mask_set: str = DEFAULT_MASK_SET) -> dict:
     """Store one user mask per done sample of a store, in the images' frame; resumable.
 
     Arguments:
@@ -138,9 +139,10 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
       mask_name: the file name of a mask in a folder source, from its image's ``{stem}``,
         ``{suffix}`` and ``{name}``.
       allow_missing: store an empty mask for a sample without a mask file (refused otherwise).
-      overwrite: replace masks of another signature.
+      overwrite: replace this set's masks of another signature.
       batch_size: masks written per step.
       progress: show a progress bar.
+      mask_set: the mask set to write (e.g. ``gt``; :class:`sam_cache.store.MaskSet`).
 
     Returns:
       ``{"written", "already_done", "total", "empty", "missing"}``.
@@ -150,6 +152,7 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
         is not its image's.
       StoreError: the store keeps no images, is read-only, or has masks of another signature.
     """
+    check_mask_set_name(mask_set)
     with EmbeddingStore.open(store_path, "r+") as store:
         if store.images is None:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in")
@@ -163,8 +166,8 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
         absent = set(missing)  # looked up once per row
         signature = {"decoder": None, "prompt": "file", "source": source, "mask_name": mask_name,
                      "files_sha256": _files_sha256(paths), "version": USER_MASKS_VERSION}
-        store.prepare_masks(signature, overwrite=overwrite)
-        done_before = store.mask_done
+        ms = store.prepare_masks(signature, overwrite=overwrite, mask_set=mask_set)
+        done_before = ms.done
         todo = rows[~done_before[rows]]
         r, empty = store.image_size, 0
         from rich.progress import Progress
@@ -184,7 +187,7 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
                                           f"{store.ids[row]} is {store.orig_size[row][0]}x{store.orig_size[row][1]}")
                     masks[k, 0] = mask_to_frame(m, r)
                 empty += int((masks.reshape(len(chunk), -1).max(1) == 0).sum())
-                store.write_masks(chunk, masks, np.ones(len(chunk), np.float32), boxes)
+                ms.write(chunk, masks, np.ones(len(chunk), np.float32), boxes)
                 bar.advance(task, len(chunk))
         return {"written": int(len(todo)), "already_done": int(done_before[rows].sum()), "total": int(len(rows)),
                 "empty": empty, "missing": len(missing)}

@@ -26,6 +26,7 @@ import yaml
 from sam_cache.errors import ConfigError
 from sam_cache.options import Option, opt, validate_fields
 from sam_cache.options import options as _options
+from sam_cache.store import StoreError, check_mask_set_name
 
 __all__ = ["TrainConfig", "SLCAConfig", "AugmentConfig", "Option", "options", "METRIC_KEYS"]
 
@@ -104,6 +105,8 @@ class TrainConfig:
                      help="Use the store's mask (`samcache masks`) as a visual prompt: tint it onto the image "
                           "(overlay, MedFocusCLIP's), darken the background, crop to the mask's box, or add it as a "
                           "fourth input channel.")
+    mask_set: str = opt("default", help="The store's mask set that --focus uses (`samcache masks --mask-set NAME`: "
+                                        "e.g. your ground truth, or learned masks).")
     # data
     img_size: int = opt(224, low=16, high=4096, sweep=True, help="Training image side.")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -156,6 +159,15 @@ class TrainConfig:
             raise ConfigError("train_fraction and shots: pass one of them, not both")
         if self.pretrained_path is not None:
             self.pretrained = True
+        try:
+            check_mask_set_name(self.mask_set)
+        except StoreError as exc:
+            raise ConfigError(f"mask_set: {exc}") from None
+
+    @property
+    def focus_masks(self) -> str | None:
+        """The mask set that a run carries with its images: ``mask_set`` under ``--focus``, else None."""
+        return self.mask_set if self.focus != "none" else None
 
     # construction ----------------------------------------------------------------------------
     @classmethod

@@ -175,7 +175,7 @@ class PairedCache:
       device: where training runs.
       residency: ``auto``, ``gpu``, ``host`` or ``stream``.
       embeddings: False to leave embeddings out (a model without SLCA or fusion).
-      masks: True to carry the store's SAM masks as a fourth image channel (``--focus``).
+      masks: the mask set (e.g. ``default``) to carry as a fourth image channel (``--focus``), or None.
       budget_fraction: ``auto`` keeps a cache in a memory only under this share of what is free.
 
     Use it in a ``with`` block (or call :meth:`close`): a streaming pass holds a reader thread.
@@ -186,7 +186,7 @@ class PairedCache:
     """
 
     def __init__(self, store: EmbeddingStore, indices: np.ndarray, device: torch.device, residency: str = "auto",
-                 embeddings: bool = True, masks: bool = False, budget_fraction: float = 0.5):
+                 embeddings: bool = True, masks: str | None = None, budget_fraction: float = 0.5):
         if store.images is None:
             raise TrainError(f"store {store.path} keeps no images; extract it again with --image-size (e.g. 224)")
         self.store, self.device = store, device
@@ -195,15 +195,20 @@ class PairedCache:
         self.labels = store.labels[self.rows]
         self.regions = image_regions(store.orig_size[self.rows])
         self.with_embeddings = embeddings
-        self.with_masks = masks
+        self.mask_set = masks
+        self.with_masks = masks is not None
         self.mask_regions = None
-        if masks:
-            missing = self.rows[~store.mask_done[self.rows]] if store.has_masks else self.rows
+        if masks is not None:
+            ms = store.mask_set(masks)
+            missing = self.rows[~ms.done[self.rows]]
             if len(missing):
-                raise TrainError(f"store {store.path} has no SAM masks for {len(missing)} of the {len(self.rows)} "
-                                 f"samples this run uses; run `samcache masks {store.path}` first")
-            self.mask_regions = mask_regions(store.read_rows(self.rows, "masks"), self.regions)
-        self.bytes = cache_bytes(store, len(self.rows), embeddings, masks)
+                named = "" if masks == "default" else f" in mask set {masks!r}"
+                have = f" (its mask sets: {', '.join(store.mask_sets)})" if store.mask_sets else ""
+                raise TrainError(f"store {store.path} has no masks{named} for {len(missing)} of the {len(self.rows)} "
+                                 f"samples this run uses{have}; run `samcache masks {store.path}"
+                                 + ("" if masks == "default" else f" --mask-set {masks}") + "` first")
+            self.mask_regions = mask_regions(ms.read(self.rows), self.regions)
+        self.bytes = cache_bytes(store, len(self.rows), embeddings, self.with_masks)
         self.mode = residency if residency != "auto" else plan_residency(self.bytes, device, budget_fraction)
         self.emb = self.img = None
         self._stream: ShardStream | None = None
@@ -216,7 +221,7 @@ class PairedCache:
     def _read(self, rows: np.ndarray, name: str) -> torch.Tensor:
         if name == "images" and self.with_masks:
             img = self.store.read_rows(rows, "images")
-            return torch.from_numpy(np.concatenate([img, self.store.read_rows(rows, "masks")], 1))
+            return torch.from_numpy(np.concatenate([img, self.store.mask_set(self.mask_set).read(rows)], 1))
         t = torch.from_numpy(self.store.read_rows(rows, name))
         if name == "embeddings" and t.dtype == torch.float32 and self.store.dtype != "float32":
             t = t.half()  # bfloat16 and int8 stores come back widened; keep the cache at 2 bytes a value

@@ -66,12 +66,12 @@ def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Pat
     Raises:
       StoreMismatchError: naming every field that differs.
     """
+    from sam_cache.errors import differences
     from sam_cache.store import _flatten
 
     want = _flatten({k: state["store_signature"].get(k) for k in ENCODER_SIDE})
     have = _flatten({k: store.signature.get(k) for k in ENCODER_SIDE})
-    diffs = [f"{k}: store has {have.get(k)!r}, the model was trained on {want.get(k)!r}"
-             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    diffs = differences(have, want, "store has", "the model was trained on")
     if diffs:
         raise StoreMismatchError(f"store {store.path} was not made the way the store of {checkpoint} was; its "
                                  "embeddings would mean something else:\n  " + "\n  ".join(diffs))
@@ -109,7 +109,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None,
             raise TrainError(f"store {path} has no done samples in split {split!r}")
         dev = next(model.parameters()).device
         with PairedCache(store, rows, dev, cfg.residency, embeddings=model.needs_embeddings,
-                         masks=cfg.focus != "none") as c:
+                         masks=cfg.focus_masks) as c:
             y, p, loss = predict(model, BatchPipeline(model, cfg, dev), c, rows, cfg.batch_size,
                                  cfg.amp and dev.type == "cuda")
     out = classification_metrics(y, p)

@@ -11,6 +11,9 @@ fuse           backbone + fused embedding statistics (``--fuse``)
 fuse_slca      both
 focus          backbone with the SAM mask as a visual prompt (``--focus``; needs masks)
 focus_slca     focus + SLCA
+focus-M-SET    focus (or ``focus_slca-M-SET``) in mode ``M`` with the store's mask set ``SET``,
+               e.g. ``focus-overlay-gt``, ``focus-background-learned``: one study compares
+               mask sources and modes (each is paired with ``backbone``)
 linear_probe   logistic regression on the per-channel mean of the embedding over the image
 probe_meanstd  the same on its mean and standard deviation (what ``--fuse meanstd`` sees)
 =============  ==========================================================================
@@ -33,6 +36,7 @@ invocation; resuming under another recipe (a default changed since, another ``--
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -52,7 +56,7 @@ from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import resolve_device, train
 
-__all__ = ["StudyConfig", "METHODS", "PAIRS", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "linear_probe", "pooled_features",
+__all__ = ["StudyConfig", "METHODS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "linear_probe", "pooled_features",
            "mean_std", "paired_difference"]
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
@@ -72,6 +76,43 @@ PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("fu
          ("slca", "linear_probe"), ("fuse_slca", "probe_meanstd"))
 
 
+def method_options(name: str) -> dict | None:
+    """The training options of a study method (None: a linear probe): a name of ``METHODS``, or
+    ``focus-MODE-SET`` / ``focus_slca-MODE-SET`` (a focus mode with a named mask set).
+
+    Raises:
+      ConfigError: an unknown method, focus mode or mask-set name.
+    """
+    from .errors import ConfigError
+    from .focus import MODES
+
+    if name in METHODS:
+        return METHODS[name]
+    kind, _, rest = name.partition("-")
+    mode, _, mask_set = rest.partition("-")
+    if kind not in ("focus", "focus_slca") or mode not in MODES or mode == "none" or not mask_set:
+        raise ConfigError(f"unknown study method {name!r}; known: {', '.join(METHODS)}, or focus-MODE-SET and "
+                          f"focus_slca-MODE-SET with MODE one of {', '.join(m for m in MODES if m != 'none')}")
+    return {**METHODS[kind], "focus": mode, "mask_set": mask_set}
+
+
+def study_pairs(methods) -> list[tuple[str, str]]:
+    """The paired differences reported for these methods: ``PAIRS``, and each named focus method
+    against ``backbone`` (``focus_slca-...`` also against its ``focus-...``)."""
+    out = list(PAIRS)
+    for m in methods:
+        if m not in METHODS:
+            out.append((m, "backbone"))
+            if m.startswith("focus_slca-"):
+                out.append((m, "focus-" + m.split("-", 1)[1]))
+    return out
+
+
+def _ordered(methods) -> list[str]:
+    """Methods of ``METHODS`` in its order, then named focus methods sorted."""
+    return [m for m in METHODS if m in methods] + sorted(m for m in set(methods) if m not in METHODS)
+
+
 @dataclass
 class StudyConfig:
     """The protocol: fractions, seeds (``extra_seeds`` for chosen fractions), methods, recipe."""
@@ -85,19 +126,16 @@ class StudyConfig:
         "backbone": "resnet18", "img_size": 64, "epochs": 15, "min_steps": 200, "batch_size": 32, "lr": 1e-3})
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            from .errors import ConfigError
-
-            raise ConfigError(f"unknown study methods {unknown}; known: {', '.join(METHODS)}")
+        for m in self.methods:
+            method_options(m)
 
     def seeds_for(self, fraction: float) -> tuple[int, ...]:
         more = self.extra_seeds.get(fraction) or self.extra_seeds.get(str(fraction)) or ()
         return tuple(self.seeds) + tuple(s for s in more if s not in self.seeds)
 
     def options(self, method: str, store: str, fraction: float, seed: int, out: Path) -> TrainConfig:
-        extra = dict(METHODS[method])
-        if "focus" in extra:
+        extra = dict(method_options(method))
+        if method in METHODS and "focus" in extra:
             extra["focus"] = self.focus
         return TrainConfig.from_dict({**self.train, **extra, "cache": store, "seed": seed, "subset_seed": seed,
                                       "train_fraction": None if fraction >= 1 else fraction, "out": str(out)})
@@ -136,7 +174,7 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray
 
 
 # options that a study sets per run (method, subset, seed, paths); the rest is the study's recipe
-_PER_RUN = ("cache", "out", "slca", "fuse", "focus", "train_fraction", "seed", "subset_seed", "device")
+_PER_RUN = ("cache", "out", "slca", "fuse", "focus", "mask_set", "train_fraction", "seed", "subset_seed", "device")
 
 
 def study_recipe(cfg: StudyConfig) -> dict:
@@ -186,11 +224,17 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
     dev = resolve_device(device)
     rows = read_rows(out / "runs.csv")
     done = {(r["method"], float(r["fraction"]), int(r["seed"])) for r in rows}
-    masks = any(METHODS[m] and "focus" in METHODS[m] for m in cfg.methods)
+    masks = "default" if any(m in METHODS and METHODS[m] and "focus" in METHODS[m] for m in cfg.methods) else None
+    named = sorted({method_options(m)["mask_set"] for m in cfg.methods if m not in METHODS})
 
-    with EmbeddingStore.open(store) as s, PairedCache(s, np.flatnonzero(s.done), dev, "auto", embeddings=True,
-                                                      masks=masks) as cache:
+    with EmbeddingStore.open(store) as s, contextlib.ExitStack() as stack:
+        cache = stack.enter_context(PairedCache(s, np.flatnonzero(s.done), dev, "auto", embeddings=True, masks=masks))
         log(f"cache: {cache.describe()}")
+        # a named mask set's methods share a cache of images and that set's masks (and embeddings for SLCA)
+        by_set = {name: stack.enter_context(PairedCache(
+            s, np.flatnonzero(s.done), dev, "auto", masks=name,
+            embeddings=any(method_options(m)["slca"] for m in cfg.methods if m not in METHODS
+                           and method_options(m)["mask_set"] == name))) for name in named}
         train_rows, test_rows = s.split_indices("train"), s.split_indices("test")
         features = {}
         for fraction in cfg.fractions:
@@ -201,7 +245,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                     if (method, float(fraction), seed) in done:
                         continue
                     t0 = time.perf_counter()
-                    if METHODS[method] is None:
+                    if method_options(method) is None:
                         kind = "meanstd" if method == "probe_meanstd" else "mean"
                         if kind not in features:
                             features[kind] = dict(zip(cache.rows.tolist(), pooled_features(cache, cache.rows, kind)))
@@ -212,7 +256,8 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                         best_epoch, steps, val = "", "", ""
                     else:
                         tcfg = cfg.options(method, str(store), fraction, seed, out / "runs" / f"{method}-f{fraction}-s{seed}")
-                        result = train(tcfg, overwrite=True, log=lambda _: None, cache=cache)
+                        shared = by_set[tcfg.mask_set] if method not in METHODS else cache
+                        result = train(tcfg, overwrite=True, log=lambda _: None, cache=shared)
                         (Path(tcfg.out) / "last.pt").unlink(missing_ok=True)  # only a run's resume reads it
                         m, best_epoch, steps = result["test"], result["best_epoch"], result["steps"]
                         val = result["val_best"]["balanced_accuracy"]
@@ -336,7 +381,7 @@ def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[
     out = Path(out)
     rows = read_rows(out / "runs.csv")
     fractions = sorted({float(r["fraction"]) for r in rows})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = _ordered({r["method"] for r in rows})
     summary = []
     for method in methods:
         for f in fractions:
@@ -351,7 +396,7 @@ def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[
                 [r.get("val_balanced_accuracy") for r in sel])  # the selected epoch's; none for the probes
             summary.append(entry)
     paired = []
-    for a, b in PAIRS:
+    for a, b in study_pairs(methods):
         for f in fractions:
             va = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == a and float(r["fraction"]) == f}
             vb = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == b and float(r["fraction"]) == f}
@@ -363,7 +408,7 @@ def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[
     write_rows(summary, out / "summary.csv")
     write_rows(paired, out / "paired.csv")
     (out / "summary.md").write_text(_markdown(summary, paired))
-    _plot(summary, fractions, out / f"fraction_{metric}.png", metric)
+    _plot(summary, methods, fractions, out / f"fraction_{metric}.png", metric)
     return summary
 
 
@@ -383,14 +428,14 @@ def _markdown(summary: list[dict], paired: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(summary: list[dict], fractions: list[float], path: Path, metric: str) -> None:
+def _plot(summary: list[dict], methods: list[str], fractions: list[float], path: Path, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in METHODS:
+    for method in methods:
         pts = [e for e in summary if e["method"] == method]
         if pts:
             ax.errorbar([e["fraction"] for e in pts], [e[f"{metric}_mean"] for e in pts],

@@ -98,15 +98,16 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         rows = np.flatnonzero(s.done)
         if not len(rows):
             raise TrainError(f"store {store_path} has no done samples to predict")
-        if cfg.focus != "none" and not s.mask_done[rows].all():
-            raise TrainError(f"the model uses --focus {cfg.focus}: run `samcache masks {store_path}` with the prompt "
-                             f"it was trained with ({(state.get('masks_signature') or {}).get('prompt', 'candidates')})")
+        if cfg.focus_masks and not s.mask_set(cfg.mask_set).done[rows].all():
+            raise TrainError(f"the model uses --focus {cfg.focus}: run `samcache masks {store_path} --mask-set "
+                             f"{cfg.mask_set}` with the prompt it was trained with "
+                             f"({(state.get('masks_signature') or {}).get('prompt', 'candidates')})")
         names = state["class_names"]
         labelled = s.class_names == names and (s.labels[rows] >= 0).all()
         if s.class_names and s.class_names != names:
             log(f"warning: the data's classes {s.class_names} are not the model's {names}: no metrics")
         pipeline = BatchPipeline(model, cfg, dev)
-        with PairedCache(s, rows, dev, "auto", embeddings=model.needs_embeddings, masks=cfg.focus != "none") as c, \
+        with PairedCache(s, rows, dev, "auto", embeddings=model.needs_embeddings, masks=cfg.focus_masks) as c, \
                 _bar(progress, len(rows)) as advance:
             _, probs, _ = predict(model, pipeline, c, rows, batch_size or cfg.batch_size,
                                   cfg.amp and dev.type == "cuda", on_batch=advance)

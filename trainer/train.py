@@ -221,11 +221,12 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     rows = split_rows(store, cfg.train_fraction, cfg.shots, cfg.subset_seed, cfg.allow_partial, log)
     class_names = store.class_names
     needs_emb = cfg.slca.enabled or cfg.fuse != "none"
-    masks = cfg.focus != "none"
+    masks = cfg.focus_masks
     if cache is None:
         cache = stack.enter_context(PairedCache(store, rows.all, device, cfg.residency, embeddings=needs_emb,
                                                 masks=masks))
-    elif not cache.covers(rows.all) or (needs_emb and not cache.with_embeddings) or (masks and not cache.with_masks):
+    elif not cache.covers(rows.all) or (needs_emb and not cache.with_embeddings) or \
+            (masks is not None and cache.mask_set != masks):
         raise TrainError("the shared cache lacks rows, embeddings or masks that this run needs")
     log(f"cache: {cache.describe()}" + (f", on each of {ctx.world} ranks" if ctx.world > 1 else ""))
     shards = _shuffle_plan(cfg, store, len(rows.all), device)
@@ -324,7 +325,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             since_best += 1
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(), "class_names": class_names,
-                "store_signature": store.signature, "masks_signature": store.meta.get("masks"),
+                "store_signature": store.signature, "masks_signature": store.mask_set(cfg.mask_set).signature if masks else None,
                 "steps_per_epoch": plan.steps_per_epoch, "weights": weights}
         if main:  # only rank 0 writes the run folder
             _write(out / "metrics.csv", lambda p: write_rows(history, p))
@@ -418,12 +419,12 @@ def _check_resume(cfg: TrainConfig, state: dict, out: Path) -> None:
 
 def _check_resumed_store(store: EmbeddingStore, state: dict, out: Path) -> None:
     """A resumed run trains on the store it started on: its signature must be the checkpoint's."""
+    from sam_cache.errors import differences
     from sam_cache.store import _flatten
 
     recorded = state.get("store_signature")
     have, want = _flatten(store.signature), _flatten(recorded if isinstance(recorded, dict) else {})
-    diffs = [f"{k}: store has {have.get(k)!r}, the run started on {want.get(k)!r}"
-             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    diffs = differences(have, want, "store has", "the run started on")
     if diffs:
         raise TrainError(f"cannot resume {out}: store {store.path} is not the one the run started on (it was made "
                          "again or replaced):\n  " + "\n  ".join(diffs) + "\nStart a new run (another --out), or "

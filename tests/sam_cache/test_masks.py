@@ -125,19 +125,53 @@ def test_candidate_boxes_stay_inside_the_image_box():
     assert (c[:, 2] > c[:, 0]).all() and (c[:, 3] > c[:, 1]).all()
 
 
-def test_masks_resume_after_sigkill_equal_an_uninterrupted_run(tiny_store, tmp_path):
+# The mask command under test, slowed after each write so that a kill lands mid-run (the harness,
+# not the command, sleeps: what is written and when is the command's own).
+_SLOW = ("import sys, time; import sam_cache.store as s; w = s.MaskSet.write; "
+         "s.MaskSet.write = lambda *a, **k: (w(*a, **k), time.sleep(0.2)); "
+         "from cli.samcache import main; sys.argv[0] = 'samcache'; main()")
+
+
+def _user_mask_folder(store, folder):
+    """One mask file per sample of ``store``, at its image's size, mirroring the dataset."""
+    from PIL import Image
+
+    with EmbeddingStore.open(store) as s:
+        for k, (rel, (h, w)) in enumerate(zip(s.ids, s.orig_size)):
+            m = np.zeros((int(h), int(w)), np.uint8)
+            m[k % 7 * 10:k % 7 * 10 + 40, 20:70] = 255
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(folder / rel)
+
+
+@pytest.mark.parametrize("source", ["candidates", "file", "learned"])
+def test_each_mask_source_resumes_after_sigkill_equal_to_an_uninterrupted_run(tiny_store, tmp_path, source):
+    from sam_cache.user_masks import import_masks
+
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
     shutil.copytree(tiny_store, full)
     shutil.copytree(tiny_store, killed)
-    decode_masks(full, batch_size=1, progress=False)
+    args, mask_set = ["--batch-size", "1", "--no-progress"], "default"
+    if source in ("file", "learned"):
+        _user_mask_folder(tiny_store, tmp_path / "m")
+    if source == "file":
+        args += ["--from-masks", str(tmp_path / "m"), "--mask-set", "gt"]
+        mask_set = "gt"
+    if source == "learned":
+        for store in (full, killed):
+            import_masks(store, str(tmp_path / "m"), progress=False, mask_set="gt")
+        args += ["--prompt", "learned", "--learn-from", "gt", "--learn-epochs", "2", "--mask-set", "learned"]
+        mask_set = "learned"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "cli.samcache", "masks", str(killed), "--batch-size", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-c", _SLOW, "masks"]
+    assert subprocess.run(cmd + [str(full)] + args, cwd=ROOT, env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd + [str(killed)] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     deadline, done = time.time() + 120, 0
     while time.time() < deadline and proc.poll() is None:
         try:
             with EmbeddingStore.open(killed) as s:
-                done = int(s.mask_done.sum())
+                done = int(s.mask_set(mask_set).done.sum())
         except Exception:
             done = 0
         if done >= 2:
@@ -147,14 +181,16 @@ def test_masks_resume_after_sigkill_equal_an_uninterrupted_run(tiny_store, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with EmbeddingStore.open(killed) as s:
-        killed_at = int(s.mask_done.sum())
+        killed_at = int(s.mask_set(mask_set).done.sum())
     assert 2 <= killed_at < 15
-    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(cmd + [str(killed)] + args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"({killed_at} already done, 15 in all)" in " ".join(resumed.stdout.split())
-    a, b = _masks(full), _masks(killed)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[1], b[1])
+    with EmbeddingStore.open(full) as a, EmbeddingStore.open(killed) as b:
+        rows = np.arange(len(a))
+        np.testing.assert_array_equal(a.mask_set(mask_set).read(rows), b.mask_set(mask_set).read(rows))
+        np.testing.assert_allclose(a.mask_set(mask_set).iou, b.mask_set(mask_set).iou)
+        assert a.mask_set(mask_set).signature == b.mask_set(mask_set).signature  # learned: the same head
 
 
 def test_focus_mask_moves_with_the_image_through_crop_and_flip(tiny_store, tmp_path):

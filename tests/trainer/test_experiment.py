@@ -96,3 +96,33 @@ def test_probe_features_are_the_region_mean_of_the_embedding(tiny_store):
         assert f.shape == (2, 256)
         assert np.abs(f - valid).mean() < 0.25 * np.abs(f - padded).mean()
         assert pooled_features(c, rows, "meanstd").shape == (2, 512)
+
+
+def test_a_study_compares_focus_with_each_named_mask_set(tiny_store, tmp_path):
+    import yaml
+
+    from sam_cache import EmbeddingStore
+    from trainer.experiment import method_options
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    with EmbeddingStore.open(store, "r+") as s:
+        n = len(s)
+        for name, value in (("gt", 1), ("other", 0)):
+            masks = np.zeros((n, 1, 64, 64), np.uint8)
+            masks[:, :, 8:40, 8:40] = value
+            ms = s.prepare_masks({"decoder": None, "prompt": "file", "source": name}, mask_set=name)
+            ms.write(np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    assert method_options("focus-overlay-gt") == {"slca": False, "fuse": "none", "focus": "overlay", "mask_set": "gt"}
+    for bad in ("focus-nope-gt", "focus-overlay", "focus-none-gt", "slca-overlay-gt"):
+        with pytest.raises(ConfigError, match="unknown study method"):
+            method_options(bad)
+    cfg = StudyConfig(fractions=(1.0,), seeds=(0, 1), methods=("backbone", "focus-overlay-gt", "focus-crop-other"),
+                      train=RECIPE)
+    run_study(store, tmp_path / "study", cfg, device="cpu", log=lambda _: None)
+    for method, mask_set, focus in (("focus-overlay-gt", "gt", "overlay"), ("focus-crop-other", "other", "crop")):
+        saved = yaml.safe_load((tmp_path / "study" / "runs" / f"{method}-f1.0-s0" / "config.yaml").read_text())
+        assert saved["mask_set"] == mask_set and saved["focus"] == focus
+    with open(tmp_path / "study" / "paired.csv") as f:
+        pairs = {(r["a"], r["b"]) for r in csv.DictReader(f)}
+    assert {("focus-overlay-gt", "backbone"), ("focus-crop-other", "backbone")} <= pairs

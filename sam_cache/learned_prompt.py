@@ -1,0 +1,236 @@
+"""A prompt learned from the cache: ``samcache masks STORE --prompt learned --learn-from SET``.
+
+At test time a user has no box around the lesion, and SAM's decoder given the whole image outlines
+the imaged tissue instead (``bench/RESULTS.md``). But the cached embedding carries where the lesion
+is. This module learns that from masks the store already holds (the user's own, brought in with
+``--from-masks``), on the **train split only**:
+
+1. :class:`LesionHead`, a small convolutional head (about 12 k parameters at the default width) on
+   the ``256 x G x G`` embedding, is trained to predict the share of each grid cell that the lesion
+   covers (soft targets: the train split's masks, area-pooled from the stored frame to the grid;
+   binary cross-entropy plus soft Dice, AdamW, a fixed number of epochs, seeded). No validation or
+   test mask is read: the rows it reads are the train split's, and nothing else.
+2. For every sample, the head's lesion map gives a box (:func:`map_box`): the largest connected
+   region above one half (or, if no cell reaches it, above half the map's peak), grown by
+   ``grow`` grid cells and clipped to the image.
+3. That box prompts the store's SAM decoder (:mod:`sam_cache.masks`), which refines the mask.
+
+The masks are stored as a mask set (``--mask-set``, :class:`sam_cache.store.MaskSet`) with their own
+signature: ``prompt: learned``, the decoder and its weights' sha256, the source set's name and
+signature, the head's recipe (width, epochs, lr, batch size, seed, grow) and the sha256 of the
+trained head's weights. The trained head itself is kept in the set (``mask_head.NAME``, its
+``torch.save`` bytes), so a run that is killed resumes with the same head instead of training
+another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .preprocess import resized_shape
+from .store import EmbeddingStore, StoreError
+
+__all__ = ["LesionHead", "HeadRecipe", "train_head", "lesion_maps", "map_box", "learned_boxes"]
+
+LEARNED_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """How the lesion head is trained (every field is part of the mask set's signature).
+
+    Arguments:
+      width: channels of the head's hidden layers.
+      epochs: passes over the train split's masks.
+      lr: AdamW learning rate.
+      batch_size: samples per step.
+      seed: seeds the head's initialisation and the order of the samples.
+      grow: grid cells added on each side of the predicted box (a SAM decoder wants a box a little
+        larger than the lesion; the oracle of ``bench/RESULTS.md`` grows by 5 px).
+    """
+
+    width: int = 32
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 16
+    seed: int = 0
+    grow: float = 1.0
+
+    def check(self) -> "HeadRecipe":
+        """Raises ConfigError for a value out of range; returns the recipe."""
+        if self.width < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("the learned prompt's width, epochs and batch size must be at least 1")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ConfigError(f"the learned prompt's lr must be a positive number; got {self.lr}")
+        if not (self.grow >= 0 and np.isfinite(self.grow)):
+            raise ConfigError(f"the learned prompt's grow must be 0 or more grid cells; got {self.grow}")
+        return self
+
+
+class LesionHead(nn.Module):
+    """``(B, 256, G, G)`` embedding -> ``(B, 1, G, G)`` lesion logits.
+
+    A 1x1 convolution to ``width`` channels with group normalisation, two 3x3 convolutions (the
+    second to one channel), GELU between: a receptive field of 5x5 grid cells on top of SAM's own.
+    """
+
+    def __init__(self, width: int = 32, in_channels: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1), nn.GroupNorm(1, width), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _targets(masks: np.ndarray, grid: int) -> torch.Tensor:
+    """``(n, 1, R, R)`` 0/1 masks in the stored frame -> ``(n, 1, G, G)`` share of each grid cell."""
+    return F.adaptive_avg_pool2d(torch.from_numpy(masks).float(), grid)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    return bce + dice.mean()
+
+
+def train_head(store: EmbeddingStore, source: str, recipe: HeadRecipe, device: torch.device,
+               progress: bool = True) -> LesionHead:
+    """Train a :class:`LesionHead` on the train split's masks of the mask set ``source``.
+
+    Only the train split's rows are read, embeddings and masks both (``store.split_indices("train")``).
+
+    Raises:
+      StoreError: the set does not exist, or some train rows have no mask in it.
+      ConfigError: the train split holds no sample.
+    """
+    ms = store.mask_set(source)
+    if not ms.exists:
+        raise StoreError(f"store {store.path} has no mask set {source!r} to learn the prompt from"
+                         + (f" (it has: {', '.join(store.mask_sets)})" if store.mask_sets else "")
+                         + "; bring your masks in first: `samcache masks STORE --from-masks ... --mask-set NAME`")
+    rows = store.split_indices("train")
+    if len(rows) == 0:
+        raise ConfigError(f"store {store.path} has no done sample in its train split to learn the prompt from")
+    lacking = rows[~ms.done[rows]]
+    if len(lacking):
+        raise StoreError(f"mask set {source!r} of store {store.path} has no mask for {len(lacking)} of the "
+                         f"{len(rows)} train samples (first: {store.ids[lacking[0]]}); the learned prompt needs all of them")
+    grid = store.grid
+    targets = _targets(ms.read(rows), grid)
+    torch.manual_seed(recipe.seed)
+    head = LesionHead(recipe.width).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    order = np.random.default_rng(recipe.seed)
+    # the train embeddings are read once (float16 in memory) when they fit in 4 GiB, else batch by batch
+    held = store.read_rows(rows).astype(np.float16) if len(rows) * store.bytes_per_row <= 4 * 2**30 else None
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("learning the prompt", total=recipe.epochs)
+        for _ in range(recipe.epochs):
+            perm = order.permutation(len(rows))
+            for start in range(0, len(rows), recipe.batch_size):
+                pick = np.sort(perm[start:start + recipe.batch_size])
+                emb = held[pick] if held is not None else store.read_rows(rows[pick])
+                x = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(device)
+                loss = _loss(head(x), targets[pick].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            bar.advance(task)
+    return head.eval()
+
+
+@torch.no_grad()
+def lesion_maps(head: LesionHead, store: EmbeddingStore, rows: np.ndarray, device: torch.device,
+                batch_size: int = 32) -> np.ndarray:
+    """``(len(rows), G, G)`` float32 lesion probabilities of sorted ``rows``."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        x = torch.from_numpy(np.asarray(store.read_rows(rows[start:start + batch_size]), dtype=np.float32))
+        out.append(torch.sigmoid(head(x.to(device)))[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, store.grid, store.grid), np.float32)
+
+
+def map_box(prob: np.ndarray, valid: tuple[int, int], grow: float = 1.0) -> np.ndarray:
+    """The box, in grid cells ``[x0, y0, x1, y1]`` (x1, y1 exclusive), of the lesion in a ``G x G`` map.
+
+    Arguments:
+      prob: lesion probabilities.
+      valid: the rows and columns of the grid that see the image (in the same grid units).
+      grow: cells added on each side, clipped to the valid region.
+
+    Returns:
+      The box of the largest connected region (8-connected, by summed probability) above 0.5, or
+      above half the map's peak when no cell reaches 0.5; the whole valid region for a map of zeros.
+    """
+    from scipy import ndimage
+
+    vr, vc = int(valid[0]), int(valid[1])
+    p = np.zeros_like(prob, dtype=np.float32)
+    p[:vr, :vc] = prob[:vr, :vc]
+    peak = float(p.max())
+    if peak <= 0:
+        return np.array([0, 0, vc, vr], dtype=np.float32)
+    labels, n = ndimage.label(p > min(0.5, peak / 2), structure=np.ones((3, 3)))
+    mass = ndimage.sum(p, labels, index=np.arange(1, n + 1))
+    ys, xs = np.nonzero(labels == 1 + int(np.argmax(mass)))
+    return np.array([max(0.0, xs.min() - grow), max(0.0, ys.min() - grow),
+                     min(float(vc), xs.max() + 1 + grow), min(float(vr), ys.max() + 1 + grow)], dtype=np.float32)
+
+
+def head_bytes(head: LesionHead) -> bytes:
+    """The head's weights as ``torch.save`` bytes (kept in the mask set)."""
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    return buf.getvalue()
+
+
+def load_head(data: bytes, width: int) -> LesionHead:
+    """The head saved by :func:`head_bytes`."""
+    head = LesionHead(width)
+    head.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return head.eval()
+
+
+def weights_sha256(head: LesionHead) -> str:
+    """sha256 of the head's parameter values (not of their pickled form)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(head.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, frame: int, grow: float,
+                  device: torch.device) -> np.ndarray:
+    """``(len(rows), 4)`` box prompts XYXY in the encoder frame's pixels, one per sorted row."""
+    grid = store.grid
+    maps = lesion_maps(head, store, rows, device)
+    out = np.zeros((len(rows), 4), dtype=np.float32)
+    for k, row in enumerate(rows):
+        h, w = store.orig_size[row]
+        nh, nw = resized_shape(int(h), int(w), frame)
+        vr, vc = (int(np.ceil(v * grid / 64)) for v in store.valid[row])
+        box = map_box(maps[k], (vr, vc), grow) * (frame / grid)
+        out[k] = [box[0], box[1], min(box[2], nw - 1), min(box[3], nh - 1)]
+    return out
+
+
+def recipe_signature(recipe: HeadRecipe) -> dict:
+    """The recipe as recorded in a mask set's signature."""
+    return asdict(recipe)

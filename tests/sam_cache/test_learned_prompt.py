@@ -1,0 +1,142 @@
+"""Mask sets in one store, and the prompt learned from the cache (``samcache masks --prompt learned``)."""
+
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.samcache import app
+from sam_cache import EmbeddingStore
+from sam_cache.errors import ConfigError
+from sam_cache.learned_prompt import HeadRecipe, map_box
+from sam_cache.masks import decode_masks
+from sam_cache.store import StoreError
+
+runner = CliRunner(env={"COLUMNS": "200"})
+QUICK = HeadRecipe(width=8, epochs=2)
+
+
+def _with_truth(tiny_store, tmp_path, name="gt"):
+    """A copy of the tiny store with a "ground truth" set: a square whose place depends on the sample."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    with EmbeddingStore.open(store, "r+") as s:
+        n = len(s)
+        masks = np.zeros((n, 1, 64, 64), np.uint8)
+        for k in range(n):
+            masks[k, 0, 4 * (k % 5):4 * (k % 5) + 20, 30 - 2 * (k % 7):50 - 2 * (k % 7)] = 1
+        ms = s.prepare_masks({"decoder": None, "prompt": "file", "source": "test squares"}, mask_set=name)
+        ms.write(np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    return store
+
+
+def test_a_store_keeps_several_mask_sets_and_each_is_replaced_alone(tiny_store, tmp_path):
+    store = _with_truth(tiny_store, tmp_path)
+    decode_masks(store, prompt="box", progress=False)  # the default set
+    with EmbeddingStore.open(store) as s:
+        truth = s.mask_set("gt").read(np.arange(len(s)))
+        assert list(s.mask_sets) == ["default", "gt"]
+    refused = runner.invoke(app, ["masks", str(store), "--prompt", "candidates", "--no-progress"])
+    assert refused.exit_code == 1 and "--mask-set NAME to keep both" in refused.output
+    again = runner.invoke(app, ["masks", str(store), "--prompt", "candidates", "--overwrite", "--no-progress"])
+    assert again.exit_code == 0, again.output
+    with EmbeddingStore.open(store) as s:  # the other set is untouched by --overwrite of the default one
+        np.testing.assert_array_equal(s.mask_set("gt").read(np.arange(len(s))), truth)
+        assert s.mask_set().signature["prompt"] == "candidates"
+        with pytest.raises(StoreError, match="has no mask set 'nope' \\(it has: default, gt\\)"):
+            s.mask_set("nope").read(np.arange(2))
+        with pytest.raises(StoreError, match="must be 1-40 letters"):
+            s.mask_set("../x")
+    info = runner.invoke(app, ["info", str(store)])
+    assert "default: 15 done, prompt candidates" in info.output and "gt: 15 done, from test squares" in info.output
+
+
+def test_training_carries_the_mask_set_it_names(tiny_store, tmp_path):
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.data import PairedCache
+
+    store = _with_truth(tiny_store, tmp_path)
+    cfg = TrainConfig(cache=str(store), out=str(tmp_path / "r"), focus="overlay", mask_set="gt")
+    assert cfg.focus_masks == "gt" and cfg.replace(focus="none").focus_masks is None
+    with pytest.raises(ConfigError, match="mask_set"):
+        cfg.replace(mask_set="a b")
+    with EmbeddingStore.open(store) as s:
+        rows = np.arange(len(s))
+        with PairedCache(s, rows, torch.device("cpu"), "host", embeddings=False, masks="gt") as c:
+            img = c._read(rows, "images")
+            np.testing.assert_array_equal(img[:, 3].numpy(), s.mask_set("gt").read(rows)[:, 0])
+        with pytest.raises(Exception, match="has no masks in mask set 'learned' .*its mask sets: gt"):
+            PairedCache(s, rows, torch.device("cpu"), "host", embeddings=False, masks="learned")
+
+
+def test_the_learned_prompt_reads_no_validation_or_test_mask(tiny_store, tmp_path, monkeypatch):
+    store = _with_truth(tiny_store, tmp_path)
+    read = []
+    original = EmbeddingStore.read_rows
+
+    def spy(self, indices, name="embeddings", verify=True):
+        read.append((name, np.asarray(indices).copy()))
+        return original(self, indices, name, verify)
+
+    monkeypatch.setattr(EmbeddingStore, "read_rows", spy)
+    decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, progress=False)
+    monkeypatch.undo()
+    with EmbeddingStore.open(store, "r+") as s:
+        train = set(s.split_indices("train").tolist())
+        held_out = np.flatnonzero(s.splits != "train")
+        first = s.mask_set("learned")
+        boxes, head = first.boxes.copy(), first.signature["head_sha256"]
+        assert len(held_out) and first.done.all()
+        # behaviour: scribble over every val and test mask of the ground truth, and learn again
+        s.mask_set("gt").write(held_out, np.ones((len(held_out), 1, 64, 64), np.uint8),
+                               np.ones(len(held_out), np.float32), np.zeros((len(held_out), 4), np.float32))
+    mask_reads = [rows for name, rows in read if name == "masks.gt"]
+    assert mask_reads and all(set(r.tolist()) <= train for r in mask_reads)
+    decode_masks(store, prompt="learned", learn_from="gt", mask_set="again", recipe=QUICK, progress=False)
+    with EmbeddingStore.open(store) as s:
+        assert s.mask_set("again").signature["head_sha256"] == head
+        np.testing.assert_array_equal(s.mask_set("again").boxes, boxes)
+
+
+def test_the_learned_set_resumes_with_its_own_head_and_refuses_another_recipe(tiny_store, tmp_path, monkeypatch):
+    import sam_cache.learned_prompt as lp
+
+    store = _with_truth(tiny_store, tmp_path)
+    r = decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, split="test",
+                     progress=False)
+    with EmbeddingStore.open(store) as s:
+        sig = s.mask_set("learned").signature
+        assert r["written"] == len(s.split_indices("test")) and sig["learned_from"]["mask_set"] == "gt"
+        assert sig["head"]["epochs"] == 2 and sig["prompt"] == "learned" and len(sig["head_sha256"]) == 64
+
+    def no_training(*a, **k):
+        raise AssertionError("a resumed run trained another head")
+
+    monkeypatch.setattr(lp, "train_head", no_training)
+    rest = decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, progress=False)
+    assert rest["already_done"] == r["written"] and rest["written"] == 15 - r["written"]
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="head.epochs: store has 2, this run asks for 3"):
+        decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned",
+                     recipe=HeadRecipe(width=8, epochs=3), progress=False)
+    with pytest.raises(ConfigError, match="cannot write the mask set it learns from"):
+        decode_masks(store, prompt="learned", learn_from="gt", mask_set="gt", progress=False)
+    with pytest.raises(ConfigError, match="needs --learn-from"):
+        decode_masks(store, prompt="learned", mask_set="x", progress=False)
+    with pytest.raises(StoreError, match="no mask set 'none' to learn the prompt from"):
+        decode_masks(store, prompt="learned", learn_from="none", mask_set="y", progress=False)
+
+
+def test_map_box_takes_the_largest_region_and_stays_in_the_image():
+    p = np.zeros((16, 16), np.float32)
+    p[2:4, 2:4] = 0.9    # small and sure
+    p[8:14, 6:12] = 0.7  # large: the lesion
+    p[15, 15] = 1.0      # outside the image's valid region
+    np.testing.assert_array_equal(map_box(p, (14, 14), grow=1), [5, 7, 13, 14])
+    faint = np.zeros((16, 16), np.float32)
+    faint[3:6, 4:9] = 0.3  # nothing reaches 0.5: the region above half the peak
+    np.testing.assert_array_equal(map_box(faint, (16, 16), grow=0), [4, 3, 9, 6])
+    np.testing.assert_array_equal(map_box(np.zeros((16, 16)), (10, 12)), [0, 0, 12, 10])
