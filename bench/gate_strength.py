@@ -38,7 +38,7 @@ def gate_strength(run: str | Path, rows: int = 32) -> dict[str, tuple[float, flo
         raise ValueError(f"{run} was trained without SLCA")
     with EmbeddingStore.open(cfg.cache) as store:
         test = store.split_indices("test")[:rows]
-        with PairedCache(store, test, torch.device("cpu"), "host", embeddings=True, masks=cfg.focus != "none") as c:
+        with PairedCache(store, test, torch.device("cpu"), "host", embeddings=True, masks=cfg.focus_masks) as c:
             pipeline = BatchPipeline(model, cfg, torch.device("cpu"))
             _, emb, _ = pipeline(c, test, *pipeline.boxes(c, test))
     pooled = pool_embedding(emb.float(), cfg.slca.window, cfg.slca.pool)

@@ -56,7 +56,7 @@ def run_scores(run: Path, store: EmbeddingStore, rows: np.ndarray, keep: np.ndar
     """Balanced accuracy of a run's ``best.pt`` on ``rows`` and on ``rows[keep]``."""
     model, cfg, _ = load_run_model(run / "best.pt", "cpu")
     with PairedCache(store, rows, torch.device("cpu"), "host", embeddings=model.needs_embeddings,
-                     masks=cfg.focus != "none") as cache:
+                     masks=cfg.focus_masks) as cache:
         y, p, _ = predict(model, BatchPipeline(model, cfg, torch.device("cpu")), cache, rows, 64)
     return (classification_metrics(y, p)["balanced_accuracy"],
             classification_metrics(y[keep], p[keep])["balanced_accuracy"])
