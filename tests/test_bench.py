@@ -79,3 +79,42 @@ def test_device_check_smoke_runs_every_step_on_the_cpu(tmp_path):
         assert expected in names, expected
     table = (tmp_path / "device_check.md").read_text()
     assert "| train[stream] | ok |" in table and report["device"].startswith("CPU")
+
+
+def test_mask_quality_and_the_side_by_side_overlay_read_named_mask_sets(tiny_store, tmp_path):
+    """Masks imported from files measure Dice 1 against those files; another set measures less; the
+    side-by-side overlay draws both sets on the same images."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mask_overlay
+    import mask_quality
+
+    from sam_cache import EmbeddingStore
+    from sam_cache.user_masks import import_masks
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    with EmbeddingStore.open(store) as s:
+        for k, (rel, (h, w)) in enumerate(zip(s.ids, s.orig_size)):
+            m = np.zeros((int(h), int(w)), np.uint8)
+            m[10 + k:60 + k, 20:90] = 255
+            (tmp_path / "m" / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).save(tmp_path / "m" / rel)
+    import_masks(store, str(tmp_path / "m"), progress=False, mask_set="gt")
+    with EmbeddingStore.open(store, "r+") as s:  # a second set: the same squares, shifted
+        n = len(s)
+        shifted = np.roll(s.mask_set("gt").read(np.arange(n)), 6, axis=-1)
+        s.prepare_masks({"decoder": None, "prompt": "shifted"}, mask_set="shifted").write(
+            np.arange(n), shifted, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    same = mask_quality.measure(str(store), str(tmp_path / "m"), mask_set="gt")
+    other = mask_quality.measure(str(store), str(tmp_path / "m"), mask_set="shifted")
+    lesion = [r for r in same["summary"] if r["class"] == "lesion classes"]
+    assert lesion and all(r["dice"] == 1.0 and r["miss_rate"] == 0.0 for r in lesion)
+    assert all(r["dice"] < 0.95 for r in other["summary"] if r["class"] == "lesion classes")
+    assert same["masks"]["mask_set"] == "gt" and "set `gt`" in mask_quality.markdown(same)
+    mask_overlay.overlay(str(store), str(tmp_path / "o.png"), per_class=1, mask_sets=["gt", "shifted"])
+    assert (tmp_path / "o.png").stat().st_size > 5000
