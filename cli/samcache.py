@@ -114,6 +114,8 @@ def masks(
     learn_epochs: int = typer.Option(30, help="With --prompt learned: epochs of the lesion head."),
     learn_seed: int = typer.Option(0, help="With --prompt learned: the lesion head's seed."),
     learn_grow: float = typer.Option(1.0, help="With --prompt learned: grid cells added around the predicted box."),
+    learn_context: int = typer.Option(0, help="With --prompt learned: dilated layers that widen what the lesion "
+                                              "head sees (0-5)."),
 ) -> None:
     """Decode a SAM mask per sample from the cached embeddings (no encoder pass), or bring your own masks
     (--from-masks), into the store. A rerun resumes."""
@@ -127,7 +129,7 @@ def masks(
         else:
             from sam_cache.learned_prompt import HeadRecipe
 
-            recipe = HeadRecipe(epochs=learn_epochs, seed=learn_seed, grow=learn_grow)
+            recipe = HeadRecipe(epochs=learn_epochs, seed=learn_seed, grow=learn_grow, context=learn_context)
             r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
                              batch_size=batch_size, device=device, overwrite=overwrite, progress=progress,
                              split=split, mask_set=mask_set, learn_from=learn_from, recipe=recipe)

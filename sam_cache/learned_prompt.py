@@ -55,6 +55,8 @@ class HeadRecipe:
       seed: seeds the head's initialisation and the order of the samples.
       grow: grid cells added on each side of the predicted box (a SAM decoder wants a box a little
         larger than the lesion; the oracle of ``bench/RESULTS.md`` grows by 5 px).
+      context: dilated 3x3 layers (dilation 2, 4, 8, ...) added to the head, each widening what a
+        grid cell's prediction sees (0: 5x5 cells; 2: 17x17; 3: 33x33).
     """
 
     width: int = 32
@@ -63,11 +65,14 @@ class HeadRecipe:
     batch_size: int = 16
     seed: int = 0
     grow: float = 1.0
+    context: int = 0
 
     def check(self) -> "HeadRecipe":
         """Raises ConfigError for a value out of range; returns the recipe."""
         if self.width < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("the learned prompt's width, epochs and batch size must be at least 1")
+        if not 0 <= self.context <= 5:
+            raise ConfigError(f"the learned prompt's context must be 0 to 5 dilated layers; got {self.context}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ConfigError(f"the learned prompt's lr must be a positive number; got {self.lr}")
         if not (self.grow >= 0 and np.isfinite(self.grow)):
@@ -78,17 +83,19 @@ class HeadRecipe:
 class LesionHead(nn.Module):
     """``(B, 256, G, G)`` embedding -> ``(B, 1, G, G)`` lesion logits.
 
-    A 1x1 convolution to ``width`` channels with group normalisation, two 3x3 convolutions (the
-    second to one channel), GELU between: a receptive field of 5x5 grid cells on top of SAM's own.
+    A 1x1 convolution to ``width`` channels with group normalisation, a 3x3 convolution, ``context``
+    dilated 3x3 convolutions (dilation 2, 4, ...), and a 3x3 convolution to one channel, GELU
+    between: a receptive field of 5x5 grid cells (``context=0``) on top of SAM's own.
     """
 
-    def __init__(self, width: int = 32, in_channels: int = 256):
+    def __init__(self, width: int = 32, in_channels: int = 256, context: int = 0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 1), nn.GroupNorm(1, width), nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 1, 3, padding=1),
-        )
+        layers = [nn.Conv2d(in_channels, width, 1), nn.GroupNorm(1, width), nn.GELU(),
+                  nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+        for k in range(context):
+            d = 2 ** (k + 1)
+            layers += [nn.Conv2d(width, width, 3, padding=d, dilation=d), nn.GELU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, 1, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -132,7 +139,7 @@ def train_head(store: EmbeddingStore, source: str, recipe: HeadRecipe, device: t
     grid = store.grid
     targets = _targets(ms.read(rows), grid)
     torch.manual_seed(recipe.seed)
-    head = LesionHead(recipe.width).to(device)
+    head = LesionHead(recipe.width, context=recipe.context).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=1e-4)
     order = np.random.default_rng(recipe.seed)
     # the train embeddings are read once (float16 in memory) when they fit in 4 GiB, else batch by batch
@@ -200,9 +207,9 @@ def head_bytes(head: LesionHead) -> bytes:
     return buf.getvalue()
 
 
-def load_head(data: bytes, width: int) -> LesionHead:
+def load_head(data: bytes, width: int, context: int = 0) -> LesionHead:
     """The head saved by :func:`head_bytes`."""
-    head = LesionHead(width)
+    head = LesionHead(width, context=context)
     head.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     return head.eval()
 

@@ -360,7 +360,7 @@ def _learned_head(store: EmbeddingStore, mask_set: str, learn_from: str, recipe,
     if target.exists and same and kept not in store._b and not target.done.any():
         target.drop()  # killed after its arrays were made, before its head was kept: nothing to lose
     if target.exists and kept in store._b and same:
-        head = lp.load_head(np.asarray(store._b[kept][:]).tobytes(), recipe.width).to(dev)
+        head = lp.load_head(np.asarray(store._b[kept][:]).tobytes(), recipe.width, recipe.context).to(dev)
         if lp.weights_sha256(head) != have.get("head_sha256"):
             raise StoreError(f"store {store.path}: the lesion head kept in mask set {mask_set!r} does not match its "
                              "signature (damaged); pass --overwrite to learn it again")

@@ -140,3 +140,23 @@ def test_map_box_takes_the_largest_region_and_stays_in_the_image():
     faint[3:6, 4:9] = 0.3  # nothing reaches 0.5: the region above half the peak
     np.testing.assert_array_equal(map_box(faint, (16, 16), grow=0), [4, 3, 9, 6])
     np.testing.assert_array_equal(map_box(np.zeros((16, 16)), (10, 12)), [0, 0, 12, 10])
+
+
+def test_the_head_context_widens_what_a_cell_sees():
+    import torch
+
+    from sam_cache.learned_prompt import LesionHead
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 32, 32)
+    poked = x.clone()
+    poked[0, :, 16, 16] += 5.0
+    for context, reach in ((0, False), (2, True)):
+        head = LesionHead(width=4, in_channels=16, context=context).eval()
+        head.net[1] = torch.nn.Identity()  # its norm is over the whole map; the convolutions' reach is tested
+        with torch.no_grad():
+            change = (head(poked) - head(x)).abs()[0, 0]
+        assert change.shape == (32, 32)
+        assert bool(change[16, 16 + 6] > 0) == reach  # 6 cells away: beyond a 5x5 field, inside 17x17
+    with pytest.raises(ConfigError, match="context"):
+        HeadRecipe(context=9).check()
