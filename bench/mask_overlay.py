@@ -108,7 +108,7 @@ def _side_by_side(store_path, out, images, every, mask_sets, prompts, names, siz
             ax.set_title(f"{head}\n{names[k]}" if j == 0 else f"{head}\nDice {dice:.2f}", fontsize=7)
     note = f"; {left_out} {split} images with no picture left out" if left_out else ""
     fig.suptitle(f"mask sources on the same {split} images, {store_path}{note}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.3 * n)))  # room for the title above the first row
     fig.savefig(out, dpi=80)
     plt.close(fig)
 
