@@ -5,7 +5,7 @@ the imaged tissue instead (``bench/RESULTS.md``). But the cached embedding carri
 is. This module learns that from masks the store already holds (the user's own, brought in with
 ``--from-masks``), on the **train split only**:
 
-1. :class:`LesionHead`, a small convolutional head (about 12 k parameters at the default width) on
+1. :class:`LesionHead`, a small convolutional head (18 k parameters at the default width) on
    the ``256 x G x G`` embedding, is trained to predict the share of each grid cell that the lesion
    covers (soft targets: the train split's masks, area-pooled from the stored frame to the grid;
    binary cross-entropy plus soft Dice, AdamW, a fixed number of epochs, seeded). No validation or
