@@ -136,7 +136,8 @@ def masks(
     quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] and "mean_iou" in r \
         else (f"; {r['empty']} empty" if r["written"] else "")
     where = store if mask_set == "default" else f"{store}, mask set {mask_set}"
-    say(f"stored {r['written']} new masks in {where} ({r['already_done']} already done, {r['total']} in all)"
+    scope = f"in the {split} split" if split and from_masks is None else "in all"
+    say(f"stored {r['written']} new masks in {where} ({r['already_done']} already done, {r['total']} {scope})"
         + quality)
 
 

@@ -264,7 +264,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
       recipe: for ``prompt="learned"``: how the lesion head is trained (default :class:`HeadRecipe`).
 
     Returns:
-      ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel).
+      ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel;
+      ``already_done`` and ``total`` count the rows of ``split`` when one is given).
 
     Raises:
       ConfigError: a bad prompt or split, a CSV that cannot be used, ``learned`` without
@@ -314,7 +315,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
             store._b[ms.key("mask_head")][:] = data
             store._b.flush()
         done_before = ms.done
-        todo = np.flatnonzero(store.done & ~done_before & (store.splits == split if split else True))
+        scope = store.done & (store.splits == split if split else True)  # the rows this run is for
+        todo = np.flatnonzero(scope & ~done_before)
         ious, empty = [], 0
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -340,7 +342,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                 ious += iou.tolist()
                 ms.write(rows, masks, iou, used)
                 bar.advance(task, len(rows))
-        return {"written": int(len(todo)), "already_done": int(done_before.sum()), "total": int(store.done.sum()),
+        return {"written": int(len(todo)), "already_done": int((done_before & scope).sum()), "total": int(scope.sum()),
                 "mean_iou": float(np.mean(ious)) if ious else float("nan"), "empty": empty}
 
 

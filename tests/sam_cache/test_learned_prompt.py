@@ -109,7 +109,7 @@ def test_the_learned_set_resumes_with_its_own_head_and_refuses_another_recipe(ti
                      progress=False)
     with EmbeddingStore.open(store) as s:
         sig = s.mask_set("learned").signature
-        assert r["written"] == len(s.split_indices("test")) and sig["learned_from"]["mask_set"] == "gt"
+        assert r["written"] == r["total"] == len(s.split_indices("test")) and sig["learned_from"]["mask_set"] == "gt"
         assert sig["head"]["epochs"] == 2 and sig["prompt"] == "learned" and len(sig["head_sha256"]) == 64
 
     def no_training(*a, **k):
@@ -117,7 +117,7 @@ def test_the_learned_set_resumes_with_its_own_head_and_refuses_another_recipe(ti
 
     monkeypatch.setattr(lp, "train_head", no_training)
     rest = decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, progress=False)
-    assert rest["already_done"] == r["written"] and rest["written"] == 15 - r["written"]
+    assert rest["already_done"] == r["written"] and rest["written"] == 15 - r["written"] and rest["total"] == 15
     monkeypatch.undo()
     with pytest.raises(StoreError, match="head.epochs: store has 2, this run asks for 3"):
         decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned",
