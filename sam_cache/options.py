@@ -9,6 +9,7 @@ config dataclass is flattened, each leaf under one *flat name*. ``cli/_options.p
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -95,6 +96,9 @@ def validate_fields(obj) -> None:
         setattr(obj, f.name, value)
 
 
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _coerce(name: str, value, tp):
     """``value`` as type ``tp`` (only lossless conversions), or :class:`ConfigError`."""
     args = typing.get_args(tp)
@@ -116,8 +120,9 @@ def _coerce(name: str, value, tp):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
-        raise ConfigError(f"{name} must be a number; got {value!r}{hint}")
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text; what was meant is a number
+        raise ConfigError(f"{name} must be a number; got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -336,7 +336,7 @@ def test_damaged_shards_stop_training_and_verify_names_them(tiny_store, tmp_path
 # --- clear errors ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
-    ("lr: 1e-3", "lr must be a number; got '1e-3' (YAML reads 1e-3 as text: write 1.0e-3)"),
+    ("lr: fast", "lr must be a number; got 'fast'"),
     ("select_metric: accuracyy", "select_metric must be one of accuracy, balanced_accuracy, macro_f1, auc"),
     ("residency: gpuu", "residency must be one of auto, gpu, host, stream"),
 ])
@@ -345,6 +345,15 @@ def test_a_bad_yaml_config_fails_at_once_in_one_line(tiny_store, tmp_path, text,
     result = runner.invoke(slca_train, ["--config", str(tmp_path / "c.yaml")])
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_yaml_lr_written_1e_3_is_the_number_it_means(tmp_path):
+    """Issue 25: YAML 1.1 reads `lr: 1e-3` as the text '1e-3'; it was refused, though users write it so."""
+    from trainer.config import TrainConfig
+
+    (tmp_path / "c.yaml").write_text("cache: s.zarr\nout: r\nlr: 1e-3\nweight_decay: 5E-2\n")
+    cfg = TrainConfig.load(tmp_path / "c.yaml")
+    assert cfg.lr == 1e-3 and cfg.weight_decay == 0.05
 
 
 @pytest.mark.parametrize("flags, message", [
