@@ -116,6 +116,9 @@ def masks(
     learn_grow: float = typer.Option(1.0, help="With --prompt learned: grid cells added around the predicted box."),
     learn_context: int = typer.Option(0, help="With --prompt learned: dilated layers that widen what the lesion "
                                               "head sees (0-5)."),
+    head_from: Optional[str] = typer.Option(None, help="With --prompt learned, instead of --learn-from: STORE:SET, "
+                                                       "the head another store's learned set keeps (e.g. masks for "
+                                                       "new images from the head learned on the training store)."),
 ) -> None:
     """Decode a SAM mask per sample from the cached embeddings (no encoder pass), or bring your own masks
     (--from-masks), into the store. A rerun resumes."""
@@ -132,7 +135,8 @@ def masks(
             recipe = HeadRecipe(epochs=learn_epochs, seed=learn_seed, grow=learn_grow, context=learn_context)
             r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
                              batch_size=batch_size, device=device, overwrite=overwrite, progress=progress,
-                             split=split, mask_set=mask_set, learn_from=learn_from, recipe=recipe)
+                             split=split, mask_set=mask_set, learn_from=learn_from, recipe=recipe,
+                             head_from=head_from)
     quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] and "mean_iou" in r \
         else (f"; {r['empty']} empty" if r["written"] else "")
     where = store if mask_set == "default" else f"{store}, mask set {mask_set}"

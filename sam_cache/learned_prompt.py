@@ -20,7 +20,8 @@ signature: ``prompt: learned``, the decoder and its weights' sha256, the source 
 signature, the head's recipe (width, epochs, lr, batch size, seed, grow) and the sha256 of the
 trained head's weights. The trained head itself is kept in the set (``mask_head.NAME``, its
 ``torch.save`` bytes), so a run that is killed resumes with the same head instead of training
-another one.
+another one. New images (a store made for ``slca-train predict``, with no masks of its own) get
+masks from that same head: ``samcache masks NEW --prompt learned --head-from TRAIN_STORE:SET``.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                  checkpoint: str | Path | None = None, threshold: float = 0.0, batch_size: int = 16,
                  device: str | None = None, overwrite: bool = False, progress: bool = True,
                  split: str | None = None, mask_set: str = DEFAULT_MASK_SET, learn_from: str | None = None,
-                 recipe: "HeadRecipe | None" = None) -> dict:
+                 recipe: "HeadRecipe | None" = None, head_from: str | None = None) -> dict:
     """Decode one mask per done sample of a store and store it in a mask set; resumable.
 
     Arguments:
@@ -262,6 +262,10 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
       learn_from: for ``prompt="learned"``: the mask set whose train-split masks the prompt is
         learned from (:mod:`sam_cache.learned_prompt`).
       recipe: for ``prompt="learned"``: how the lesion head is trained (default :class:`HeadRecipe`).
+      head_from: for ``prompt="learned"`` instead of ``learn_from``: ``STORE:SET``, a learned mask
+        set of another store (the training data's) whose kept head is used as it is, not trained
+        again: masks for new images (``slca-train predict``'s store) from the head of training.
+        That store's encoder side (encoder, weights, preprocessing, grid) must be this one's.
 
     Returns:
       ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel;
@@ -280,9 +284,10 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         raise ConfigError(f"--prompt must be one of {', '.join(PROMPTS)}; got {prompt!r}")
     if prompt == "csv" and boxes is None:
         raise ConfigError("--prompt csv needs --boxes FILE (columns id,x0,y0,x1,y1)")
-    if prompt == "learned" and learn_from is None:
-        raise ConfigError("--prompt learned needs --learn-from SET: the mask set (e.g. your ground truth, brought in "
-                          "with --from-masks) whose train-split masks it learns from")
+    if prompt == "learned" and (learn_from is None) == (head_from is None):
+        raise ConfigError("--prompt learned needs one of --learn-from SET (the mask set, e.g. your ground truth "
+                          "brought in with --from-masks, whose train-split masks it learns from) or --head-from "
+                          "STORE:SET (the head another store's learned set keeps)")
     if prompt == "learned" and learn_from == mask_set:
         raise ConfigError(f"--prompt learned cannot write the mask set it learns from ({mask_set!r}): pass another "
                           "--mask-set")
@@ -306,7 +311,9 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
             prompts = _csv_boxes(Path(boxes), store.ids, store.orig_size, frame)
         else:
             prompts = whole_image_boxes(store.orig_size, frame)
-        if prompt == "learned":
+        if prompt == "learned" and head_from is not None:
+            head, recipe, signature = _borrowed_head(store, head_from, signature, dev)
+        elif prompt == "learned":
             head, signature = _learned_head(store, mask_set, learn_from, recipe, signature, overwrite, dev, progress)
         ms = store.prepare_masks(signature, overwrite=overwrite, mask_set=mask_set)
         if head is not None and ms.key("mask_head") not in store._b:
@@ -371,6 +378,38 @@ def _learned_head(store: EmbeddingStore, mask_set: str, learn_from: str, recipe,
         store.prepare_masks({**base, "head_sha256": have.get("head_sha256")}, overwrite=False, mask_set=mask_set)
     head = lp.train_head(store, learn_from, recipe, dev, progress=progress)
     return head, {**base, "head_sha256": lp.weights_sha256(head)}
+
+
+_ENCODER_SIDE = ("encoder", "checkpoint_sha256", "random_weights", "preprocessing", "grid")
+
+
+def _borrowed_head(store: EmbeddingStore, head_from: str, signature: dict, dev: torch.device):
+    """The head kept in another store's learned set (``STORE:SET``), its recipe, and the signature
+    of masks made with it here."""
+    from . import learned_prompt as lp
+    from .errors import differences
+
+    path, sep, name = head_from.rpartition(":")
+    if not sep or not path or not name:
+        raise ConfigError(f"--head-from must be STORE:SET (a store and its learned mask set); got {head_from!r}")
+    with EmbeddingStore.open(path) as other:
+        ms = other.mask_set(name)
+        sig = ms.signature or {}
+        if not ms.exists or sig.get("prompt") != "learned" or ms.key("mask_head") not in other._b:
+            raise StoreError(f"--head-from {head_from}: store {path} has no learned mask set {name!r} that keeps its "
+                             f"head (its mask sets: {', '.join(other.mask_sets) or 'none'})")
+        diffs = differences({k: other.signature.get(k) for k in _ENCODER_SIDE},
+                            {k: store.signature.get(k) for k in _ENCODER_SIDE}, path, str(store.path))
+        if diffs:
+            raise StoreError(f"--head-from {head_from}: its embeddings were not made as this store's were, so its head "
+                             "would read something else:\n  " + "\n  ".join(diffs))
+        recipe = lp.HeadRecipe(**sig["head"])
+        head = lp.load_head(np.asarray(other._b[ms.key("mask_head")][:]).tobytes(), recipe.width, recipe.context)
+    if lp.weights_sha256(head) != sig.get("head_sha256"):
+        raise StoreError(f"--head-from {head_from}: the kept head does not match its signature (damaged)")
+    full = {**signature, "head_from": {"mask_set": name, "signature": sig}, "head": sig["head"],
+            "learned_version": lp.LEARNED_VERSION, "head_sha256": sig["head_sha256"]}
+    return head.to(dev), recipe, full
 
 
 def _pick(logits: torch.Tensor, pred: torch.Tensor, orig: np.ndarray, frame: int, candidates: bool) -> int:

@@ -99,9 +99,11 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         if not len(rows):
             raise TrainError(f"store {store_path} has no done samples to predict")
         if cfg.focus_masks and not s.mask_set(cfg.mask_set).done[rows].all():
+            made = state.get("masks_signature") or {}
+            how = (f"--prompt learned --head-from {cfg.cache}:{cfg.mask_set}" if made.get("prompt") == "learned"
+                   else f"the prompt it was trained with ({made.get('prompt', 'candidates')})")
             raise TrainError(f"the model uses --focus {cfg.focus}: run `samcache masks {store_path} --mask-set "
-                             f"{cfg.mask_set}` with the prompt it was trained with "
-                             f"({(state.get('masks_signature') or {}).get('prompt', 'candidates')})")
+                             f"{cfg.mask_set}` with {how}")
         names = state["class_names"]
         labelled = s.class_names == names and (s.labels[rows] >= 0).all()
         if s.class_names and s.class_names != names:

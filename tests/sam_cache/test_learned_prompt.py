@@ -160,3 +160,23 @@ def test_the_head_context_widens_what_a_cell_sees():
         assert bool(change[16, 16 + 6] > 0) == reach  # 6 cells away: beyond a 5x5 field, inside 17x17
     with pytest.raises(ConfigError, match="context"):
         HeadRecipe(context=9).check()
+
+
+def test_new_images_get_masks_from_the_head_learned_on_the_training_store(tiny_store, tmp_path):
+    store = _with_truth(tiny_store, tmp_path)
+    decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, progress=False)
+    new = tmp_path / "new.zarr"  # another store of the same encoder, without any mask of its own
+    shutil.copytree(tiny_store, new)
+    result = runner.invoke(app, ["masks", str(new), "--prompt", "learned", "--head-from", f"{store}:learned",
+                                 "--mask-set", "learned", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with EmbeddingStore.open(store) as a, EmbeddingStore.open(new) as b:
+        np.testing.assert_array_equal(a.mask_set("learned").boxes, b.mask_set("learned").boxes)
+        assert b.mask_set("learned").signature["head_sha256"] == a.mask_set("learned").signature["head_sha256"]
+        assert b.mask_set("learned").signature["head_from"]["mask_set"] == "learned"
+    refused = runner.invoke(app, ["masks", str(new), "--prompt", "learned", "--head-from", f"{store}:gt",
+                                  "--mask-set", "x", "--no-progress"])
+    assert refused.exit_code == 1 and "has no learned mask set 'gt' that keeps its head" in refused.output
+    both = runner.invoke(app, ["masks", str(new), "--prompt", "learned", "--head-from", f"{store}:learned",
+                               "--learn-from", "gt", "--mask-set", "y", "--no-progress"])
+    assert both.exit_code == 1 and "needs one of --learn-from" in both.output
