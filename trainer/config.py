@@ -36,6 +36,7 @@ POOLS = ("avg", "max", "avgmax")
 GATES = ("scaled", "residual")
 FUSIONS = ("none", "mean", "meanstd")
 from .focus import MODES as FOCUS_MODES  # noqa: E402  (the one list of focus modes)
+from .cache_head import HEADS  # noqa: E402  (the one list of cache-only heads)
 
 
 @dataclass
@@ -92,7 +93,11 @@ class TrainConfig:
     out: str = opt(help="Run folder (config, metrics, checkpoints, figures).")
     # model
     backbone: str = opt("resnet18", sweep=True,
-                        help="timm model name with feature_info; tagged, hf-hub: and local-dir: names work too.")
+                        help="timm model name with feature_info; tagged, hf-hub: and local-dir: names work too; "
+                             "none: no image backbone, a head on the cached embedding alone (--head; SLCA and "
+                             "fusion off).")
+    head: str = opt("attention", choices=HEADS, sweep=True,
+                    help="With --backbone none: the cache-only head (attention pooling over the embedding's cells).")
     backbone_kwargs: dict = opt(factory=dict, help="JSON of extra timm model arguments.")
     pretrained: bool = opt(False, flag="--pretrained", help="Load timm's default weights for the backbone (from timm's "
                                                            "cache or hub; honours HF_HUB_OFFLINE).")
@@ -159,10 +164,21 @@ class TrainConfig:
             raise ConfigError("train_fraction and shots: pass one of them, not both")
         if self.pretrained_path is not None:
             self.pretrained = True
+        if self.backbone == "none":  # a head on the cache alone: nothing for SLCA to gate or fusion to add to
+            if self.pretrained or self.focus != "none":
+                raise ConfigError("--backbone none reads only the cached embedding: --pretrained and --focus need an "
+                                  "image backbone")
+            self.slca = dataclasses.replace(self.slca, enabled=False)
+            self.fuse = "none"
         try:
             check_mask_set_name(self.mask_set)
         except StoreError as exc:
             raise ConfigError(f"mask_set: {exc}") from None
+
+    @property
+    def reads_embeddings(self) -> bool:
+        """Whether the run's model reads the cached embedding (SLCA, fusion, or a cache-only head)."""
+        return self.slca.enabled or self.fuse != "none" or self.backbone == "none"
 
     @property
     def focus_masks(self) -> str | None:

@@ -11,6 +11,7 @@ fuse           backbone + fused embedding statistics (``--fuse``)
 fuse_slca      both
 focus          backbone with the SAM mask as a visual prompt (``--focus``; needs masks)
 focus_slca     focus + SLCA
+cache_head     no image backbone: a head on the cached embedding alone (``--backbone none``)
 focus-M-SET    focus (or ``focus_slca-M-SET``) in mode ``M`` with the store's mask set ``SET``,
                e.g. ``focus-overlay-gt``, ``focus-background-learned``: one study compares
                mask sources and modes (each is paired with ``backbone``)
@@ -39,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,13 +69,15 @@ METHODS: dict[str, dict | None] = {
     "fuse_slca": {"slca": True, "fuse": "meanstd"},  # the default recipe
     "focus": {"slca": False, "fuse": "none", "focus": "background"},
     "focus_slca": {"slca": True, "fuse": "none", "focus": "background"},
+    "cache_head": {"backbone": "none", "slca": False, "fuse": "none"},  # no image backbone: trainer/cache_head.py
     "linear_probe": None,
     "probe_meanstd": None,
 }
 # (a, b): the paired differences a - b reported per fraction
 PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("fuse_slca", "slca"),
          ("focus", "backbone"), ("focus_slca", "focus"), ("fuse", "linear_probe"), ("fuse_slca", "linear_probe"),
-         ("slca", "linear_probe"), ("fuse_slca", "probe_meanstd"))
+         ("slca", "linear_probe"), ("fuse_slca", "probe_meanstd"), ("cache_head", "backbone"),
+         ("fuse_slca", "cache_head"), ("cache_head", "probe_meanstd"))
 
 
 def method_options(name: str) -> dict | None:
@@ -321,8 +325,15 @@ def _run_recipes(study: Path) -> dict[str, dict]:
     out = {}
     for cfg in sorted((study / "runs").glob("*/config.yaml")):
         flat = TrainConfig.load(cfg).flat()
-        out[str(cfg.parent)] = {k: v for k, v in flat.items() if k not in _PER_RUN}
+        method = _RUN_FOLDER.match(cfg.parent.name)
+        own = set(method_options(method["method"]) or ()) if method else set()  # what the method sets itself
+        if "backbone" in own:  # a cache-only head: the backbone's own options do not apply to it
+            own |= {"pretrained", "pretrained_path", "backbone_kwargs"}
+        out[str(cfg.parent)] = {k: v for k, v in flat.items() if k not in _PER_RUN and k not in own}
     return out
+
+
+_RUN_FOLDER = re.compile(r"(?P<method>.+)-f[0-9.]+-s\d+$")
 
 
 def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
@@ -363,9 +374,10 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
             seen[key] = {**r, "_from": str(src)}
             rows.append(r)
     if recipes:
-        first, ref = next(iter(recipes.items()))
+        # the reference: a run with the fullest recipe (a method's own options are left out of its runs')
+        first, ref = max(recipes.items(), key=lambda kv: len(kv[1]))
         for run, recipe in recipes.items():
-            diff = sorted(k for k in set(ref) | set(recipe) if ref.get(k) != recipe.get(k))
+            diff = sorted(k for k in set(ref) & set(recipe) if ref.get(k) != recipe.get(k))
             if diff:
                 raise ConfigError(f"{run} and {first} were trained with different recipes: "
                                   + ", ".join(f"{k} ({ref.get(k)!r} vs {recipe.get(k)!r})" for k in diff))

@@ -15,6 +15,9 @@
   the backbone's logits. Adding logits is a linear head on the concatenated features, and it
   keeps the backbone's own classifier, so ``slca-train export`` still yields a plain timm model.
 - **Focus** ``channel`` (:mod:`trainer.focus`) adds the SAM mask as a fourth input channel.
+- **No backbone** (``--backbone none``): a head on the cached embedding alone
+  (:mod:`trainer.cache_head`), ``logits = head(E_crop)``; the images are cut and flipped as
+  always, so the embedding view moves with them, but are not read.
 
 Every extra starts at the identity (SLCA gates at 1, the fusion head at 0), and
 :func:`build_model` creates the backbone first from the run's seed, so the backbone alone,
@@ -29,6 +32,7 @@ from torch import nn
 from sam_cache.regions import STATS_GRID, grid_stats
 
 from .backbone import create_backbone
+from .cache_head import HEAD_GRID, create_head
 from .config import SLCAConfig, TrainConfig
 from .errors import BackboneError
 from .slca import SLCA
@@ -71,9 +75,10 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, slca: SLCAConfig, fuse: str = "none",
-                 img_size: int = 224):
+                 img_size: int = 224, head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
+        self.head = head  # a cache-only head (``--backbone none``): the backbone is then an identity
         info = list(getattr(backbone, "feature_info", None) or [])
         if slca.enabled and not info:
             raise BackboneError(f"{type(backbone).__name__} has no feature stages (feature_info), so SLCA cannot gate "
@@ -98,8 +103,8 @@ class Classifier(nn.Module):
 
     @property
     def needs_embeddings(self) -> bool:
-        """Whether :meth:`forward` reads the embeddings (SLCA or fusion)."""
-        return self.slca is not None or self.fuse is not None
+        """Whether :meth:`forward` reads the embeddings (SLCA, fusion or a cache-only head)."""
+        return self.slca is not None or self.fuse is not None or self.head is not None
 
     @property
     def embedding_grid(self) -> int:
@@ -109,6 +114,8 @@ class Classifier(nn.Module):
         alone takes its statistics over :data:`~sam_cache.regions.STATS_GRID` (16; the mean is the same
         at any grid).
         """
+        if self.head is not None:
+            return HEAD_GRID
         if self.slca is not None:
             return 64 if self.slca.config.pool != "avg" else max(1, 64 // self.slca.config.window)
         return STATS_GRID
@@ -141,6 +148,10 @@ class Classifier(nn.Module):
         return hook
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        if self.head is not None:
+            if embeddings is None:
+                raise ValueError("this model is a cache-only head: pass the batch's embeddings")
+            return self.head(embeddings)
         if not self.needs_embeddings:
             return self.backbone(images)
         if embeddings is None:
@@ -175,6 +186,8 @@ class Classifier(nn.Module):
         groups = param_groups_weight_decay(self.backbone, weight_decay, no_weight_decay_list=tuple(skip))
         if self.fuse is not None:
             groups += param_groups_weight_decay(self.fuse, weight_decay)
+        if self.head is not None:
+            groups += param_groups_weight_decay(self.head, weight_decay)
         for g in groups:
             g["lr"] = lr
         if self.slca is not None:
@@ -194,6 +207,11 @@ def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | Non
       ``(model, weights)`` with ``weights`` as :func:`~trainer.backbone.create_backbone` gives it.
     """
     torch.manual_seed(cfg.seed)
+    if cfg.backbone == "none":
+        head = create_head(cfg.head, num_classes)
+        torch.manual_seed(cfg.seed + 1)
+        return Classifier(nn.Identity(), num_classes, cfg.slca, "none", cfg.img_size, head=head), \
+            {"source": "random", "sha256": None}
     in_chans = 4 if cfg.focus == "channel" else 3
     backbone, weights = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained, cfg.pretrained_path,
                                         in_chans=in_chans, class_names=class_names, **cfg.backbone_kwargs)

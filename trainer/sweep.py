@@ -147,7 +147,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
 
     configs = [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base, **p}) for p in space.grid()] \
         if space.method == "grid" else [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base})]
-    needs_emb = any(c.slca.enabled or c.fuse != "none" for c in configs) or "fuse" in space.params \
+    needs_emb = any(c.reads_embeddings for c in configs) or "fuse" in space.params or "backbone" in space.params \
         or True in space.params.get("slca", [])
     masks = configs[0].mask_set if any(c.focus != "none" for c in configs) or "focus" in space.params else None
     try:

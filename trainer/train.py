@@ -220,7 +220,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             raise TrainError(f"cannot create run folder {out}: {describe_os_error(exc)}") from None
     rows = split_rows(store, cfg.train_fraction, cfg.shots, cfg.subset_seed, cfg.allow_partial, log)
     class_names = store.class_names
-    needs_emb = cfg.slca.enabled or cfg.fuse != "none"
+    needs_emb = cfg.reads_embeddings
     masks = cfg.focus_masks
     if cache is None:
         cache = stack.enter_context(PairedCache(store, rows.all, device, cfg.residency, embeddings=needs_emb,
@@ -384,6 +384,8 @@ def _describe_model(cfg: TrainConfig, model, weights: dict) -> str:
         return f"{n / 1e6:.2f} M" if n >= 100_000 else f"{n / 1e3:.1f} k"
 
     source = "random init" if weights["source"] == "random" else f"weights {weights['source']}"
+    if model.head is not None:
+        return f"model: no backbone, cache-only head {cfg.head} on the embedding, {millions(model.head)} parameters"
     parts = [f"model: {cfg.backbone} ({source}, {millions(model.backbone)} parameters)"]
     if model.slca is not None:
         parts.append(f"SLCA on stages {[model.stage_names[s] for s in model.stages]}, window {cfg.slca.window}, "
