@@ -114,8 +114,8 @@ def masks(
     learn_epochs: int = typer.Option(30, help="With --prompt learned: epochs of the lesion head."),
     learn_seed: int = typer.Option(0, help="With --prompt learned: the lesion head's seed."),
     learn_grow: float = typer.Option(1.0, help="With --prompt learned: grid cells added around the predicted box."),
-    learn_context: int = typer.Option(0, help="With --prompt learned: dilated layers that widen what the lesion "
-                                              "head sees (0-5)."),
+    learn_context: int = typer.Option(3, help="With --prompt learned: dilated layers that widen what the lesion "
+                                              "head sees (0-5; 3: 33x33 grid cells)."),
     head_from: Optional[str] = typer.Option(None, help="With --prompt learned, instead of --learn-from: STORE:SET, "
                                                        "the head another store's learned set keeps (e.g. masks for "
                                                        "new images from the head learned on the training store)."),

@@ -5,7 +5,7 @@ the imaged tissue instead (``bench/RESULTS.md``). But the cached embedding carri
 is. This module learns that from masks the store already holds (the user's own, brought in with
 ``--from-masks``), on the **train split only**:
 
-1. :class:`LesionHead`, a small convolutional head (18 k parameters at the default width) on
+1. :class:`LesionHead`, a small convolutional head (46 k parameters at the defaults) on
    the ``256 x G x G`` embedding, is trained to predict the share of each grid cell that the lesion
    covers (soft targets: the train split's masks, area-pooled from the stored frame to the grid;
    binary cross-entropy plus soft Dice, AdamW, a fixed number of epochs, seeded). No validation or
@@ -57,7 +57,7 @@ class HeadRecipe:
       grow: grid cells added on each side of the predicted box (a SAM decoder wants a box a little
         larger than the lesion; the oracle of ``bench/RESULTS.md`` grows by 5 px).
       context: dilated 3x3 layers (dilation 2, 4, 8, ...) added to the head, each widening what a
-        grid cell's prediction sees (0: 5x5 cells; 2: 17x17; 3: 33x33).
+        grid cell's prediction sees (0: 5x5 cells; 2: 17x17; 3, the default: 33x33).
     """
 
     width: int = 32
@@ -66,7 +66,7 @@ class HeadRecipe:
     batch_size: int = 16
     seed: int = 0
     grow: float = 1.0
-    context: int = 0
+    context: int = 3  # chosen on BUSI's validation lesions: Dice 0.634 (0), 0.671 (2), 0.685 (3)
 
     def check(self) -> "HeadRecipe":
         """Raises ConfigError for a value out of range; returns the recipe."""

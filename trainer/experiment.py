@@ -202,8 +202,9 @@ def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:
     recipe = json.loads(json.dumps(study_recipe(cfg)))  # JSON's view (tuples as lists)
     prev = json.loads(path.read_text()) if path.exists() else {}
     old = prev.get("recipe")
-    if old is not None and old != recipe:
-        diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+    # an option added since the study began is not a change of recipe: its default is what ran before
+    diff = sorted(k for k in set(old or {}) & set(recipe) if old.get(k) != recipe.get(k))
+    if old is not None and diff:
         raise ConfigError(f"{path}: this study was run with another recipe; differing options: "
                           + ", ".join(f"{k} (was {old.get(k)!r}, now {recipe.get(k)!r})" for k in diff)
                           + "; use another --out, or --set the old values")
@@ -212,7 +213,7 @@ def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:
                         "extra_seeds": {str(k): list(v) for k, v in cfg.extra_seeds.items()},
                         "methods": list(cfg.methods), "focus": cfg.focus, "train": cfg.train,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    path.write_text(json.dumps({"recipe": recipe, "invocations": invocations}, indent=2))
+    path.write_text(json.dumps({"recipe": {**(old or {}), **recipe}, "invocations": invocations}, indent=2))
 
 
 def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str | None = None,
