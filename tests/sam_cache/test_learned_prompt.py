@@ -124,7 +124,7 @@ def test_the_learned_set_resumes_with_its_own_head_and_refuses_another_recipe(ti
                      recipe=HeadRecipe(width=8, epochs=3), progress=False)
     with pytest.raises(ConfigError, match="cannot write the mask set it learns from"):
         decode_masks(store, prompt="learned", learn_from="gt", mask_set="gt", progress=False)
-    with pytest.raises(ConfigError, match="needs --learn-from"):
+    with pytest.raises(ConfigError, match="needs one of --learn-from"):
         decode_masks(store, prompt="learned", mask_set="x", progress=False)
     with pytest.raises(StoreError, match="no mask set 'none' to learn the prompt from"):
         decode_masks(store, prompt="learned", learn_from="none", mask_set="y", progress=False)
