@@ -87,8 +87,8 @@ def test_bad_space_files_are_named(tmp_path):
     # values are checked when the space is read, not in the middle of a sweep
     with pytest.raises(ConfigError, match=r"params: pool must be one of avg, max, avgmax; got 'median'"):
         SweepSpace({"params": {"pool": ["avg", "median"]}})
-    with pytest.raises(ConfigError, match=r"base: lr must be a number; got '1e-3'"):
-        SweepSpace({"base": {"lr": "1e-3"}, "params": {"window": [4]}})
+    with pytest.raises(ConfigError, match=r"base: lr must be a number; got 'fast'"):
+        SweepSpace({"base": {"lr": "fast"}, "params": {"window": [4]}})
 
 
 def test_sweepable_names_come_from_the_config():
