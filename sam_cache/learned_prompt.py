@@ -39,7 +39,7 @@ from .errors import ConfigError
 from .preprocess import resized_shape
 from .store import EmbeddingStore, StoreError
 
-__all__ = ["LesionHead", "HeadRecipe", "train_head", "lesion_maps", "map_box", "learned_boxes"]
+__all__ = ["LesionHead", "HeadRecipe", "train_head", "map_box", "learned_boxes"]
 
 LEARNED_VERSION = 1
 
@@ -163,17 +163,6 @@ def train_head(store: EmbeddingStore, source: str, recipe: HeadRecipe, device: t
     return head.eval()
 
 
-@torch.no_grad()
-def lesion_maps(head: LesionHead, store: EmbeddingStore, rows: np.ndarray, device: torch.device,
-                batch_size: int = 32) -> np.ndarray:
-    """``(len(rows), G, G)`` float32 lesion probabilities of sorted ``rows``."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        x = torch.from_numpy(np.asarray(store.read_rows(rows[start:start + batch_size]), dtype=np.float32))
-        out.append(torch.sigmoid(head(x.to(device)))[:, 0].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, store.grid, store.grid), np.float32)
-
-
 def map_box(prob: np.ndarray, valid: tuple[int, int], grow: float = 1.0) -> np.ndarray:
     """The box, in grid cells ``[x0, y0, x1, y1]`` (x1, y1 exclusive), of the lesion in a ``G x G`` map.
 
@@ -224,11 +213,15 @@ def weights_sha256(head: LesionHead) -> str:
     return digest.hexdigest()
 
 
-def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, frame: int, grow: float,
-                  device: torch.device) -> np.ndarray:
-    """``(len(rows), 4)`` box prompts XYXY in the encoder frame's pixels, one per sorted row."""
+@torch.no_grad()
+def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, embeddings: torch.Tensor, frame: int,
+                  grow: float) -> np.ndarray:
+    """``(len(rows), 4)`` box prompts XYXY in the encoder frame's pixels, one per sorted row.
+
+    ``embeddings`` are those rows' (float, on the head's device), already read by the caller.
+    """
     grid = store.grid
-    maps = lesion_maps(head, store, rows, device)
+    maps = torch.sigmoid(head(embeddings))[:, 0].cpu().numpy()
     out = np.zeros((len(rows), 4), dtype=np.float32)
     for k, row in enumerate(rows):
         h, w = store.orig_size[row]

@@ -316,11 +316,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         elif prompt == "learned":
             head, signature = _learned_head(store, mask_set, learn_from, recipe, signature, overwrite, dev, progress)
         ms = store.prepare_masks(signature, overwrite=overwrite, mask_set=mask_set)
-        if head is not None and ms.key("mask_head") not in store._b:
-            data = np.frombuffer(lp.head_bytes(head), dtype=np.uint8)
-            store._b.create_array(ms.key("mask_head"), data.shape, "uint8", data.shape)
-            store._b[ms.key("mask_head")][:] = data
-            store._b.flush()
+        if head is not None and ms.kept_head is None:
+            ms.keep_head(lp.head_bytes(head))
         done_before = ms.done
         scope = store.done & (store.splits == split if split else True)  # the rows this run is for
         todo = np.flatnonzero(scope & ~done_before)
@@ -334,7 +331,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                 rows = todo[start:start + batch_size]
                 emb = torch.from_numpy(store.read_rows(rows)).float().to(dev)
                 if head is not None:
-                    prompts[rows] = lp.learned_boxes(store, head, rows, frame, recipe.grow, dev)
+                    prompts[rows] = lp.learned_boxes(store, head, rows, emb, frame, recipe.grow)
                 masks = np.zeros((len(rows), 1, r, r), dtype=np.uint8)
                 iou = np.zeros(len(rows), dtype=np.float32)
                 used = np.zeros((len(rows), 4), dtype=np.float32)
@@ -364,12 +361,12 @@ def _learned_head(store: EmbeddingStore, mask_set: str, learn_from: str, recipe,
             "head": lp.recipe_signature(recipe), "learned_version": lp.LEARNED_VERSION}
     target = store.mask_set(mask_set)
     have = target.signature or {}
-    kept = target.key("mask_head")
+    kept = target.kept_head
     same = {k: v for k, v in have.items() if k != "head_sha256"} == base
-    if target.exists and same and kept not in store._b and not target.done.any():
+    if target.exists and same and kept is None and not target.done.any():
         target.drop()  # killed after its arrays were made, before its head was kept: nothing to lose
-    if target.exists and kept in store._b and same:
-        head = lp.load_head(np.asarray(store._b[kept][:]).tobytes(), recipe.width, recipe.context).to(dev)
+    if target.exists and kept is not None and same:
+        head = lp.load_head(kept, recipe.width, recipe.context).to(dev)
         if lp.weights_sha256(head) != have.get("head_sha256"):
             raise StoreError(f"store {store.path}: the lesion head kept in mask set {mask_set!r} does not match its "
                              "signature (damaged); pass --overwrite to learn it again")
@@ -395,7 +392,8 @@ def _borrowed_head(store: EmbeddingStore, head_from: str, signature: dict, dev: 
     with EmbeddingStore.open(path) as other:
         ms = other.mask_set(name)
         sig = ms.signature or {}
-        if not ms.exists or sig.get("prompt") != "learned" or ms.key("mask_head") not in other._b:
+        kept = ms.kept_head
+        if not ms.exists or sig.get("prompt") != "learned" or kept is None:
             raise StoreError(f"--head-from {head_from}: store {path} has no learned mask set {name!r} that keeps its "
                              f"head (its mask sets: {', '.join(other.mask_sets) or 'none'})")
         diffs = differences({k: other.signature.get(k) for k in _ENCODER_SIDE},
@@ -404,7 +402,7 @@ def _borrowed_head(store: EmbeddingStore, head_from: str, signature: dict, dev: 
             raise StoreError(f"--head-from {head_from}: its embeddings were not made as this store's were, so its head "
                              "would read something else:\n  " + "\n  ".join(diffs))
         recipe = lp.HeadRecipe(**sig["head"])
-        head = lp.load_head(np.asarray(other._b[ms.key("mask_head")][:]).tobytes(), recipe.width, recipe.context)
+        head = lp.load_head(kept, recipe.width, recipe.context)
     if lp.weights_sha256(head) != sig.get("head_sha256"):
         raise StoreError(f"--head-from {head_from}: the kept head does not match its signature (damaged)")
     full = {**signature, "head_from": {"mask_set": name, "signature": sig}, "head": sig["head"],

@@ -366,6 +366,20 @@ class MaskSet:
             b[self.key("mask_done")][start:stop] = np.ones(stop - start, dtype=bool)
         b.flush()
 
+    @property
+    def kept_head(self) -> bytes | None:
+        """The lesion head a learned set keeps (``torch.save`` bytes), or None."""
+        key = self.key("mask_head")
+        return np.asarray(self.store._b[key][:]).tobytes() if key in self.store._b else None
+
+    def keep_head(self, data: bytes) -> None:
+        """Keep a learned set's lesion head in the set (once; dropped with the set)."""
+        raw = np.frombuffer(data, dtype=np.uint8)
+        key = self.key("mask_head")
+        self.store._b.create_array(key, raw.shape, "uint8", raw.shape)
+        self.store._b[key][:] = raw
+        self.store._b.flush()
+
     def drop(self) -> None:
         """Delete the set's arrays and signature; the embeddings and other sets are kept."""
         for base in _MASK_ARRAYS:
