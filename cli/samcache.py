@@ -189,6 +189,9 @@ def info(
         ("input", f"{summary['preprocessing']['input_size']} px, window {summary['preprocessing']['window']}"),
         ("images", f"{summary['image_size']} px" if summary["image_size"] else "not stored"),
         ("masks", _mask_sets_line(summary["mask_sets"])),
+        *([("high-res", ", ".join("x".join(map(str, level)) for level in summary["high_res"])
+            + f" {'float32' if summary['dtype'] == 'float32' else 'float16'} a sample (SAM 2's mask decoder "
+            "reads them)")] if summary.get("high_res") else []),
         ("skipped", str(len(summary["skipped"]))),
         ("suspect", f"{len(summary['suspect'])} image(s) with no picture (one colour or stripes)"
                     if summary["suspect"] else "0"),

@@ -76,7 +76,7 @@ def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None
     # the manifest's sources are not in the store: keep the source store's hash, which names them
     d = EmbeddingStore.create(dst, manifest, s.signature, dtype=dtype, image_size=s.image_size,
                               shard_size=shard_size or s.shard_size, manifest_sha256=s.meta["manifest_sha256"],
-                              grid=grid)
+                              grid=grid, high_res=s.high_res_shapes)
     d.update_meta(converted_from={"path": s.path, "dtype": s.dtype, "grid": s.grid})
     return d
 
@@ -91,7 +91,8 @@ def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int
             for a in range(start, stop, step):
                 b = min(a + step, stop)
                 images = np.asarray(s.images[a:b]) if s.images is not None else None
+                high_res = s.read_high_res(np.arange(a, b)) if s.high_res_shapes else None
                 d.write_rows(a, pool_to_grid(s.read_embeddings(a, b), d.grid), s.orig_size[a:b], s.valid[a:b],
-                             s.window[a:b], images)
+                             s.window[a:b], images, high_res)
                 d.mark_done(np.arange(a, b))
                 bar.advance(task, b - a)

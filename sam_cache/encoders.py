@@ -56,6 +56,7 @@ __all__ = [
     "EncoderError",
     "register_encoder",
     "list_encoders",
+    "decoder_builder",
     "create_encoder",
     "load_checkpoint",
     "file_sha256",
@@ -81,6 +82,10 @@ class Encoder:
       checkpoint: path of the weights file, or None for random weights.
       checkpoint_sha256: sha256 of that file, or None.
       random_weights: True when the weights are random (seed ``RANDOM_SEED``).
+      high_res: the shapes ``(C, H, W)`` of the extra feature levels that the encoder's own
+        mask decoder needs beside the embedding (SAM 2's two projected FPN levels), or None. An
+        encoder with them also answers ``model(x, high_res=True)`` with ``(embedding, [levels])``,
+        and the store keeps them (:meth:`sam_cache.store.EmbeddingStore.create`).
     """
 
     name: str
@@ -89,6 +94,7 @@ class Encoder:
     checkpoint: str | None
     checkpoint_sha256: str | None
     random_weights: bool
+    high_res: tuple[tuple[int, int, int], ...] | None = None
 
     def signature(self) -> dict:
         """The fields a store compares before it accepts more embeddings from this encoder."""
@@ -101,20 +107,44 @@ class Encoder:
 
 
 _REGISTRY: dict[str, Callable[..., Encoder]] = {}
+_DECODERS: dict[str, Callable] = {}
 
 
-def register_encoder(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
-    """Register ``fn`` under its own name (``build_vit_b`` -> ``vit_b``)."""
-    name = fn.__name__.removeprefix("build_")
-    if name in _REGISTRY:
-        raise ValueError(f"encoder {name!r} is already registered")
-    _REGISTRY[name] = fn
-    return fn
+def register_encoder(fn: Callable[..., Encoder] | None = None, *, name: str | None = None,
+                     decoder: Callable | None = None):
+    """Register an encoder builder: the one door for a new encoder (and its mask decoder).
+
+    Used bare (``@register_encoder``) it registers ``fn`` under its own name (``build_vit_b`` ->
+    ``vit_b``); ``@register_encoder(name="sam2.1_hiera_t", decoder=build)`` names it and registers
+    the prompt encoder and mask decoder of the same family beside it, as segment-anything's
+    ``_build_sam`` builds all three. ``decoder(signature, checkpoint)`` returns a
+    :class:`sam_cache.masks.MaskDecoder` for a store made by this encoder.
+
+    ``fn`` takes ``checkpoint``, ``random_weights`` and ``window`` and returns an :class:`Encoder`.
+
+    Raises:
+      ValueError: the name is registered already.
+    """
+    def add(fn):
+        key = name or fn.__name__.removeprefix("build_")
+        if key in _REGISTRY:
+            raise ValueError(f"encoder {key!r} is already registered")
+        _REGISTRY[key] = fn
+        if decoder is not None:
+            _DECODERS[key] = decoder
+        return fn
+
+    return add(fn) if fn is not None else add
 
 
 def list_encoders() -> list[str]:
     """Names accepted by :func:`create_encoder`."""
     return sorted(_REGISTRY)
+
+
+def decoder_builder(name: str) -> Callable | None:
+    """The mask decoder builder registered with encoder ``name``, or None."""
+    return _DECODERS.get(name)
 
 
 def create_encoder(
@@ -293,3 +323,6 @@ def build_tiny(checkpoint=None, random_weights=False, window="auto") -> Encoder:
         sha = file_sha256(checkpoint)
     pre = Preprocessing(input_size=1024, pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, window=window)
     return Encoder("tiny", model, pre, str(checkpoint) if sha else None, sha, sha is None)
+
+
+from . import sam2_encoders  # noqa: E402,F401  (registers the SAM 2 family; imports sam2 only when built)

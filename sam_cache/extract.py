@@ -118,13 +118,14 @@ class _Writer:
             if self.error is not None:
                 continue  # drain after a failure; the main thread raises it
             try:
-                ready, indices, emb, orig, valid, window, images = job
+                ready, indices, emb, orig, valid, window, images, high_res = job
                 if ready is not None:
                     ready.synchronize()  # the device-to-host copy has landed
                 for pos, start, stop in contiguous_runs(indices):
                     sl = slice(pos, pos + stop - start)
                     self.store.write_rows(start, emb[sl], orig[sl], valid[sl], window[sl],
-                                          None if images is None else images[sl])
+                                          None if images is None else images[sl],
+                                          None if high_res is None else [level[sl] for level in high_res])
                 self.store.mark_done(indices)
             except BaseException as exc:  # surfaced in the main thread
                 self.error = exc
@@ -152,6 +153,13 @@ class _Writer:
                              "before it are kept; free some space and rerun to resume") from self.error
         first = str(self.error).splitlines()[0] if str(self.error) else type(self.error).__name__
         raise StoreError(f"writing to {self.store.path} failed: {first}") from self.error
+
+
+def _to_pinned_host(t: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy of a device tensor into pinned host memory (wait on an event after it)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _refuse_dataset_overlap(manifest: DatasetManifest, out: str) -> None:
@@ -248,7 +256,8 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
                     existing.check_signature(signature)
             else:
                 EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size,
-                                      shard_size=shard_size, block_size=block_size, grid=c.grid).close()
+                                      shard_size=shard_size, block_size=block_size, grid=c.grid,
+                                      high_res=encoder.high_res).close()
         except StoreError as exc:
             error = exc
         except OSError as exc:  # a read-only folder, a full disk: say so in one line
@@ -297,27 +306,34 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
                     frames = batch["frame"][sel].to(dev, non_blocking=True)
                     x = normalize_frames(frames, batch["size"][sel], pre)
                     with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-                        emb = model(x)
+                        high_res = None
+                        if encoder.high_res:  # SAM 2: the levels its mask decoder needs, kept beside
+                            emb, high_res = model(x, high_res=True)
+                        else:
+                            emb = model(x)
                         if tuple(emb.shape[1:]) != EMBED_SHAPE:
                             raise EncoderError(f"encoder {encoder.name!r} gave {tuple(emb.shape[1:])} per image, not "
                                                f"the {EMBED_SHAPE} that every encoder must give")
                         if c.grid != 64:  # a compact stored form: pool on the device, before the copy
                             emb = torch.nn.functional.avg_pool2d(emb.float(), 64 // c.grid)
                         emb = emb.to(torch_dtype)
+                        if high_res is not None:
+                            high_res = [level.to(torch.float32 if dtype == "float32" else torch.float16)
+                                        for level in high_res]
                     ready = None
                     if dev.type == "cuda":
-                        host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True)
-                        host.copy_(emb, non_blocking=True)
+                        emb, *high_res_host = [_to_pinned_host(t) for t in [emb] + list(high_res or [])]
+                        high_res = high_res_host or None
                         ready = torch.cuda.Event()
                         ready.record()
-                        emb = host
                     else:
                         emb = emb.clone()
+                        high_res = None if high_res is None else [level.clone() for level in high_res]
                     size = batch["size"][sel].numpy()
                     valid = np.array([valid_grid(h, w, pre.input_size) for h, w in size], dtype=np.int32)
                     images = batch["image"][sel].numpy() if image_size else None
                     writer.submit((ready, indices[ok], emb, batch["orig"][sel].numpy(), valid,
-                                   batch["window"][sel].numpy(), images))
+                                   batch["window"][sel].numpy(), images, high_res))
                     result.written += int(ok.sum())
                 elapsed = time.perf_counter() - t0
                 bar.update(task, advance=len(indices), rate=result.written / max(elapsed, 1e-9))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .encoders import list_encoders
 from .errors import ConfigError
 from .options import Option, opt, options, validate_fields
 from .preprocess import parse_window
@@ -23,8 +24,10 @@ ATTENTIONS = ("auto", "sdpa", "flex", "stock")
 class ExtractConfig:
     """The encoder, the stored form, the pipeline and the dataset reading of one extraction."""
 
-    encoder: str = opt("litemedsam", help="vit_b, vit_l, vit_h, medsam, litemedsam or tiny (tests).")
-    checkpoint: str | None = opt(None, help="Encoder weights file (required for SAM ViTs and medsam).")
+    encoder: str = opt("litemedsam", help=f"The registered encoders: {', '.join(list_encoders())} (tiny: tests only; "
+                                          "the SAM 2 family needs the sam2 extra).")
+    checkpoint: str | None = opt(None, help="Encoder weights file (required for SAM ViTs, medsam and the SAM 2 "
+                                            "family).")
     random_weights: bool = opt(False, flag="--random-weights", help="Use seeded random weights (benchmarks only).")
     dtype: str = opt("float16", choices=DTYPES, help="Stored embedding dtype (int8: per-channel scales, half the size).")
     grid: int = opt(64, choices=(64, 32, 16, 8), help="Stored embedding grid: 64, or a compact grid made by average "
@@ -62,8 +65,6 @@ class ExtractConfig:
                               f"{self.test_fraction}")
         if self.block_size is not None and self.block_size % self.shard_size:
             raise ConfigError(f"block_size {self.block_size} must be a multiple of shard_size {self.shard_size}")
-        from .encoders import list_encoders
-
         if self.encoder not in list_encoders():
             raise ConfigError(f"encoder must be one of {', '.join(list_encoders())}; got {self.encoder!r}")
 

@@ -28,7 +28,8 @@ def summarize_store(path: str | Path) -> dict:
       ``{"path", "format", "samples", "done", "embedding_shape", "dtype", "encoder",
       "checkpoint_sha256", "random_weights", "class_names", "labels", "label_counts"
       (per split, per class), "skipped", "suspect", "image_size", "preprocessing", "manifest_sha256",
-      "schema_version", "package_version", "created", "disk_bytes", "checksums", "masks", "mask_sets"}``;
+      "schema_version", "package_version", "created", "disk_bytes", "checksums", "high_res", "masks", "mask_sets"}``
+      (``high_res``: the shapes of a SAM 2 store's high-resolution levels, else empty);
       ``masks`` is None, or the default mask set's signature with ``done`` and ``mean_iou``;
       ``mask_sets``: the same for every set, by name.
 
@@ -66,6 +67,7 @@ def summarize_store(path: str | Path) -> dict:
             "created": meta["created"],
             "disk_bytes": _disk_bytes(str(path)),
             "checksums": store.has_checksums,
+            "high_res": [list(level) for level in store.high_res_shapes or []],
             "masks": _masks(store),
             "mask_sets": {name: _masks(store, name) for name in store.mask_sets},
         }
@@ -124,6 +126,21 @@ def verify_store(path: str | Path, progress=None) -> list[str]:
             if progress is not None:
                 progress(checked)
         problems += _check_masks(store, shard)
+        problems += _check_high_res(store, shard)
+    return problems
+
+
+def _check_high_res(store: EmbeddingStore, shard: int) -> list[str]:
+    """A SAM 2 store's high-resolution levels of done rows against their checksums, shard by shard."""
+    if not store.high_res_shapes:
+        return []
+    problems = []
+    done = np.flatnonzero(store.done)
+    for s in np.unique(done // shard):
+        try:
+            store.read_high_res(done[done // shard == s])
+        except Exception as exc:  # a mismatch (StoreError), or a shard file that cannot be read at all
+            problems.append(f"{_shard_name(store, int(s), shard)}, high_res: {str(exc).splitlines()[0]}")
     return problems
 
 

