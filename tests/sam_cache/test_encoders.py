@@ -118,3 +118,46 @@ def test_an_encoder_checkpoint_with_a_payload_is_refused_and_never_run(tmp_path,
     with pytest.raises(EncoderError, match=r"evil\.pth is not a readable torch state dict"):
         create_encoder("tiny", checkpoint=tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.fixture
+def toy_family():
+    """A toy encoder family registered from this file: its encoder and its mask decoder, one line."""
+    from sam_cache import encoders
+    from sam_cache.mask_decoder import MaskDecoder
+    from sam_cache.preprocess import Preprocessing
+
+    def toy_decoder(signature, checkpoint=None):
+        sam = build_tiny_sam()
+        return MaskDecoder(signature["encoder"], sam.prompt_encoder, sam.mask_decoder, 256, None)
+
+    def build_toy(checkpoint=None, random_weights=False, window="auto"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Conv2d(3, 256, 1))
+        pre = Preprocessing(input_size=256, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(255.0, 255.0, 255.0), window=window)
+        return encoders.Encoder("toy", model, pre, None, None, True)
+
+    encoders.register_encoder(build_toy, decoder=toy_decoder)  # the one registration line
+    yield "toy"
+    encoders._REGISTRY.pop("toy")
+    encoders._DECODERS.pop("toy")
+
+
+def test_a_new_encoder_family_takes_one_registration(toy_family, sample_dir, tmp_path):
+    """Registered from outside the package, it extracts a store, and `samcache masks` decodes it."""
+    from conftest import SPLIT_ARGS
+    from sam_cache import EmbeddingStore, extract_dataset
+    from sam_cache.masks import decode_masks
+
+    assert toy_family in list_encoders()
+    out = tmp_path / "toy.zarr"
+    extract_dataset(sample_dir, out, toy_family, image_size=32, batch_size=8, num_workers=0, progress=False,
+                    **SPLIT_ARGS)
+    summary = decode_masks(out, prompt="box", progress=False, device="cpu")
+    with EmbeddingStore.open(out) as s:
+        assert s.signature["encoder"] == "toy" and s.done.all()
+        assert summary["written"] == len(s) and s.mask_set().signature["decoder"] == "toy"
+    with pytest.raises(ValueError, match="already registered"):
+        from sam_cache.encoders import register_encoder
+
+        register_encoder(lambda **kw: None, name="toy")
