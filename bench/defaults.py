@@ -29,6 +29,7 @@ from sam_cache import EmbeddingStore  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
 from trainer.data import PairedCache  # noqa: E402
 from trainer.experiment import StudyConfig, mean_std, paired_difference  # noqa: E402
+from trainer.recipe_args import parse_seeds, parse_sets  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
 
 VARIANTS = {
@@ -43,11 +44,7 @@ VARIANTS = {
 
 def _parse(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    opts = {}
-    for item in rest.split():
-        k, _, v = item.partition("=")
-        opts[k] = yaml.safe_load(v)
-    return name.strip(), opts
+    return name.strip(), parse_sets(rest.split())
 
 
 def main() -> None:
@@ -61,14 +58,10 @@ def main() -> None:
                    help="variants to try instead of the built-in levers")
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    base = dict(StudyConfig().train, slca=True)
-    for item in a.set:
-        k, _, v = item.partition("=")
-        base[k.replace("-", "_")] = yaml.safe_load(v)
+    base = {**StudyConfig().train, "slca": True, **parse_sets(a.set)}
     variants = dict([_parse(v) for v in a.variant]) if a.variant else VARIANTS
     variants = {"base": {}, **variants}
-    lo, _, hi = a.seeds.partition("-")
-    seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(s) for s in a.seeds.split(",")]
+    seeds = list(parse_seeds(a.seeds))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out / "levers.csv")

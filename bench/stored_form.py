@@ -20,7 +20,6 @@ import time
 import warnings
 from pathlib import Path
 
-import yaml
 
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
@@ -31,6 +30,7 @@ from sam_cache.store import pool_to_grid  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
 from trainer.config import METRIC_KEYS  # noqa: E402
 from trainer.experiment import StudyConfig, mean_std, paired_difference, verdict  # noqa: E402
+from trainer.recipe_args import parse_seeds, parse_sets  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
 
 FORMS = {"int8": {"dtype": "int8"}, "grid32": {"grid": 32}, "grid16": {"grid": 16},
@@ -55,14 +55,6 @@ def embedding_error(a_path: str, b_path: str, rows: int = 64) -> dict:
     return {"rows": len(idx), "mean": float(np.mean(err)), "max": float(np.max(err))}
 
 
-def _seeds(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="a float16 store with images")
@@ -73,10 +65,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="recipe options by slca-train's names")
     p.add_argument("--device")
     a = p.parse_args()
-    recipe = dict(StudyConfig().train)
-    for item in a.set:
-        name, _, value = item.partition("=")
-        recipe[name.replace("-", "_")] = yaml.safe_load(value)
+    recipe = {**StudyConfig().train, **parse_sets(a.set)}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     forms = {"float16": {"path": a.store}}
@@ -89,7 +78,7 @@ def main() -> None:
         forms["float16"]["bytes"] = converted["src_bytes"]
     rows = read_rows(out / "runs.csv")
     done = {(r["form"], int(r["seed"])) for r in rows}
-    for seed in _seeds(a.seeds):
+    for seed in parse_seeds(a.seeds):
         for form, info in forms.items():
             if (form, seed) in done:
                 continue

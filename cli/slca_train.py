@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from trainer.experiment import StudyConfig
+
 from ._common import console, err_console, run, say, user_errors
 from ._options import flat_values, given, train_parameters
 
@@ -145,6 +147,55 @@ def predict_command(
     m = r["metrics"]
     if m is not None:
         say(f"labelled ({m['n']} samples): {format_metrics(m)}")
+
+
+_STUDY = StudyConfig()  # the protocol's defaults, shown in --help
+
+
+@app.command("study")
+def study_command(
+    cache: Optional[str] = typer.Option(None, help="The store (made by samcache extract, with images)."),
+    out: str = typer.Option(..., help="The study folder: runs.csv, summary.csv/.md, paired.csv, the plot; a "
+                                      "study there resumes."),
+    fractions: str = typer.Option(",".join(f"{f:g}" for f in _STUDY.fractions),
+                                  help="Train fractions, comma-separated (1: all of train)."),
+    seeds: str = typer.Option(",".join(map(str, _STUDY.seeds)), help="Seeds at every fraction: 0-4, or 0,2,5."),
+    extra_seeds: str = typer.Option("", help="More seeds at some fractions: '0.1:5-9;1.0:5-9'."),
+    methods: str = typer.Option(",".join(_STUDY.methods),
+                                help="Comma-separated: backbone, slca, fuse, fuse_slca, focus, focus_slca, cache_head, "
+                                     "linear_probe, probe_meanstd, or focus-MODE-SET (a mask set of the store)."),
+    focus: str = typer.Option(_STUDY.focus, help="The focus mode of the focus methods."),
+    set_: list[str] = typer.Option([], "--set", help="A recipe option by slca-train's name, NAME=VALUE (YAML); "
+                                                     "repeat it. Over the study's CPU-sized defaults."),
+    device: Optional[str] = typer.Option(None),
+    merge: list[str] = typer.Option([], "--merge", help="Join these study folders into --out instead of training "
+                                                        "(repeat it)."),
+) -> None:
+    """The paired study: each method against the same backbone, over train fractions and seeds, with
+    paired differences and 95 % intervals (the protocol is trainer/experiment.py's)."""
+    from pathlib import Path
+
+    from trainer.experiment import merge_studies, run_study
+    from trainer.recipe_args import parse_extra_seeds, parse_seeds, parse_sets
+
+    with user_errors():
+        if merge:
+            merge_studies(merge, out)
+        else:
+            if cache is None:
+                err_console.print("[bold red]error:[/] --cache is required (or --merge)")
+                raise typer.Exit(2)
+            try:
+                fracs = tuple(float(f) for f in fractions.split(","))
+            except ValueError:
+                from trainer.errors import ConfigError
+
+                raise ConfigError(f"--fractions {fractions!r}: expected numbers, e.g. 0.1,1.0") from None
+            cfg = StudyConfig(fractions=fracs, seeds=parse_seeds(seeds), extra_seeds=parse_extra_seeds(extra_seeds),
+                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()), focus=focus,
+                              train={**_STUDY.train, **parse_sets(set_)})
+            run_study(cache, out, cfg, device=device, log=say)
+    console.print((Path(out) / "summary.md").read_text(), markup=False, highlight=False)
 
 
 @app.command("export")
