@@ -82,8 +82,8 @@ def _import_sam2():
     return build_sam2
 
 
-def build_sam2_model(name: str, checkpoint: str | Path | None, random_weights: bool) -> tuple[nn.Module, str | None]:
-    """SAM 2's whole model for a registered name, in eval mode on the CPU, and its checkpoint's sha256.
+def build_sam2_model(name: str, checkpoint: str | Path | None, random_weights: bool) -> nn.Module:
+    """SAM 2's whole model for a registered name, in eval mode on the CPU.
 
     Only the parts that single images use (image encoder, prompt encoder, mask decoder and
     ``no_mem_embed``) are loaded from the checkpoint, strictly; the video memory modules are left
@@ -103,7 +103,7 @@ def build_sam2_model(name: str, checkpoint: str | Path | None, random_weights: b
     model = _seeded(lambda: build_sam2(config, ckpt_path=None, device="cpu", mode="eval",
                                        hydra_overrides_extra=overrides))
     if state is None:
-        return model.eval(), None
+        return model.eval()
     want = {k: v for k, v in model.state_dict().items() if k.startswith(_PARTS)}
     have = {k: v for k, v in state.items() if k.startswith(_PARTS)}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
@@ -114,7 +114,7 @@ def build_sam2_model(name: str, checkpoint: str | Path | None, random_weights: b
         raise EncoderError(f"checkpoint {checkpoint} does not fit {name} ({config}): of its image, prompt and mask "
                            f"decoder weights, {what}")
     model.load_state_dict(have, strict=False)
-    return model.eval(), file_sha256(checkpoint)
+    return model.eval()
 
 
 class Sam2Embedder(nn.Module):
@@ -144,7 +144,8 @@ class Sam2Embedder(nn.Module):
 
 def _encoder(name: str, checkpoint, random_weights, window) -> Encoder:
     config, size, _, intensity = SAM2_ENCODERS[name]
-    model, sha = build_sam2_model(name, checkpoint, random_weights)
+    model = build_sam2_model(name, checkpoint, random_weights)
+    sha = file_sha256(checkpoint) if checkpoint is not None else None
     pre = Preprocessing(input_size=size, pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, window=window,
                         intensity=intensity)
     levels = ((32, size // 4, size // 4), (64, size // 8, size // 8))
@@ -185,9 +186,8 @@ def _decoder(signature: dict, checkpoint: str | Path | None = None) -> Sam2MaskD
     if checkpoint is None and not random:
         raise EncoderError(f"the {name} mask decoder comes from the store's checkpoint: pass --checkpoint PATH "
                            "(the same file the store was extracted with)")
-    if checkpoint is not None:
-        checked_checkpoint(checkpoint, signature.get("checkpoint_sha256"))
-    model, sha = build_sam2_model(name, checkpoint, random_weights=checkpoint is None)
+    sha = checked_checkpoint(checkpoint, signature.get("checkpoint_sha256")) if checkpoint is not None else None
+    model = build_sam2_model(name, checkpoint, random_weights=checkpoint is None)
     return Sam2MaskDecoder(name, model.sam_prompt_encoder.eval(), model.sam_mask_decoder.eval(), model.image_size, sha)
 
 

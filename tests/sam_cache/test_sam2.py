@@ -66,7 +66,7 @@ def sam2_store(tmp_path_factory):
 def _predictor(name: str):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    model, _ = build_sam2_model(name, None, random_weights=True)
+    model = build_sam2_model(name, None, random_weights=True)
     return SAM2ImagePredictor(model)
 
 
@@ -138,7 +138,7 @@ def test_sam2_checkpoints_are_checked(tmp_path):
     with pytest.raises(EncoderError, match=f"{bad}.*does not fit sam2.1_hiera_t"):
         create_encoder("sam2.1_hiera_t", checkpoint=bad)
     # a whole SAM 2 checkpoint of this architecture loads, and its sha256 signs the store
-    model, _ = build_sam2_model("sam2.1_hiera_t", None, random_weights=True)
+    model = build_sam2_model("sam2.1_hiera_t", None, random_weights=True)
     good = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": model.state_dict()}, good)
     enc = create_encoder("sam2.1_hiera_t", checkpoint=good)
