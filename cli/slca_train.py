@@ -15,7 +15,7 @@ import typer
 from trainer.experiment import StudyConfig
 
 from ._common import console, err_console, run, say, user_errors
-from ._options import flat_values, given, train_parameters
+from ._options import flat_values, given, signature_with, train_parameters
 
 app = typer.Typer(add_completion=False, help="Train SLCA plus a timm backbone on cached SAM embeddings. "
                                              "Add --debug anywhere to see the traceback of an error.")
@@ -122,11 +122,15 @@ def eval_command(
     say(f"{split} ({m['n']} samples): {format_metrics(m)}  loss {m['loss']:.4f}")
 
 
-@app.command("predict")
 def predict_command(
     checkpoint: str = typer.Option(..., help="best.pt of a run."),
-    data: str = typer.Option(..., help="A store, or a dataset (image folder, CSV, npz; labels optional)."),
-    out: str = typer.Option(..., help="The CSV to write: id, source, p_<class>..., predicted[, label]."),
+    data: str = typer.Option(..., help="A store, or a dataset (image folder, CSV, npz; labels optional), read with "
+                                       "the reading options below, as samcache extract reads it."),
+    out: str = typer.Option(..., help="The file to write: CSV (id, source, p_<class>..., predicted[, top<k>, "
+                                      "top<k>_p][, label]) or JSON."),
+    results_format: Optional[str] = typer.Option(None, help="csv or json (default: json for an OUT ending .json, "
+                                                            "else csv)."),
+    topk: int = typer.Option(1, help="How many ranked classes each sample lists."),
     store: Optional[str] = typer.Option(None, help="Where a dataset's embeddings go (default: OUT with .zarr)."),
     encoder_checkpoint: Optional[str] = typer.Option(None, help="Encoder weights for SAM ViTs and medsam (the "
                                                                 "training store's; checked by sha256)."),
@@ -134,19 +138,32 @@ def predict_command(
     device: Optional[str] = typer.Option(None),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Predict the done rows of an unfinished store."),
+    **reading,
 ) -> None:
     """Predict new data with a trained model; extracts a dataset's embeddings first (resumable)."""
+    from sam_cache.extract_config import ReadingConfig, reading_options
     from trainer.metrics import format_metrics
     from trainer.predict import predict_data
 
     with user_errors():
         r = predict_data(checkpoint, data, out, store=store, encoder_checkpoint=encoder_checkpoint, device=device,
                          batch_size=batch_size, progress=console.is_terminal, log=say, overwrite=overwrite,
-                         allow_partial=allow_partial)
-    say(f"wrote {r['rows']} predictions to {r['csv']}")
+                         allow_partial=allow_partial, results_format=results_format, topk=topk,
+                         reading=ReadingConfig(**flat_values(reading, reading_options())))
+    say(f"wrote {r['rows']} predictions to {r['out']}")
     m = r["metrics"]
     if m is not None:
         say(f"labelled ({m['n']} samples): {format_metrics(m)}")
+
+
+def _with_reading_options(fn):
+    from sam_cache.extract_config import reading_options
+
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return signature_with(fn, own, reading_options())
+
+
+app.command("predict")(_with_reading_options(predict_command))
 
 
 _STUDY = StudyConfig()  # the protocol's defaults, shown in --help

@@ -14,15 +14,46 @@ from .errors import ConfigError
 from .options import Option, opt, options, validate_fields
 from .preprocess import parse_window
 
-__all__ = ["ExtractConfig", "extract_options"]
+__all__ = ["ExtractConfig", "ReadingConfig", "extract_options", "reading_options"]
 
 DTYPES = ("float16", "bfloat16", "float32", "int8")
 ATTENTIONS = ("auto", "sdpa", "flex", "stock")
 
 
 @dataclass
-class ExtractConfig:
-    """The encoder, the stored form, the pipeline and the dataset reading of one extraction."""
+class ReadingConfig:
+    """How a dataset is read beyond its layout: the options of every command that reads one
+    (``samcache extract``, ``slca-train predict``), defined here once."""
+
+    path_column: str = opt("path", help="CSV column of image paths.")
+    label_column: str = opt("label", help="CSV column of labels.")
+    split_column: str = opt("split", help="CSV column of splits (optional in the file).")
+    group_column: str | None = opt(None, help="CSV column of groups (patients): a group's images always share a "
+                                              "split, drawn or given (a leak is refused).")
+    nifti_axis: int = opt(2, low=0, high=2, help="NIfTI volumes: the axis slices are taken across.")
+    nifti_slices: str = opt("all", help="NIfTI volumes: all, middle or every:N slices.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    def dataset_options(self, **more):
+        """The reader's :class:`~sam_cache.datasets.DatasetOptions` for these options (``more``:
+        its other fields, e.g. ``require_labels=False``).
+
+        Raises:
+          DatasetError: a ``nifti_slices`` that is not all, middle or every:N.
+        """
+        from .datasets import DatasetOptions
+
+        return DatasetOptions(path_column=self.path_column, label_column=self.label_column,
+                              split_column=self.split_column, group_column=self.group_column,
+                              nifti_axis=self.nifti_axis, nifti_slices=self.nifti_slices, **more)
+
+
+@dataclass
+class ExtractConfig(ReadingConfig):
+    """The encoder, the stored form, the pipeline and the dataset reading of one extraction (the
+    reading options are inherited from :class:`ReadingConfig`)."""
 
     encoder: str = opt("litemedsam", help=f"The registered encoders: {', '.join(list_encoders())} (tiny: tests only; "
                                           "the SAM 2 family needs the sam2 extra).")
@@ -49,13 +80,6 @@ class ExtractConfig:
                               "position inside the kernel), stock, or auto (sdpa on CUDA).")
     compile: bool = opt(False, flag="--compile", help="torch.compile the encoder.")
     progress: bool = opt(True, flag="--progress/--no-progress", help="Show a progress bar.")
-    path_column: str = opt("path", help="CSV column of image paths.")
-    label_column: str = opt("label", help="CSV column of labels.")
-    split_column: str = opt("split", help="CSV column of splits (optional in the file).")
-    group_column: str | None = opt(None, help="CSV column of groups (patients): a group's images always share a "
-                                              "split, drawn or given (a leak is refused).")
-    nifti_axis: int = opt(2, low=0, high=2, help="NIfTI volumes: the axis slices are taken across.")
-    nifti_slices: str = opt("all", help="NIfTI volumes: all, middle or every:N slices.")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -68,15 +92,15 @@ class ExtractConfig:
         if self.encoder not in list_encoders():
             raise ConfigError(f"encoder must be one of {', '.join(list_encoders())}; got {self.encoder!r}")
 
-    def dataset_options(self):
-        from .datasets import DatasetOptions
-
-        return DatasetOptions(path_column=self.path_column, label_column=self.label_column,
-                              split_column=self.split_column, group_column=self.group_column,
-                              nifti_axis=self.nifti_axis,
-                              nifti_slices=self.nifti_slices)
 
 
 def extract_options() -> list[Option]:
-    """The leaf options of :class:`ExtractConfig`, in declaration order."""
-    return options(ExtractConfig)
+    """The leaf options of :class:`ExtractConfig`: its own in declaration order, then the reading ones."""
+    reading = {o.name for o in reading_options()}
+    every = options(ExtractConfig)
+    return [o for o in every if o.name not in reading] + [o for o in every if o.name in reading]
+
+
+def reading_options() -> list[Option]:
+    """The leaf options of :class:`ReadingConfig` (how a dataset is read)."""
+    return options(ReadingConfig)

@@ -6,14 +6,21 @@ weights, preprocessing and image size recorded in the checkpoint, so that its em
 what the model was trained on. A store is accepted when that encoder side matches
 (:func:`~trainer.evaluate.check_encoder_side`); its dataset may be any.
 
-The output CSV has one row per sample: ``id``, ``source``, a probability per class
-(``p_<class>``), ``predicted``, and ``label`` where the data has labels. With labels, the
-metrics are returned (and printed by the CLI).
+A dataset is read with the options that ``samcache extract`` takes (CSV column names, NIfTI
+slicing: :class:`~sam_cache.extract_config.ReadingConfig`, defined once for both).
+
+The output is CSV or JSON. The CSV has one row per sample: ``id``, ``source``, a probability per
+class (``p_<class>``), ``predicted``, with ``top<k>``/``top<k>_p`` columns for each rank up to
+``topk`` when ``topk`` > 1, and ``label`` where the data has labels. The JSON holds the classes
+and one record per sample with the same content, its ``topk`` as a list of ``{"class", "p"}``
+(timm's ``inference.py`` gives both forms too). With labels, the metrics are returned (and
+printed by the CLI).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -21,7 +28,8 @@ from typing import Callable
 import numpy as np
 
 from sam_cache import EmbeddingStore, extract_dataset
-from sam_cache.datasets import DatasetOptions, open_dataset
+from sam_cache.datasets import open_dataset
+from sam_cache.extract_config import ReadingConfig
 
 from sam_cache.outputs import OutputError, atomic_write, refuse_overlap
 
@@ -31,19 +39,23 @@ from .evaluate import check_encoder_side, load_run_model
 from .metrics import classification_metrics
 from .step import BatchPipeline, predict
 
-__all__ = ["predict_data"]
+__all__ = ["predict_data", "RESULTS_FORMATS"]
+
+RESULTS_FORMATS = ("csv", "json")
+_JSON_KIND = "samcache predictions"
 
 
 def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, store: str | Path | None = None,
                  encoder_checkpoint: str | Path | None = None, device: str | None = None,
                  batch_size: int | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print, overwrite: bool = False, allow_partial: bool = False) -> dict:
-    """Predict every sample of ``data`` with the model of ``checkpoint``; write ``out`` (CSV).
+                 log: Callable[[str], None] = print, overwrite: bool = False, allow_partial: bool = False,
+                 reading: ReadingConfig | None = None, results_format: str | None = None, topk: int = 1) -> dict:
+    """Predict every sample of ``data`` with the model of ``checkpoint``; write ``out`` (CSV or JSON).
 
     Arguments:
       checkpoint: ``best.pt`` of a run.
       data: a store, or a dataset path (labels optional).
-      out: the CSV to write.
+      out: the file to write.
       store: where a dataset's embeddings are stored (default: ``out`` with ``.zarr``); resumable.
       encoder_checkpoint: the encoder weights (SAM ViTs and medsam; litemedsam has them packaged);
         their sha256 must be the training store's.
@@ -55,16 +67,24 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         rerun replaces its own predictions).
       allow_partial: predict the done rows of a given store whose extraction has not finished (a
         dataset that this call extracts is always complete, but for images that cannot be read).
+      reading: how a dataset is read (CSV columns, NIfTI slicing); default ``ReadingConfig()``.
+      results_format: ``csv`` or ``json``; default from ``out``'s suffix (``.json``: JSON, else CSV).
+      topk: how many ranked classes each sample lists (1: the predicted class only).
 
     Returns:
-      ``{"rows", "csv", "store", "metrics"}``; ``metrics`` is None without labels.
+      ``{"rows", "out", "store", "metrics", "format"}``; ``metrics`` is None without labels.
 
     Raises:
       TrainError, StoreMismatchError, EncoderError, DatasetError: an unusable checkpoint, store,
         encoder or dataset, each named; an ``out`` that exists (without ``overwrite``), is one of
-        the inputs or lies inside the dataset.
+        the inputs or lies inside the dataset; an unknown format; a ``topk`` below 1 or above the
+        model's number of classes.
     """
     data, out = str(data), Path(out)
+    fmt = results_format or ("json" if out.suffix.lower() == ".json" else "csv")
+    if fmt not in RESULTS_FORMATS:
+        raise TrainError(f"--results-format must be one of {', '.join(RESULTS_FORMATS)}; got {fmt!r}")
+    reading = reading or ReadingConfig()
     is_store = EmbeddingStore.is_store(data)
     try:
         # a folder dataset takes every image file in it: nothing may be written inside it
@@ -73,9 +93,12 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
     except OutputError as exc:
         raise TrainError(str(exc)) from None
     if out.exists() and not overwrite and not _is_predictions(out):
-        raise TrainError(f"{out} exists and is not a predictions CSV; choose another --out, or pass --overwrite to "
+        raise TrainError(f"{out} exists and is not a predictions file; choose another --out, or pass --overwrite to "
                          "replace it")
     model, cfg, state = load_run_model(checkpoint, device)
+    if not 1 <= topk <= len(state["class_names"]):
+        raise TrainError(f"--topk {topk}: the model has {len(state['class_names'])} classes "
+                         f"({', '.join(state['class_names'])}); give 1 to {len(state['class_names'])}")
     dev = next(model.parameters()).device
     sig = state["store_signature"]
     partial_ok = allow_partial or not is_store  # our own extraction: only skipped images are missing, each named
@@ -83,7 +106,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         store_path = data
     else:
         store_path = str(store or out.with_suffix(".zarr"))
-        manifest = open_dataset(data, options=DatasetOptions(require_labels=False, single_split="test"))
+        manifest = open_dataset(data, options=reading.dataset_options(require_labels=False, single_split="test"))
         log(f"extracting {len(manifest)} images of {data} with {sig['encoder']} into {store_path} (resumable)")
         result = extract_dataset(manifest, store_path, sig["encoder"], checkpoint=encoder_checkpoint,
                                  random_weights=bool(sig["random_weights"]), image_size=sig["image_size"],
@@ -105,9 +128,11 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
             raise TrainError(f"the model uses --focus {cfg.focus}: run `samcache masks {store_path} --mask-set "
                              f"{cfg.mask_set}` with {how}")
         names = state["class_names"]
-        labelled = s.class_names == names and (s.labels[rows] >= 0).all()
-        if s.class_names and s.class_names != names:
-            log(f"warning: the data's classes {s.class_names} are not the model's {names}: no metrics")
+        # labels count when every class of the data is one of the model's (some may be absent)
+        labelled = bool(s.class_names) and set(s.class_names) <= set(names) and (s.labels[rows] >= 0).all()
+        if s.class_names and not set(s.class_names) <= set(names):
+            log(f"warning: the data's classes {sorted(set(s.class_names) - set(names))} are not among the model's "
+                f"{names}: no metrics")
         pipeline = BatchPipeline(model, cfg, dev)
         with PairedCache(s, rows, dev, "auto", embeddings=model.needs_embeddings, masks=cfg.focus_masks) as c, \
                 _bar(progress, len(rows)) as advance:
@@ -115,32 +140,56 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
                                   cfg.amp and dev.type == "cuda", on_batch=advance)
         ids = s.ids[rows]
         sources = _sources(s, rows)
-        labels = s.labels[rows]
-    pred = probs.argmax(1)
-
-    def write(path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "source", *[f"p_{n}" for n in names], "predicted"] + (["label"] if labelled else []))
-            for k in range(len(rows)):
-                row = [ids[k], sources[k], *[f"{p:.6f}" for p in probs[k]], names[pred[k]]]
-                w.writerow(row + ([names[labels[k]]] if labelled else []))
-
+        labels = np.array([names.index(s.class_names[v]) for v in s.labels[rows]]) if labelled else s.labels[rows]
+    ranked = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+    records = [{"id": str(ids[k]), "source": sources[k],
+                "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs[k])},
+                "predicted": names[ranked[k, 0]],
+                "topk": [{"class": names[c], "p": round(float(probs[k, c]), 6)} for c in ranked[k]],
+                **({"label": names[labels[k]]} if labelled else {})} for k in range(len(rows))]
     try:
-        atomic_write(out, write)
+        atomic_write(out, lambda path: (_write_json if fmt == "json" else _write_csv)(path, records, names, topk,
+                                                                                     checkpoint))
     except OutputError as exc:
         raise TrainError(str(exc)) from None
     metrics = classification_metrics(labels, probs) if labelled else None
-    return {"rows": int(len(rows)), "csv": str(out), "store": store_path, "metrics": metrics}
+    return {"rows": int(len(rows)), "out": str(out), "store": store_path, "metrics": metrics, "format": fmt}
+
+
+def _write_csv(path: Path, records: list[dict], names: list[str], topk: int, checkpoint) -> None:
+    ranks = range(2, topk + 1)
+    labelled = bool(records) and "label" in records[0]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "source", *[f"p_{n}" for n in names], "predicted",
+                    *[c for k in ranks for c in (f"top{k}", f"top{k}_p")]] + (["label"] if labelled else []))
+        for r in records:
+            top = [v for t in r["topk"][1:] for v in (t["class"], f"{t['p']:.6f}")]
+            w.writerow([r["id"], r["source"], *[f"{r['probabilities'][n]:.6f}" for n in names], r["predicted"], *top]
+                       + ([r["label"]] if labelled else []))
+
+
+def _write_json(path: Path, records: list[dict], names: list[str], topk: int, checkpoint) -> None:
+    doc = {"kind": _JSON_KIND, "checkpoint": str(checkpoint), "classes": names, "topk": topk,
+           "predictions": records}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _is_predictions(path: Path) -> bool:
-    """Whether ``path`` is a CSV that predict wrote (a rerun replaces its own output)."""
+    """Whether ``path`` is a file that predict wrote, CSV or JSON (a rerun replaces its own output)."""
     try:
         with open(path, newline="") as f:
-            return f.readline().startswith("id,source,p_")
+            head = f.read(64)
     except (OSError, UnicodeDecodeError):
         return False
+    if head.startswith("id,source,p_"):
+        return True
+    if head.lstrip().startswith("{"):
+        try:
+            return json.loads(path.read_text()).get("kind") == _JSON_KIND
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
 
 
 def _sources(store: EmbeddingStore, rows: np.ndarray) -> list[str]:

@@ -60,6 +60,41 @@ def test_predict_new_unlabelled_images(run, sample_dir, tmp_path):
     assert again.exit_code == 0 and _rows(tmp_path / "p.csv") == rows
 
 
+def test_predict_reads_a_csv_with_other_columns_and_writes_json_or_csv_with_topk(run, sample_dir, tmp_path):
+    names = json.loads((run / "metrics.json").read_text())["class_names"]
+    files = sorted((sample_dir / names[0]).iterdir())[:2] + sorted((sample_dir / names[1]).iterdir())[:1]
+    manifest = tmp_path / "cases.csv"  # extract's reading options, same names: --path-column, --label-column
+    manifest.write_text("file,diagnosis\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    base = ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(manifest), "--device", "cpu",
+            "--store", str(tmp_path / "cases.zarr")]
+    plain = runner.invoke(app, base + ["--out", str(tmp_path / "p.csv")])
+    assert plain.exit_code != 0 and "path" in plain.output and "--path-column" in plain.output
+    cols = ["--path-column", "file", "--label-column", "diagnosis"]
+    result = runner.invoke(app, base + cols + ["--out", str(tmp_path / "p.json"), "--topk", "2"])
+    assert result.exit_code == 0, result.output
+    assert "labelled (3 samples)" in result.output
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["classes"] == names and doc["topk"] == 2 and len(doc["predictions"]) == 3
+    for r in doc["predictions"]:
+        p = r["probabilities"]
+        assert [t["class"] for t in r["topk"]] == sorted(p, key=p.get, reverse=True)[:2]
+        assert r["predicted"] == r["topk"][0]["class"] and r["topk"][0]["p"] >= r["topk"][1]["p"]
+    assert sorted(r["label"] for r in doc["predictions"]) == sorted(f.parent.name for f in files)
+    as_csv = runner.invoke(app, base + cols + ["--out", str(tmp_path / "p.txt"), "--results-format", "csv",
+                                               "--topk", "3"])
+    assert as_csv.exit_code == 0, as_csv.output
+    rows = _rows(tmp_path / "p.txt")
+    assert list(rows[0])[-5:] == ["top2", "top2_p", "top3", "top3_p", "label"]
+    by_id = {r["id"]: r for r in doc["predictions"]}
+    for r in rows:  # the same predictions in both forms
+        assert r["top2"] == by_id[r["id"]]["topk"][1]["class"] and r["predicted"] == by_id[r["id"]]["predicted"]
+    # a rerun replaces its own JSON; a k above the classes is refused by name
+    again = runner.invoke(app, base + cols + ["--out", str(tmp_path / "p.json")])
+    assert again.exit_code == 0 and json.loads((tmp_path / "p.json").read_text())["topk"] == 1
+    big = runner.invoke(app, base + cols + ["--out", str(tmp_path / "q.csv"), "--topk", "4"])
+    assert big.exit_code != 0 and "--topk 4: the model has 3 classes" in big.output
+
+
 def test_predict_and_eval_on_an_external_labelled_store(run, tiny_store, sample_dir, tmp_path):
     ext = tmp_path / "ext.zarr"  # another dataset (another split) made the same way: accepted
     extract_dataset(sample_dir, ext, "tiny", image_size=64, batch_size=4, num_workers=0, progress=False, seed=5,
