@@ -6,7 +6,11 @@
   and ``local-dir:`` names work as they do in timm, and so does timm's offline behaviour
   (``HF_HUB_OFFLINE=1``: only what is cached).
 - ``pretrained_path=FILE``: a local weights file (a state dict, or one under ``state_dict`` or
-  ``model``), loaded by timm; a classifier of another size is re-initialized.
+  ``model``; read by timm's ``load_state_dict``), loaded strictly: every key must fit the model
+  but the classifier's, which a new class count re-initializes. Weights of another model (a
+  ResNet-34 file for a ResNet-18) are refused, naming the keys that do not fit;
+  ``partial=True`` (``--pretrained-partial``) loads the keys that fit on purpose and records
+  how many did not.
 - ``pretrained_path="litemedsam"``: LiteMedSAM's TinyViT encoder mapped onto
   ``tiny_vit_5m_224`` (:mod:`trainer.litemedsam_weights`).
 
@@ -47,7 +51,8 @@ def _file_sha256(path: Path) -> str:
 
 def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool = False,
                     pretrained_path: str | Path | None = None, in_chans: int = 3,
-                    class_names: list[str] | None = None, **kwargs) -> tuple[nn.Module, dict]:
+                    class_names: list[str] | None = None, partial: bool = False,
+                    **kwargs) -> tuple[nn.Module, dict]:
     """``timm.create_model`` with pretrained weights by flag, by file, or LiteMedSAM's.
 
     Arguments:
@@ -58,6 +63,8 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
       pretrained_path: a local weights file, or ``"litemedsam"``; implies ``pretrained``.
       in_chans: input channels (4 for ``--focus channel``; timm adapts pretrained stems).
       class_names: the classes (a ``clip:`` backbone builds its head from their names).
+      partial: load the keys of ``pretrained_path`` that fit and skip the rest (default: refuse
+        a file with a key that does not fit).
       kwargs: more model arguments (e.g. ``embed_dim`` for a small test Swin).
 
     ``clip:MODEL[@TAG]`` builds an open_clip visual encoder instead (:mod:`trainer.clip_backbone`).
@@ -65,11 +72,12 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
     Returns:
       ``(model, weights)``; ``weights`` is ``{"source", "sha256"}``: ``source`` is ``random``, the
       timm name, the file path or ``litemedsam``; ``sha256`` that of the file, or of the loaded
-      tensors when no single file is known (None for random weights).
+      tensors when no single file is known (None for random weights). A partial load adds
+      ``"skipped"``: how many of the file's keys, and the model's, were left out.
 
     Raises:
       BackboneError: an unknown model, a missing file, or weights that cannot be reached or do
-        not fit.
+        not fit (a file's keys: missing, unexpected or of another shape, first ones named).
     """
     if name.startswith("clip:"):
         from .clip_backbone import create_clip_backbone
@@ -92,7 +100,6 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
         path = Path(pretrained_path)
         if not path.is_file():
             raise BackboneError(f"pretrained weights {path} do not exist (nothing is downloaded for a path)")
-        extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
         weights = {"source": str(path), "sha256": _file_sha256(path)}
     elif pretrained and not special:
         extra = {"pretrained": True}
@@ -111,6 +118,10 @@ def create_backbone(name: str, num_classes: int, img_size: int, pretrained: bool
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         where = "" if not extra else " with pretrained weights (offline? timm reads them from its cache or the hub)"
         raise BackboneError(f"cannot build backbone {name!r}{where}: {first}") from None
+    if pretrained_path is not None and not special:
+        skipped = _load_file(model, Path(pretrained_path), name, in_chans, partial)
+        if partial:
+            weights["skipped"] = skipped
     if special:
         _load_litemedsam(model, in_chans)
         weights = {"source": LITEMEDSAM, "sha256": None}
@@ -124,6 +135,53 @@ def _classifier_prefix(model: nn.Module) -> str:
     """The state-dict prefix of the model's classifier, which a new class count re-initializes."""
     name = getattr(model, "default_cfg", {}).get("classifier", "fc")
     return name if isinstance(name, str) else name[0]
+
+
+def _prefixes(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def _load_file(model: nn.Module, path: Path, name: str, in_chans: int, partial: bool) -> dict:
+    """Load a weights file into ``model`` strictly but for the classifier (see the module)."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path), use_ema=False)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackboneError(f"pretrained weights {path} cannot be read: {first}") from None
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
+    if in_chans != 3:  # a 3-channel stem grows to in_chans as timm's own pretrained loading does
+        from timm.models._manipulate import adapt_input_conv
+
+        for conv in _prefixes(cfg.get("first_conv")):
+            key = f"{conv}.weight"
+            if key in state and state[key].ndim == 4 and state[key].shape[1] != in_chans:
+                state[key] = adapt_input_conv(in_chans, state[key])
+    own = model.state_dict()
+    head = _prefixes(cfg.get("classifier", "fc"))
+
+    def in_head(k: str) -> bool:
+        return any(k == h or k.startswith(h + ".") for h in head)
+
+    missing = [k for k in own if k not in state and not in_head(k)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape) and not in_head(k)]
+    if (missing or unexpected or wrong) and not partial:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the model's keys missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} keys the model does not have (first: {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (first: {k}, file {tuple(state[k].shape)}, "
+                         f"model {tuple(own[k].shape)})")
+        raise BackboneError(f"pretrained weights {path} do not fit {name}: {'; '.join(parts)}. Is it another "
+                            "model's file? --pretrained-partial loads the keys that fit on purpose")
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(fits, strict=False)
+    return {"file_keys": len(state) - len(fits), "model_keys": len([k for k in own if k not in fits and not in_head(k)])}
 
 
 def _load_litemedsam(model: nn.Module, in_chans: int) -> None:

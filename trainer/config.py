@@ -101,7 +101,10 @@ class TrainConfig:
     backbone_kwargs: dict = opt(factory=dict, help="JSON of extra timm model arguments.")
     pretrained: bool = opt(False, flag="--pretrained", help="Load timm's default weights for the backbone (from timm's "
                                                            "cache or hub; honours HF_HUB_OFFLINE).")
-    pretrained_path: str | None = opt(None, help="Local backbone weights file (implies --pretrained).")
+    pretrained_path: str | None = opt(None, help="Local backbone weights file (implies --pretrained); loaded "
+                                                 "strictly, but for the classifier.")
+    pretrained_partial: bool = opt(False, flag="--pretrained-partial",
+                                   help="Load the keys of --pretrained-path that fit and skip the rest, on purpose.")
     slca: SLCAConfig = field(default_factory=SLCAConfig)
     fuse: str = opt("meanstd", choices=FUSIONS, sweep=True,
                     help="Join statistics of the cached embedding (over the image crop) to the head: mean (256) or "
@@ -170,6 +173,9 @@ class TrainConfig:
                                   "image backbone")
             self.slca = dataclasses.replace(self.slca, enabled=False)
             self.fuse = "none"
+        if self.backbone.startswith("clip:") and self.slca.enabled:  # refused here, before any model is built
+            raise ConfigError(f"--backbone {self.backbone}: CLIP's visual encoder has no feature stages for SLCA to "
+                              "gate; pass --no-slca (fusion and focus work with it)")
         try:
             check_mask_set_name(self.mask_set)
         except StoreError as exc:

@@ -214,7 +214,8 @@ def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | Non
             {"source": "random", "sha256": None}
     in_chans = 4 if cfg.focus == "channel" else 3
     backbone, weights = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained, cfg.pretrained_path,
-                                        in_chans=in_chans, class_names=class_names, **cfg.backbone_kwargs)
+                                        in_chans=in_chans, class_names=class_names, partial=cfg.pretrained_partial,
+                                        **cfg.backbone_kwargs)
     model = Classifier(backbone, num_classes, cfg.slca, cfg.fuse, cfg.img_size)
     torch.manual_seed(cfg.seed + 1)
     return model, weights

@@ -384,6 +384,9 @@ def _describe_model(cfg: TrainConfig, model, weights: dict) -> str:
         return f"{n / 1e6:.2f} M" if n >= 100_000 else f"{n / 1e3:.1f} k"
 
     source = "random init" if weights["source"] == "random" else f"weights {weights['source']}"
+    if weights.get("skipped"):
+        sk = weights["skipped"]
+        source += f" (partial: {sk['file_keys']} keys of the file and {sk['model_keys']} of the model not loaded)"
     if model.head is not None:
         return f"model: no backbone, cache-only head {cfg.head} on the embedding, {millions(model.head)} parameters"
     parts = [f"model: {cfg.backbone} ({source}, {millions(model.backbone)} parameters)"]

@@ -98,3 +98,23 @@ def test_pretrained_backbone_loads_from_a_local_file(tmp_path):
 
     assert weights == {"source": str(tmp_path / "r18.pth"), "sha256": file_sha256(tmp_path / "r18.pth")}
     assert create_backbone("resnet18", 3, 64)[1] == {"source": "random", "sha256": None}
+
+
+def test_pretrained_weights_of_another_model_are_refused_by_name_unless_partial(tmp_path):
+    torch.save(_backbone("resnet34").state_dict(), tmp_path / "r34.pth")  # timm used to load it with a warning
+    with pytest.raises(BackboneError, match=r"r34.pth do not fit resnet18: .*keys the model does not have "
+                                            r"\(first: layer1.2.conv1.weight\).*--pretrained-partial"):
+        create_backbone("resnet18", 3, 64, pretrained_path=tmp_path / "r34.pth")
+    model, weights = create_backbone("resnet18", 3, 64, pretrained_path=tmp_path / "r34.pth", partial=True)
+    source = torch.load(tmp_path / "r34.pth", weights_only=True)
+    assert torch.equal(model.layer1[0].conv1.weight, source["layer1.0.conv1.weight"])  # the keys that fit
+    assert weights["skipped"]["file_keys"] > 0 and weights["skipped"]["model_keys"] == 0
+    wrong = _backbone("resnet18").state_dict()
+    wrong["layer2.0.conv1.weight"] = wrong["layer2.0.conv1.weight"][:, :32]
+    torch.save(wrong, tmp_path / "bad.pth")
+    with pytest.raises(BackboneError, match=r"1 of another shape \(first: layer2.0.conv1.weight, file "
+                                            r"\(128, 32, 3, 3\), model \(128, 64, 3, 3\)\)"):
+        create_backbone("resnet18", 3, 64, pretrained_path=tmp_path / "bad.pth")
+    # a 4-channel stem (--focus channel) grows from a 3-channel file, as timm's loading does
+    four, _ = create_backbone("resnet18", 3, 64, pretrained_path=tmp_path / "r34.pth", in_chans=4, partial=True)
+    assert four.conv1.weight.shape[1] == 4
