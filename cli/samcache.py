@@ -27,6 +27,7 @@ def extract(**values) -> None:
     dataset, out = values.pop("dataset"), values.pop("out")
     with user_errors():
         config = ExtractConfig(**flat_values(values, extract_options()))
+        config.progress = config.progress and console.is_terminal  # no bar in a file or a pipe
         result = extract_dataset(dataset, out, config=config)
     if result.rank != 0:  # under torchrun, rank 0 speaks for all
         raise typer.Exit(EXIT_SKIPPED if result.skipped else 0)
@@ -82,7 +83,8 @@ def convert(
 
     with user_errors():
         dtype = dtype or ("int8" if grid is None else None)
-        r = convert_store(store, out, dtype, shard_size=shard_size, overwrite=overwrite, progress=progress, grid=grid)
+        r = convert_store(store, out, dtype, shard_size=shard_size, overwrite=overwrite,
+                          progress=progress and console.is_terminal, grid=grid)
     say(f"converted {r['rows']} rows into {out} ({r['done']} done in all): "
         f"{r['src_bytes'] / 2**20:.2f} -> {r['dst_bytes'] / 2**20:.2f} MiB of embedding per sample")
 
@@ -125,6 +127,7 @@ def masks(
     from sam_cache.masks import decode_masks
     from sam_cache.user_masks import import_masks
 
+    progress = progress and console.is_terminal  # no bar in a file or a pipe
     with user_errors():
         if from_masks is not None:
             r = import_masks(store, from_masks, mask_name=mask_name, allow_missing=allow_missing, overwrite=overwrite,
@@ -241,7 +244,7 @@ def verify(store: str = typer.Argument(..., help="Store path.")) -> None:
     with user_errors():
         with EmbeddingStore.open(store) as s:
             n = int(s.done.sum())
-        with Progress(console=err_console, transient=True) as bar:
+        with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
             task = bar.add_task("verify", total=n)
             problems = verify_store(store, progress=lambda k: bar.update(task, completed=k))
     if problems:

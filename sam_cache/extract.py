@@ -38,6 +38,7 @@ from .preprocess import ImageDecodeError, image_problem, load_frame, normalize_f
 from . import distributed
 from .errors import ConfigError
 from .extract_config import ExtractConfig
+from .threads import cpu_threads
 from .store import EMBED_SHAPE, EmbeddingStore, StoreError, contiguous_runs, store_format
 
 __all__ = ["extract_dataset", "ExtractionResult"]
@@ -217,7 +218,11 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
         raise ConfigError(f"pass either config or keyword options, not both ({', '.join(options)})")
     elif isinstance(encoder, str) and encoder != config.encoder:
         raise ConfigError(f"encoder {encoder!r} differs from the config's {config.encoder!r}")
-    c = config
+    with cpu_threads(config.threads):
+        return _extract(dataset, out, encoder, config)
+
+
+def _extract(dataset, out, encoder, c: ExtractConfig) -> ExtractionResult:
     if not isinstance(encoder, Encoder):
         encoder = c.encoder
     checkpoint, random_weights, dtype, image_size = c.checkpoint, c.random_weights, c.dtype, c.image_size

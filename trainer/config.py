@@ -147,6 +147,9 @@ class TrainConfig:
     select_metric: str = opt("balanced_accuracy", choices=METRIC_KEYS, help="Validation metric that picks best.pt.")
     # machinery
     device: str | None = opt(None, help="cuda, cpu, ...; default: cuda when available.")
+    threads: int = opt(0, low=0, help="CPU threads torch uses (0: its default, one per core); a fixed count repeats "
+                                      "a seed's CPU run exactly on this machine, whatever the load (the README's "
+                                      "demo uses 1).")
     amp: bool = opt(True, flag="--amp/--no-amp", help="bf16 autocast on CUDA.")
     channels_last: bool = opt(True, flag="--channels-last/--no-channels-last", help="channels_last layout on CUDA.")
     sync_bn: bool = opt(False, flag="--sync-bn", help="Under torchrun on CUDA: SyncBatchNorm.")

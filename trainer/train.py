@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sam_cache import distributed
 from sam_cache.outputs import OutputError, atomic_write, dataset_folder, describe_os_error, refuse_overlap
 from sam_cache.store import EmbeddingStore
+from sam_cache.threads import cpu_threads
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import METRIC_KEYS, TrainConfig
@@ -185,6 +186,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -> dict:
     out = Path(cfg.out)
     main = ctx.is_main
+    stack.enter_context(cpu_threads(cfg.threads))
     if (out / "last.pt").exists() and not (resume or overwrite):
         raise TrainError(f"run folder {out} has a run already; pass --resume to continue it or --overwrite")
     if resume and not (out / "last.pt").exists():
@@ -242,6 +244,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     log(_describe_model(cfg, model, weights))
+    log(f"best.pt: the epoch of the highest val {cfg.select_metric} (a tie goes to the lower val loss), marked *")
     net = model
     if ctx.world > 1:  # DDP: each rank takes every world-th sample of a global batch of batch_size * world
         if cfg.sync_bn and device.type == "cuda":
@@ -268,6 +271,8 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if history and history[0]["epoch"] == 0:  # a run of samcache <= 0.2 counted epochs from 0 in its rows
+            history = [{**h, "epoch": h["epoch"] + 1} for h in history]
         log(f"resumed from {out / 'last.pt'} at epoch {start + 1} of {cfg.epochs}")
     if main:
         _write(out / "config.yaml", lambda p: p.write_text(_config_text(cfg, weights)))
@@ -311,7 +316,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         # validation and checkpoints
         yv, pv, val_loss = predict(model, pipeline, cache, rows.val, cfg.batch_size, amp, ctx)
         val = classification_metrics(yv, pv)
-        row = {"epoch": epoch, "step": (epoch + 1) * plan.steps_per_epoch,
+        row = {"epoch": epoch + 1, "step": (epoch + 1) * plan.steps_per_epoch,  # epochs count from 1, as printed
                "lr": float(optimizer.param_groups[0]["lr"]), "train_loss": loss_total / max(seen, 1),
                "train_accuracy": right_total / max(seen, 1), "val_loss": val_loss,
                **{f"val_{m}": val[m] for m in METRIC_KEYS}, "seconds": round(seconds, 3),
@@ -336,7 +341,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             if tb is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                        tb.add_scalar(key, value, row["step"])
+                        tb.add_scalar(tensorboard_tag(key), value, row["step"])
         log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}  "
             f"val loss {val_loss:.4f}  {cfg.select_metric} {_fmt(val[cfg.select_metric])}  "
             f"{row['img_per_s']:.0f} img/s{'  *' if improved else ''}")
@@ -353,8 +358,8 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     load_weights(model, best_state["model"])
     yt, pt, test_loss = predict(model, pipeline, cache, rows.test, cfg.batch_size, amp, ctx)
     test = classification_metrics(yt, pt)
-    best_row = next(h for h in history if h["epoch"] == best_state["epoch"])
-    result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state["epoch"], "epochs_run": len(history),
+    best_row = next(h for h in history if h["epoch"] == best_state["epoch"] + 1)
+    result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state["epoch"] + 1, "epochs_run": len(history),
               "steps": history[-1]["step"], "val_best": {m: best_row[f"val_{m}"] for m in METRIC_KEYS},
               "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca.enabled, "fuse": cfg.fuse,
               "focus": cfg.focus, "backbone": cfg.backbone, "weights": weights, "train_samples": int(len(rows.train)),
@@ -362,12 +367,18 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     if not main:
         return result
     _write(out / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    if tb is not None:
+        _tensorboard_summary(tb, cfg, result)
 
     # figures
-    _write(out / "curves.png", lambda p: plot_learning_curves(history, p, cfg.select_metric))
+    factor = warmup_cosine(cfg.warmup_steps, plan.total)
+    schedule = [cfg.lr * factor(k) for k in range(plan.total)][: history[-1]["step"]]
+    _write(out / "curves.png", lambda p: plot_learning_curves(history, p, cfg.select_metric, schedule,
+                                                             plan.steps_per_epoch))
     _write(out / "confusion.png", lambda p: plot_confusion(test["confusion"], class_names, p,
                                                           f"test, best epoch {best_state['epoch'] + 1}"))
-    attention_figure(model, pipeline, cache, rows.test[: cfg.attention_images], cfg, class_names, out / "attention.png")
+    shown = per_class_rows(rows.test, store.labels[rows.test], cfg.attention_images)
+    attention_figure(model, pipeline, cache, shown, cfg, class_names, out / "attention.png", store.ids[shown])
     log(f"test: {format_metrics(test)}")
     log(f"wrote {out}/: {RUN_FILES}")
     return result
@@ -496,10 +507,48 @@ def _tensorboard(out: Path, cfg: TrainConfig):
     return SummaryWriter(str(out / "tb"))
 
 
+def per_class_rows(rows: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` of ``rows`` taken class by class in turn (the first of each class, then the
+    second, ...), so that every class is shown when ``n`` allows."""
+    by_class = [list(rows[labels == c]) for c in np.unique(labels)]
+    picked = []
+    while len(picked) < n and any(by_class):
+        for group in by_class:
+            if group and len(picked) < n:
+                picked.append(group.pop(0))
+    return np.asarray(picked, dtype=rows.dtype)
+
+
+def _short(text: str, width: int = 30) -> str:
+    """An id that fits over a panel: its end, where file names differ."""
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metrics row's key as a grouped TensorBoard tag: ``val_auc`` -> ``val/auc``,
+    ``train_loss`` -> ``train/loss``, ``img_per_s`` -> ``speed/img_per_s``, ``lr`` stays."""
+    for group in ("train", "val", "test"):
+        if key.startswith(group + "_"):
+            return f"{group}/{key[len(group) + 1:]}"
+    return f"speed/{key}" if key in ("img_per_s", "seconds") else key
+
+
+def _tensorboard_summary(tb, cfg: TrainConfig, result: dict) -> None:
+    """The test metrics (at the last step) and the run's hyperparameters beside them (HPARAMS tab)."""
+    test = {f"test/{k}": float(result["test"][k]) for k in (*METRIC_KEYS, "loss") if result["test"].get(k) is not None}
+    for tag, value in test.items():
+        tb.add_scalar(tag, value, result["steps"])
+    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.flat().items()
+               if k not in ("cache", "out", "device") and v is not None}
+    tb.add_hparams(hparams, {f"hparam/{k.replace('/', '_')}": v for k, v in test.items()}, run_name=".")
+    tb.flush()
+
+
 @torch.no_grad()
 def attention_figure(model, pipeline: BatchPipeline, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig,
-                     class_names: list[str], path: Path) -> None:
-    """``attention.png``: test images with SLCA's gate deviation and, in focus runs, the SAM mask."""
+                     class_names: list[str], path: Path, ids=None) -> None:
+    """``attention.png``: test images, each above its SLCA gate deviation, and in focus runs the
+    SAM mask; titled with the id (``ids``), the true and the predicted class."""
     if not len(rows):
         return
     model.eval()
@@ -510,7 +559,9 @@ def attention_figure(model, pipeline: BatchPipeline, cache: PairedCache, rows: n
     raw, _ = paired_views(img, None, boxes, flips, cfg.img_size)
     pictures = raw[:, :3].clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
     masks = raw[:, 3].cpu().numpy() if raw.shape[1] == 4 else None
-    titles = [f"{class_names[t]} -> {class_names[p]}" for t, p in zip(y.tolist(), logits.argmax(1).tolist())]
+    names = [str(i) for i in ids] if ids is not None else [str(r) for r in rows]
+    titles = [f"{_short(i)}\n{class_names[t]} -> {class_names[p]}"
+              for i, t, p in zip(names, y.tolist(), logits.argmax(1).tolist())]
     maps, stage_name = None, ""
     if model.slca is not None:
         stage = model.stages[0]

@@ -40,7 +40,7 @@ def test_two_epoch_run_writes_every_file(slca_run):
     out, output = slca_run
     assert RUN_FILES <= {p.name for p in out.iterdir()}
     rows = _csv(out / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # as the console counts them
     assert {"train_loss", "val_loss", "val_balanced_accuracy", "val_auc", "img_per_s", "data_order"} <= set(rows[0])
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["n"] == 3 and set(m["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion"}
@@ -111,6 +111,30 @@ def test_step_budget_is_honoured(tiny_store, tmp_path):
     assert rows[0]["data_order"] != _csv(tmp_path / "short" / "metrics.csv")[0]["data_order"]
 
 
+def test_threads_fix_the_cpu_thread_count_of_a_run_and_restore_it(tiny_store, tmp_path):
+    before = torch.get_num_threads()
+    seen = []
+    train(_cfg(tiny_store, tmp_path / "t", epochs=1, threads=1), log=lambda s: None,
+          on_epoch=lambda row: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == before
+    from sam_cache.threads import cpu_threads
+
+    with pytest.raises(ValueError, match="threads must be 0"):
+        with cpu_threads(-1):
+            pass
+
+
+def test_figures_show_every_class_and_the_normalized_confusion(tmp_path):
+    from trainer.plots import plot_confusion
+    from trainer.train import per_class_rows
+
+    rows, labels = np.arange(10, 19), np.array([0, 0, 0, 0, 0, 1, 1, 2, 2])
+    assert per_class_rows(rows, labels, 4).tolist() == [10, 15, 17, 11]  # each class before a second of any
+    assert sorted(per_class_rows(rows, labels, 20).tolist()) == rows.tolist()  # all, once each
+    normalized = plot_confusion([[3, 1], [0, 0]], ["a", "b"], tmp_path / "c.png", "t")
+    assert normalized.tolist() == [[0.75, 0.25], [0.0, 0.0]] and (tmp_path / "c.png").stat().st_size > 0
+
+
 def test_fusion_model_trains_evaluates_and_reloads(tiny_store, tmp_path):
     out = tmp_path / "fuse"
     result = train(_cfg(tiny_store, out, slca=False, fuse="meanstd", lr=0.01), log=lambda s: None)
@@ -127,7 +151,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_store, tmp_
     full = train(_cfg(tiny_store, tmp_path / "full"), log=lambda s: None)
 
     def stop_after_first(row):
-        if row["epoch"] == 0:
+        if row["epoch"] == 1:  # epochs count from 1
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

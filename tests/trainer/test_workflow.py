@@ -148,7 +148,7 @@ def test_a_finished_run_can_be_extended_and_nothing_else_changed(tiny_store, tmp
     lines = []
     train(_cfg(tiny_store, out, epochs=3), resume=True, log=lines.append)
     rows = _rows(out / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and any("resumed" in line for line in lines)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and any("resumed" in line for line in lines)
     with pytest.raises(TrainError, match="differs from .* in lr"):
         train(_cfg(tiny_store, out, epochs=4, lr=0.01), resume=True, log=lambda s: None)
 
@@ -156,7 +156,16 @@ def test_a_finished_run_can_be_extended_and_nothing_else_changed(tiny_store, tmp
 def test_progress_bar_and_tensorboard(tiny_store, tmp_path):
     pytest.importorskip("tensorboard", reason="TensorBoard logging is the optional extra samcache[tensorboard]")
     train(_cfg(tiny_store, tmp_path / "tb", tensorboard=True), log=lambda s: None, progress=True)
-    assert any((tmp_path / "tb" / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for f in (tmp_path / "tb" / "tb").iterdir():
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags().get("tensors", []))
+    assert {"train/loss", "val/balanced_accuracy", "val/auc", "lr", "test/accuracy"} <= tags  # grouped
+    assert not any(t.startswith("val_") for t in tags)
+    assert "hparam/test_balanced_accuracy" in tags  # add_hparams' metric: the HPARAMS tab has the recipe beside it
 
 
 def test_pretrained_sources_the_timm_way(tmp_path, monkeypatch):
