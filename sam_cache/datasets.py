@@ -20,8 +20,10 @@ Layouts accepted by :func:`open_dataset`:
 
 Files: PNG, JPEG, BMP, TIFF, DICOM (one sample per frame of a multi-frame file, ids
 ``path#f0003``) and NIfTI (``.nii``/``.nii.gz``, ``pip install 'samcache[nifti]'``: one sample per
-2-D slice along ``nifti_axis``, ids ``path#z0042``; ``nifti_slices`` keeps ``all`` slices, the
-``middle`` one, or ``every:N``th; each slice is windowed like any deep image, by ``--window``).
+2-D slice along ``nifti_axis`` of the volume reoriented to RAS (``nibabel.as_closest_canonical``),
+ids ``path#z0042``; ``nifti_slices`` keeps ``all`` slices, the ``middle`` one, or ``every:N``th;
+each slice is windowed like any deep image, by ``--window``). The samples of one file (slices,
+frames) always share a split: a drawn split keeps each file whole, and given splits are checked.
 
 Labels must name one class each. Numeric labels are read as numbers (``1`` and ``1.0`` are one
 class); a column that mixes numbers and words, an empty cell, a short row, the same image twice
@@ -169,7 +171,9 @@ class DatasetManifest:
         digest = hashlib.sha256()
         digest.update(json.dumps(self.class_names).encode())
         for r in self.records:
-            digest.update(f"{r.id}\t{r.label}\t{r.split}\t{source(r)}\n".encode())
+            # NIfTI slices are cut from the canonical (RAS) volume since 0.3: a store of the old cut is not resumed
+            how = "\tcanonical" if r.source.startswith("nifti:") else ""
+            digest.update(f"{r.id}\t{r.label}\t{r.split}\t{source(r)}{how}\n".encode())
         return digest.hexdigest()
 
     def read(self, index: int, window: str = "auto") -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -202,7 +206,7 @@ class DatasetManifest:
             except ImportError:  # pragma: no cover - depends on the optional extra
                 raise ImageDecodeError("reading NIfTI needs nibabel: pip install 'samcache[nifti]'") from None
             try:
-                self._volume = (path, np.asarray(nibabel.load(path).dataobj))
+                self._volume = (path, np.asarray(canonical_volume(nibabel, path).dataobj))
             except Exception as exc:  # nibabel raises many kinds for bad files
                 raise ImageDecodeError(f"not a readable NIfTI volume: {exc}") from exc
         return self._volume[1]
@@ -256,7 +260,7 @@ def _expand(rel: str, source: Path, options: DatasetOptions) -> list[tuple[str, 
         try:
             import nibabel
 
-            shape = nibabel.load(str(source)).shape
+            shape = canonical_volume(nibabel, str(source)).shape
         except ImportError:
             raise DatasetError(f"{source}: reading NIfTI needs nibabel: pip install 'samcache[nifti]'") from None
         except Exception as exc:  # nibabel raises many kinds for bad files
@@ -279,6 +283,22 @@ def _expand(rel: str, source: Path, options: DatasetOptions) -> list[tuple[str, 
         if frames > 1:
             return [(f"{rel}#f{k:04d}", f"dicom:{k}:{source}") for k in range(frames)]
     return [(rel, str(source))]
+
+
+def canonical_volume(nibabel, path: str):
+    """A NIfTI image reoriented to the closest canonical orientation (RAS+: axis 0 runs to the
+    right, 1 to the front, 2 up), as ``nibabel.as_closest_canonical`` does; the same slicing
+    axis then means the same anatomy in every volume (2: axial)."""
+    return nibabel.as_closest_canonical(nibabel.load(path))
+
+
+def _file_groups(entries) -> list[str] | None:
+    """One group per file when some file gives many samples (NIfTI slices, DICOM frames): its
+    samples must share a split. None when every file is one sample (or an npz's row)."""
+    files = [Record(e[0], 0, "", e[3]).file if e[3].startswith(("nifti:", "dicom:")) else e[0] for e in entries]
+    if len(set(files)) == len(files):
+        return None
+    return files
 
 
 def _class_index(names: list[str]) -> tuple[list[str], dict[str, int]]:
@@ -397,7 +417,11 @@ def _grouped_draw(labels: np.ndarray, groups: np.ndarray, seed: int, fraction: f
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": expected, harmless
         warnings.simplefilter("ignore", UserWarning)
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        _, drawn = next(folds.split(np.zeros(len(labels)), labels, groups))
+        try:
+            _, drawn = next(folds.split(np.zeros(len(labels)), labels, groups))
+        except ValueError as exc:  # every class smaller than the fold count
+            raise DatasetError(f"cannot draw a {name} split of {fraction:.2f} in whole groups: {exc}; give the "
+                               "splits yourself (a split column or split folders) or use smaller fractions") from None
     mask = np.zeros(len(labels), dtype=bool)
     mask[drawn] = True
     return mask
@@ -457,12 +481,15 @@ def _finish(root, kind, entries, seed, val_fraction, test_fraction, options: Dat
     class_names, index = _class_index([e[1] for e in entries])
     labels = np.array([index[e[1]] for e in entries])
     given = [e[2] for e in entries]
+    by_file = groups is None and _file_groups(entries) is not None
+    if by_file:  # slices of one volume, frames of one file: one group, so never in two splits
+        groups = _file_groups(entries)
     keys = np.array(groups) if groups is not None else None
     if options.single_split is not None:
         splits, info = [options.single_split] * len(entries), {"source": options.single_split}
     elif all(s is not None for s in given):
         if keys is not None:
-            _refuse_group_leaks(root, keys, given, [e[0] for e in entries], options.group_column)
+            _refuse_group_leaks(root, keys, given, [e[0] for e in entries], options.group_column or "file")
         splits, info = given, {"source": "given"}
         if "val" not in splits and "test" in splits and val_fraction > 0:
             try:
@@ -478,8 +505,12 @@ def _finish(root, kind, entries, seed, val_fraction, test_fraction, options: Dat
         except DatasetError as exc:
             raise DatasetError(f"dataset {root}: {exc}") from None
         info = {"source": "stratified", "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
-    if keys is not None:
+    if by_file:
+        info["groups"] = "file (the slices or frames of one file share a split)"
+    elif keys is not None:
         info["group_column"] = options.group_column
+    if any(e[3].startswith("nifti:") for e in entries):
+        info["nifti_orientation"] = "RAS (nibabel.as_closest_canonical)"
     records = [Record(e[0], int(lab), s, e[3]) for e, lab, s in zip(entries, labels, splits)]
     return DatasetManifest(str(root), kind, records, class_names, info)
 

@@ -196,6 +196,32 @@ def test_nifti_volumes_become_slices(tmp_path):
     assert {r.id.split("#")[1] for r in middle.records} == {"z0002"}
 
 
+def test_nifti_slices_of_one_volume_share_a_split_and_volumes_are_reoriented(tmp_path):
+    nibabel = pytest.importorskip("nibabel", reason="NIfTI support is the optional extra samcache[nifti]")
+    vol = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            nibabel.save(nibabel.Nifti1Image(vol + i, np.eye(4)), str(tmp_path / c / f"v{i}.nii.gz"))
+    m = open_dataset(tmp_path, val_fraction=0.2, test_fraction=0.2)
+    split_of = {}
+    for r in m.records:
+        split_of.setdefault(r.file, set()).add(r.split)
+    assert all(len(s) == 1 for s in split_of.values()) and set().union(*split_of.values()) == {"train", "val", "test"}
+    assert m.split_info["groups"].startswith("file") and m.split_info["nifti_orientation"].startswith("RAS")
+    # a volume stored left-right flipped (x axis pointing left, LPS-like) is read in RAS: slices match the RAS one
+    flipped = tmp_path / "flipped"
+    (flipped / "train" / "a").mkdir(parents=True)
+    (flipped / "test" / "a").mkdir(parents=True)
+    nibabel.save(nibabel.Nifti1Image(vol[::-1].copy(), np.diag([-1.0, 1, 1, 1])),
+                 str(flipped / "train" / "a" / "f.nii.gz"))
+    nibabel.save(nibabel.Nifti1Image(vol, np.eye(4)), str(flipped / "test" / "a" / "r.nii.gz"))
+    two = open_dataset(flipped, options=DatasetOptions(nifti_slices="middle"), val_fraction=0.0)
+    assert [r.split for r in two.records] == ["test", "train"]
+    r, f = (two.read(k)[0] for k in range(2))
+    assert np.array_equal(f, r) and np.array_equal(r, vol[:, :, 3])
+
+
 def _dicom(path, pixels, photometric="MONOCHROME2", frames=1, **tags):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -230,6 +256,21 @@ def test_multi_frame_dicom_gives_one_sample_per_frame(tmp_path):
     grey, window = m.read(1, "0,400")
     assert grey.dtype == np.uint8 and window == (0.0, 400.0)
     assert grey[0, 0] == window_to_uint8(np.array([200.0]), (0.0, 400.0))[0]  # the second frame's value
+
+
+def test_frames_of_one_dicom_never_cross_splits(tmp_path):
+    pytest.importorskip("pydicom", reason="DICOM support is the optional extra samcache[dicom]")
+    frames = np.stack([np.full((8, 8), 100 * (k + 1)) for k in range(4)])
+    for c in ("a", "b"):
+        for i in range(6):
+            _dicom(tmp_path / c / f"{i}.dcm", frames, frames=4)
+    for seed in range(3):
+        m = open_dataset(tmp_path, seed=seed, val_fraction=0.2, test_fraction=0.2)
+        split_of = {}
+        for r in m.records:
+            split_of.setdefault(r.file, set()).add(r.split)
+        assert len(split_of) == 12 and all(len(s) == 1 for s in split_of.values())
+        assert {"train", "test"} <= set(m.splits)
 
 
 def _grouped_csv(tmp_path, n_patients=30, per_patient=3, split=None):
