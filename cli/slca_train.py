@@ -95,9 +95,11 @@ def sweep(
         finally:
             if not console.is_terminal:  # Live leaves a file's last line open: end it before the next line
                 console.print()
-    best = result["best"]
-    say(f"best: trial {best['trial']} with val {sp.metric} {cell(best[f'val_{sp.metric}'])}; "
-        f"rerun it with: slca-train --config {result['best_config']}")
+    best, tied = result["best"], result["tied"]
+    say(f"best: trial {best['trial']} with val {sp.metric} {cell(best[f'val_{sp.metric}'])}"
+        + (f", tied with trial(s) {', '.join(map(str, tied))}: the lowest val loss "
+           f"({cell(best.get('val_loss'))}) breaks the tie" if tied else "")
+        + f"; rerun it with: slca-train --config {result['best_config']}")
 
 
 @app.command("eval")

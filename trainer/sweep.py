@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -165,7 +166,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
         result = train(cfg, overwrite=True, log=lambda s: None, cache=cache_obj, on_epoch=report)
         row = {"trial": number, "status": "complete", **{k: json.dumps(v) if isinstance(v, list) else v
                                                          for k, v in params.items()},
-               **{f"val_{k}": result["val_best"][k] for k in METRIC_KEYS},
+               **{f"val_{k}": result["val_best"][k] for k in METRIC_KEYS}, "val_loss": result["val_best_loss"],
                **{f"test_{k}": result["test"][k] for k in METRIC_KEYS},
                "best_epoch": result["best_epoch"], "seconds": round(time.perf_counter() - t0, 1)}
         return row
@@ -191,12 +192,30 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
     complete = [r for r in rows if r["status"] == "complete"]
     if not complete:
         raise TrainError(f"sweep {out}: no trial completed")
-    key = f"val_{space.metric}"
-    best = max(complete, key=lambda r: (float(r[key]) if r[key] not in ("", None) else -1.0))
+    best, tied = pick_best(complete, space.metric)
     best_cfg = TrainConfig.load(out / "trials" / f"{int(best['trial']):04d}" / "config.yaml")
     best_cfg.out = str(out / "best")
+    best_cfg.device = None  # the machine that reruns it chooses (CUDA when there is one)
     best_cfg.save(out / "best.yaml")
-    return {"best": best, "trials": rows, "best_config": str(out / "best.yaml")}
+    return {"best": best, "tied": tied, "trials": rows, "best_config": str(out / "best.yaml")}
+
+
+def pick_best(rows: list[dict], metric: str) -> tuple[dict, list[int]]:
+    """The best trial: the highest val ``metric``; a tie goes to the lower val loss (of the
+    trial's best epoch), then to the lower trial number.
+
+    Returns:
+      ``(row, tied)``: ``tied`` lists the other trials with the same val ``metric`` (empty when
+      the best is alone).
+    """
+    def value(r, key, missing):
+        v = r.get(key)
+        return float(v) if v not in ("", None) else missing
+
+    top = max(value(r, f"val_{metric}", -1.0) for r in rows)
+    level = [r for r in rows if value(r, f"val_{metric}", -1.0) == top]
+    best = min(level, key=lambda r: (value(r, "val_loss", math.inf), int(r["trial"])))
+    return best, sorted(int(r["trial"]) for r in level if r is not best)
 
 
 def _range_values(name: str, spec, source: str) -> list:

@@ -361,6 +361,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     best_row = next(h for h in history if h["epoch"] == best_state["epoch"] + 1)
     result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state["epoch"] + 1, "epochs_run": len(history),
               "steps": history[-1]["step"], "val_best": {m: best_row[f"val_{m}"] for m in METRIC_KEYS},
+              "val_best_loss": best_row["val_loss"],
               "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca.enabled, "fuse": cfg.fuse,
               "focus": cfg.focus, "backbone": cfg.backbone, "weights": weights, "train_samples": int(len(rows.train)),
               "device": str(device), "world_size": ctx.world}

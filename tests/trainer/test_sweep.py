@@ -53,6 +53,18 @@ def test_best_config_reruns_as_is(tiny_store, tmp_path):
     assert out.exit_code == 0, out.output
     rerun = yaml.safe_load((tmp_path / "s" / "best" / "config.yaml").read_text())
     assert rerun["slca"]["window"] == int(result["best"]["window"]) and rerun["epochs"] == 1
+    assert yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())["device"] is None  # the rerunning machine chooses
+
+
+def test_a_tie_on_the_val_metric_goes_to_the_lower_val_loss_then_the_lower_trial():
+    from trainer.sweep import pick_best
+
+    rows = [{"trial": 0, "val_auc": 0.9, "val_loss": 0.7}, {"trial": 1, "val_auc": 0.8, "val_loss": 0.1},
+            {"trial": 2, "val_auc": "0.9", "val_loss": "0.5"}, {"trial": 3, "val_auc": 0.9, "val_loss": 0.5}]
+    best, tied = pick_best(rows, "auc")
+    assert best["trial"] == 2 and tied == [0, 3]
+    assert pick_best(rows[:2], "auc") == (rows[0], [])
+    assert pick_best([{"trial": 4, "val_auc": 0.5}, {"trial": 5, "val_auc": 0.5, "val_loss": 9.0}], "auc")[0]["trial"] == 5
 
 
 def test_optuna_sweep_with_pruning_resumes(tiny_store, tmp_path):
