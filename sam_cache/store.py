@@ -15,7 +15,8 @@ images          (N, 3, R, R)            uint8     optional: the image in the emb
                                                   (longest side R, zero pad bottom/right)
 labels          (N,)                    int64     class index into ``class_names``
 ids             (N,)                    str       sample id (path relative to the dataset)
-splits          (N,)                    uint8     index into ``SPLITS`` (train, val, test)
+splits          (N,)                    uint8     index into ``SPLITS`` (train, val, test); the names
+                                                  are in the attributes too (``split_names``)
 orig_size       (N, 2)                  int32     original image (height, width)
 valid           (N, 2)                  int32     rows, cols of the 64x64 grid that see image
                                                   (in 64-grid units whatever G is)
@@ -716,7 +717,7 @@ class EmbeddingStore:
         meta.update({k: signature.get(k) for k in ("encoder", "checkpoint_sha256", "random_weights", "preprocessing")})
         meta.update(
             dtype=dtype, grid=grid, manifest_sha256=manifest_sha256 or manifest.sha256(), image_size=image_size,
-            class_names=list(manifest.class_names), split_info=manifest.split_info,
+            class_names=list(manifest.class_names), split_names=list(SPLITS), split_info=manifest.split_info,
             dataset={"root": manifest.root, "kind": manifest.kind}, shard_size=shard_size, block_size=block,
             package_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             skipped=[],

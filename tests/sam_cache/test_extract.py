@@ -64,6 +64,7 @@ def test_store_layout_and_signature(tiny_store):
         assert s.embeddings.shape == (15, 256, 64, 64) and s.embeddings.dtype == np.float16
         assert s.meta["schema_version"] == 2 and s.meta["encoder"] == "tiny" and s.meta["random_weights"]
         assert s.meta["preprocessing"]["input_size"] == 1024 and len(s.meta["manifest_sha256"]) == 64
+        assert [s.meta["split_names"][k] for k in s._b["splits"][:]] == list(s.splits)  # the codes' names, stored
         assert s.images.shape == (15, 3, 64, 64)
         # the stored image is in the embedding's frame: image at the top left, zero padding after
         for i in range(len(s)):
