@@ -141,8 +141,9 @@ def _read_dicom(path: Path, window: str = "auto", frame: int | None = None) -> t
 
     The Modality LUT (or rescale slope and intercept) is applied with ``apply_modality_lut``. Then
     ``window``: ``auto`` applies the file's VOI LUT (a LUT sequence, or WindowCenter/WindowWidth
-    with its VOI LUT function) with ``apply_voi_lut`` and maps its output range onto 0..255; a file
-    without one, and ``minmax``, use the frame's own min..max; ``LO,HI`` a fixed window on the
+    with its VOI LUT function) with ``apply_voi_lut`` and maps its output range onto 0..255; an
+    8-bit file without one (modality values within 0..255) is kept as it is, as 8-bit images always
+    are (no window recorded); a deeper file without one, and ``minmax``, use the frame's own min..max; ``LO,HI`` a fixed window on the
     modality values. MONOCHROME1 (inverted grey) is inverted *after* the window, as the standard
     says. Returns ``(uint8 HxW, (lo, hi) applied in modality units)``.
     """
@@ -165,7 +166,10 @@ def _read_dicom(path: Path, window: str = "auto", frame: int | None = None) -> t
         raise ImageDecodeError(f"DICOM pixel data of shape {raw.shape} is not one grey frame")
     values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if window == "auto" and has_voi:
+    eight_bit = int(getattr(ds, "BitsStored", 16) or 16) <= 8 and values.min() >= 0 and values.max() <= 255
+    if window == "auto" and not has_voi and eight_bit:  # an 8-bit image without a window: as it is, like a PNG
+        grey, applied = values.astype(np.uint8), None
+    elif window == "auto" and has_voi:
         out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
         ends = np.asarray(apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0), dtype=np.float64)
         grey = window_to_uint8(out, (float(ends.min()), float(ends.max())))

@@ -222,7 +222,7 @@ def test_nifti_slices_of_one_volume_share_a_split_and_volumes_are_reoriented(tmp
     assert np.array_equal(f, r) and np.array_equal(r, vol[:, :, 3])
 
 
-def _dicom(path, pixels, photometric="MONOCHROME2", frames=1, **tags):
+def _dicom(path, pixels, photometric="MONOCHROME2", frames=1, bits=16, **tags):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -235,10 +235,10 @@ def _dicom(path, pixels, photometric="MONOCHROME2", frames=1, **tags):
     if frames > 1:
         ds.NumberOfFrames = frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     for k, v in tags.items():
         setattr(ds, k, v)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
 
@@ -271,6 +271,18 @@ def test_frames_of_one_dicom_never_cross_splits(tmp_path):
             split_of.setdefault(r.file, set()).add(r.split)
         assert len(split_of) == 12 and all(len(s) == 1 for s in split_of.values())
         assert {"train", "test"} <= set(m.splits)
+
+
+def test_an_8_bit_dicom_without_a_window_is_kept_as_it_is(tmp_path):
+    pytest.importorskip("pydicom", reason="DICOM support is the optional extra samcache[dicom]")
+    from sam_cache.preprocess import read_image
+
+    pixels = np.tile(np.arange(1, 255, 16, dtype=np.uint8), (16, 1))[:, :16]
+    _dicom(tmp_path / "e.dcm", pixels, bits=8)
+    grey, window = read_image(tmp_path / "e.dcm")
+    assert window is None and np.array_equal(np.asarray(grey)[..., 0] if np.asarray(grey).ndim == 3 else grey, pixels)
+    _dicom(tmp_path / "w.dcm", pixels, bits=8, WindowCenter=128, WindowWidth=64)  # a window in the file: applied
+    assert read_image(tmp_path / "w.dcm")[1] == (96.0, 160.0)
 
 
 def _grouped_csv(tmp_path, n_patients=30, per_patient=3, split=None):
