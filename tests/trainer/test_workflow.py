@@ -125,7 +125,10 @@ def test_export_is_a_plain_timm_state_dict(run, tiny_store, tmp_path):
     info = json.loads((tmp_path / "r18.pth.json").read_text())
     assert info["complete"] and info["num_classes"] == 3
     model = timm.create_model("resnet18", num_classes=3, pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "r18.pth"), num_classes=3))
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "r18.pth"), **info["pretrained_cfg"]))
+    data_cfg = timm.data.resolve_data_config({}, model=model)  # timm preprocesses as the run did: 32 px, no crop
+    assert tuple(data_cfg["input_size"]) == (3, 32, 32) and data_cfg["crop_pct"] == 1.0 and data_cfg["crop_mode"] == "squash"
+    assert "input_size=[3, 32, 32]" in info["load"]
     trained = torch.load(run / "best.pt", weights_only=True)["model"]
     assert torch.equal(model.fc.weight, trained["backbone.fc.weight"])
     assert torch.equal(model.layer4[1].conv2.weight, trained["backbone.layer4.1.conv2.weight"])
