@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import time
@@ -58,6 +59,7 @@ from .records import read_rows, write_rows
 from .subset import stratified_subset
 from .train import resolve_device, train
 
+_LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
 __all__ = ["StudyConfig", "METHODS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "linear_probe", "pooled_features",
            "mean_std", "paired_difference"]
 
@@ -217,12 +219,13 @@ def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:
 
 
 def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
+              log: Callable[[str], None] | None = None) -> list[dict]:
     """Run the protocol on one store; resume a study already in ``out``.
 
     Returns:
       The summary rows (see :func:`summarize_study`).
     """
+    log = log or _LOG.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record_study(out, store, cfg)

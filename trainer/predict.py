@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,7 @@ from .evaluate import check_encoder_side, load_run_model
 from .metrics import classification_metrics
 from .step import BatchPipeline, predict
 
+_LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
 __all__ = ["predict_data", "RESULTS_FORMATS"]
 
 RESULTS_FORMATS = ("csv", "json")
@@ -48,7 +50,7 @@ _JSON_KIND = "samcache predictions"
 def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, store: str | Path | None = None,
                  encoder_checkpoint: str | Path | None = None, device: str | None = None,
                  batch_size: int | None = None, progress: bool = False,
-                 log: Callable[[str], None] = print, overwrite: bool = False, allow_partial: bool = False,
+                 log: Callable[[str], None] | None = None, overwrite: bool = False, allow_partial: bool = False,
                  reading: ReadingConfig | None = None, results_format: str | None = None, topk: int = 1) -> dict:
     """Predict every sample of ``data`` with the model of ``checkpoint``; write ``out`` (CSV or JSON).
 
@@ -62,7 +64,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
       device: default CUDA when available.
       batch_size: default the run's.
       progress: progress bars for extraction and prediction.
-      log: where the one-off lines go.
+      log: where the one-off lines go (default: this module's logger, at INFO).
       overwrite: replace an existing ``out`` that is not a predictions CSV (refused otherwise; a
         rerun replaces its own predictions).
       allow_partial: predict the done rows of a given store whose extraction has not finished (a
@@ -80,6 +82,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         the inputs or lies inside the dataset; an unknown format; a ``topk`` below 1 or above the
         model's number of classes.
     """
+    log = log or _LOG.info
     data, out = str(data), Path(out)
     fmt = results_format or ("json" if out.suffix.lower() == ".json" else "csv")
     if fmt not in RESULTS_FORMATS:

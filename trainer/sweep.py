@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from sam_cache.outputs import atomic_write
 from .records import read_rows, write_rows
 from .train import resolve_device, train
 
+_LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
 __all__ = ["SweepSpace", "load_space", "run_sweep"]
 
 SWEEPABLE = frozenset(o.name for o in options() if o.sweep)  # marked in trainer/config.py, nowhere else
@@ -112,7 +114,7 @@ def load_space(path: str | Path) -> SweepSpace:
 
 
 def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str | None = None,
-              on_trial: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+              on_trial: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Run every trial of ``space`` on the store ``cache``; resume a sweep already in ``out``.
 
     Arguments:
@@ -121,7 +123,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
       out: the sweep folder.
       device: default CUDA when available.
       on_trial: called with each finished trial's row (the CLI draws its table from these).
-      log: where the one-off lines go.
+      log: where the one-off lines go (default: this module's logger, at INFO).
 
     Returns:
       ``{"best": row, "trials": rows, "best_config": path}``.
@@ -129,6 +131,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
     Raises:
       TrainError, StoreError, ConfigError: as a single training run would.
     """
+    log = log or _LOG.info
     out = Path(out)
     spec = {"method": space.method, "metric": space.metric, "trials": space.trials, "seed": space.seed,
             "base": space.base, "params": space.params}

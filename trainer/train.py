@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -47,6 +48,7 @@ from .step import BatchPipeline, predict, train_step
 from .stream import shard_order
 from .subset import split_rows
 
+_LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
 __all__ = ["train", "TrainError", "epoch_order", "StepPlan", "plan_steps", "resolve_device", "METRIC_KEYS"]
 
 RUN_FILES = "config.yaml metrics.csv metrics.json last.pt best.pt curves.png confusion.png attention.png"
@@ -153,7 +155,7 @@ def _class_weights(labels: np.ndarray, k: int, device: torch.device) -> torch.Te
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-          log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None,
+          log: Callable[[str], None] | None = None, on_epoch: Callable[[dict], None] | None = None,
           cache: PairedCache | None = None, progress: bool = False) -> dict:
     """Train a model on a store; write the run folder.
 
@@ -162,7 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
       resume: continue from ``out/last.pt``; the recipe must be the same, except that ``epochs``
         may be raised to extend a finished run (the cosine schedule is stretched to the new end).
       overwrite: replace an existing run folder's results.
-      log: where progress lines go.
+      log: where progress lines go (default: this module's logger, at INFO).
       on_epoch: called with each epoch's metrics row.
       cache: a :class:`PairedCache` already loaded (sweeps and studies load a store once for all
         runs); by default the run loads its own from ``cfg.cache``.
@@ -177,6 +179,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         loss that is not finite, or a run folder that cannot be written.
       StoreError, BackboneError: the store or the backbone cannot be used.
     """
+    log = log or _LOG.info
     want_cuda = resolve_device(cfg.device).type == "cuda"
     with distributed.context("cuda" if want_cuda else "cpu") as ctx, contextlib.ExitStack() as stack:
         return _train(cfg, ctx, stack, resume, overwrite, log if ctx.is_main else (lambda s: None), on_epoch, cache,

@@ -135,6 +135,15 @@ def test_figures_show_every_class_and_the_normalized_confusion(tmp_path):
     assert normalized.tolist() == [[0.75, 0.25], [0.0, 0.0]] and (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_the_python_api_logs_instead_of_printing(tiny_store, tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trainer.train"):
+        train(_cfg(tiny_store, tmp_path / "quiet", epochs=1))
+    assert capsys.readouterr().out == ""  # a library user's stdout stays clean
+    assert any(m.startswith("epoch   1/1") for m in caplog.messages)
+
+
 def test_fusion_model_trains_evaluates_and_reloads(tiny_store, tmp_path):
     out = tmp_path / "fuse"
     result = train(_cfg(tiny_store, out, slca=False, fuse="meanstd", lr=0.01), log=lambda s: None)
