@@ -14,6 +14,7 @@ from trainer.records import write_rows
 RECIPE = {"backbone": "resnet10t", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}
 
 
+@pytest.mark.slow  # about 20 s: a whole study with resume
 def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_path):
     cfg = StudyConfig(fractions=(0.5, 1.0), seeds=(0, 1), extra_seeds={1.0: (2,)},
                       methods=("backbone", "slca", "fuse", "linear_probe"), train=RECIPE)
