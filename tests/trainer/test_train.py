@@ -144,6 +144,27 @@ def test_the_python_api_logs_instead_of_printing(tiny_store, tmp_path, capsys, c
     assert any(m.startswith("epoch   1/1") for m in caplog.messages)
 
 
+def test_warmup_cosine_is_timms_cosine_schedule_after_the_warmup():
+    """Kept beside timm's CosineLRScheduler (README's table): the same cosine after the warmup;
+    our warmup is one step ahead of timm's (the first step has lr/warmup, not 0)."""
+    import timm.scheduler
+
+    from trainer.train import warmup_cosine
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    warmup, total = 5, 50
+    theirs = timm.scheduler.CosineLRScheduler(opt, t_initial=total - warmup, warmup_t=warmup, warmup_prefix=True,
+                                              warmup_lr_init=0.0, lr_min=0.0, t_in_epochs=False)
+    ours = warmup_cosine(warmup, total)
+    for t in range(total):
+        theirs.step_update(t)
+        if t >= warmup:
+            assert abs(opt.param_groups[0]["lr"] - 1e-3 * ours(t)) < 1e-12
+        else:
+            assert abs(1e-3 * ours(t) - 1e-3 * (t + 1) / warmup) < 1e-12 and opt.param_groups[0]["lr"] < 1e-3 * ours(t)
+
+
 def test_fusion_model_trains_evaluates_and_reloads(tiny_store, tmp_path):
     out = tmp_path / "fuse"
     result = train(_cfg(tiny_store, out, slca=False, fuse="meanstd", lr=0.01), log=lambda s: None)
