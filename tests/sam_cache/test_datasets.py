@@ -243,12 +243,17 @@ def _dicom(path, pixels, photometric="MONOCHROME2", frames=1, bits=16, **tags):
     ds.save_as(path, enforce_file_format=True)
 
 
-def test_multi_frame_dicom_gives_one_sample_per_frame(tmp_path):
+def _multi_frame_folder(root, files_per_class: int, frames: int, side: int) -> None:
+    """Classes a and b, each with multi-frame DICOM files whose frame k is all 100 * (k + 1)."""
     pytest.importorskip("pydicom", reason="DICOM support is the optional extra samcache[dicom]")
-    frames = np.stack([np.full((16, 16), 100 * (k + 1)) for k in range(3)])
+    pixels = np.stack([np.full((side, side), 100 * (k + 1)) for k in range(frames)])
     for c in ("a", "b"):
-        for i in range(3):
-            _dicom(tmp_path / c / f"{i}.dcm", frames, frames=3)
+        for i in range(files_per_class):
+            _dicom(root / c / f"{i}.dcm", pixels, frames=frames)
+
+
+def test_multi_frame_dicom_gives_one_sample_per_frame(tmp_path):
+    _multi_frame_folder(tmp_path, 3, 3, 16)
     m = open_dataset(tmp_path, val_fraction=0.2, test_fraction=0.2)
     assert len(m) == 18 and m.records[1].id == "a/0.dcm#f0001"
     from sam_cache.preprocess import window_to_uint8
@@ -259,11 +264,7 @@ def test_multi_frame_dicom_gives_one_sample_per_frame(tmp_path):
 
 
 def test_frames_of_one_dicom_never_cross_splits(tmp_path):
-    pytest.importorskip("pydicom", reason="DICOM support is the optional extra samcache[dicom]")
-    frames = np.stack([np.full((8, 8), 100 * (k + 1)) for k in range(4)])
-    for c in ("a", "b"):
-        for i in range(6):
-            _dicom(tmp_path / c / f"{i}.dcm", frames, frames=4)
+    _multi_frame_folder(tmp_path, 6, 4, 8)
     for seed in range(3):
         m = open_dataset(tmp_path, seed=seed, val_fraction=0.2, test_fraction=0.2)
         split_of = {}
