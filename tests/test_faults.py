@@ -568,7 +568,7 @@ def test_export_and_predict_refuse_to_write_over_their_inputs(tiny_run, tiny_sto
     preds.write_text("mine")
     args = ["predict", "--checkpoint", str(ckpt), "--data", str(tiny_store), "--out", str(preds)]
     result = runner.invoke(slca_train, args)
-    assert result.exit_code == 1 and "is not a predictions CSV" in result.output and preds.read_text() == "mine"
+    assert result.exit_code == 1 and "is not a predictions file" in result.output and preds.read_text() == "mine"
     assert runner.invoke(slca_train, args + ["--overwrite"]).exit_code == 0
     assert preds.read_text().startswith("id,source,")
 

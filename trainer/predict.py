@@ -65,7 +65,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
       batch_size: default the run's.
       progress: progress bars for extraction and prediction.
       log: where the one-off lines go (default: this module's logger, at INFO).
-      overwrite: replace an existing ``out`` that is not a predictions CSV (refused otherwise; a
+      overwrite: replace an existing ``out`` that is not a predictions file (refused otherwise; a
         rerun replaces its own predictions).
       allow_partial: predict the done rows of a given store whose extraction has not finished (a
         dataset that this call extracts is always complete, but for images that cannot be read).
