@@ -130,7 +130,7 @@ def compare_masks(store: Path, tmp: Path, dev: str) -> dict:
         shutil.copytree(store, copy)
         decode_masks(copy, prompt="box", device=where, progress=False)
         with EmbeddingStore.open(copy) as s:
-            masks.append(s.read_rows(np.flatnonzero(s.mask_done), "masks").astype(bool))
+            masks.append(s.read_rows(np.flatnonzero(s.mask_set().done), "masks").astype(bool))
     inter = (masks[0] & masks[1]).sum((1, 2, 3))
     union = (masks[0] | masks[1]).sum((1, 2, 3))
     iou = float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())  # two empty masks agree

@@ -54,7 +54,7 @@ def synthetic_store(path: Path, n: int, image_size: int, signature: dict, splits
     manifest = DatasetManifest("synthetic", "folder", records, ["a", "b", "c"], {"source": "given"})
     rng = np.random.default_rng(0)
     sig = dict(signature, dtype="float16", manifest_sha256=manifest.sha256(), image_size=image_size)
-    with EmbeddingStore.create(path, manifest, sig, image_size=image_size) as store:
+    with EmbeddingStore.create(path, manifest.row_schema(), sig, image_size=image_size) as store:
         for i in range(0, n, 64):
             k = min(64, n - i)
             store.write_rows(i, rng.standard_normal((k, 256, 64, 64), dtype=np.float32),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DatasetManifest, Record
 from .store import EmbeddingStore, StoreError, contiguous_runs, pool_to_grid
 
 __all__ = ["convert_store"]
@@ -70,13 +69,9 @@ def convert_store(src: str | Path, dst: str | Path, dtype: str | None = None, sh
 
 
 def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None, grid: int) -> EmbeddingStore:
-    records = [Record(id=i, label=int(lab), split=str(sp), source=i) for i, lab, sp in zip(s.ids, s.labels, s.splits)]
-    manifest = DatasetManifest(root=s.meta["dataset"]["root"], kind=s.meta["dataset"]["kind"], records=records,
-                               class_names=s.class_names, split_info=s.meta.get("split_info") or {})
-    # the manifest's sources are not in the store: keep the source store's hash, which names them
-    d = EmbeddingStore.create(dst, manifest, s.signature, dtype=dtype, image_size=s.image_size,
-                              shard_size=shard_size or s.shard_size, manifest_sha256=s.meta["manifest_sha256"],
-                              grid=grid, high_res=s.high_res_shapes)
+    # the rows' sources are not in the store: the new one keeps the source store's hash, which names them
+    d = EmbeddingStore.create(dst, s.row_schema(), s.signature, dtype=dtype, image_size=s.image_size,
+                              shard_size=shard_size or s.shard_size, grid=grid, high_res=s.high_res_shapes)
     d.update_meta(converted_from={"path": s.path, "dtype": s.dtype, "grid": s.grid})
     return d
 
@@ -90,7 +85,7 @@ def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int
         for _, start, stop in contiguous_runs(rows):
             for a in range(start, stop, step):
                 b = min(a + step, stop)
-                images = np.asarray(s.images[a:b]) if s.images is not None else None
+                images = s.read_images(a, b)
                 high_res = s.read_high_res(np.arange(a, b)) if s.high_res_shapes else None
                 d.write_rows(a, pool_to_grid(s.read_embeddings(a, b), d.grid), s.orig_size[a:b], s.valid[a:b],
                              s.window[a:b], images, high_res)

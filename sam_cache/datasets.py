@@ -44,10 +44,10 @@ import numpy as np
 
 from .errors import SamcacheError
 from .preprocess import IMAGE_SUFFIXES, dicom_frames, read_image
+from .store.schema import SPLITS, RowSchema
 
 __all__ = ["Record", "DatasetManifest", "DatasetError", "DatasetOptions", "open_dataset", "SPLITS"]
 
-SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
 _CSV_NAMES = ("manifest.csv", "labels.csv")
@@ -144,6 +144,12 @@ class DatasetManifest:
     @property
     def ids(self) -> list[str]:
         return [r.id for r in self.records]
+
+    def row_schema(self) -> RowSchema:
+        """The rows a store of this dataset holds, in order (what :meth:`EmbeddingStore.create` takes)."""
+        return RowSchema(ids=self.ids, labels=self.labels, splits=self.splits, class_names=list(self.class_names),
+                         manifest_sha256=self.sha256(), split_info=self.split_info,
+                         dataset={"root": self.root, "kind": self.kind})
 
     def sha256(self) -> str:
         """Hash of what decides the store's rows: ids, labels, splits, sources, class names.

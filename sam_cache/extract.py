@@ -260,7 +260,7 @@ def _extract(dataset, out, encoder, c: ExtractConfig) -> ExtractionResult:
                         signature["manifest_sha256"] = manifest.legacy_sha256()  # a store made by samcache 0.2.0
                     existing.check_signature(signature)
             else:
-                EmbeddingStore.create(out, manifest, signature, dtype=dtype, image_size=image_size,
+                EmbeddingStore.create(out, manifest.row_schema(), signature, dtype=dtype, image_size=image_size,
                                       shard_size=shard_size, block_size=block_size, grid=c.grid,
                                       high_res=encoder.high_res).close()
         except StoreError as exc:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import SPLITS
-from .store import EmbeddingStore
+from .store import SPLITS, EmbeddingStore
 
 __all__ = ["summarize_store", "verify_store"]
 
@@ -100,9 +99,9 @@ def verify_store(path: str | Path, progress=None) -> list[str]:
     """
     problems: list[str] = []
     with EmbeddingStore.open(path) as store:
-        emb = store.embeddings
-        if tuple(emb.shape[1:]) != store.embed_shape:
-            return [f"embeddings have shape {tuple(emb.shape)}, expected (N, {', '.join(map(str, store.embed_shape))})"]
+        shape = store.embeddings_shape
+        if shape[1:] != store.embed_shape:
+            return [f"embeddings have shape {shape}, expected (N, {', '.join(map(str, store.embed_shape))})"]
         k = len(store.class_names)
         bad = np.flatnonzero((store.labels < 0) | (store.labels >= max(k, 1)))
         if len(bad):
@@ -185,7 +184,7 @@ def _check_rows(store: EmbeddingStore, rows: np.ndarray, where: str) -> list[str
     problems = []
     start, stop = int(rows.min()), int(rows.max()) + 1
     values = store.read_embeddings(start, stop)
-    images = np.asarray(store.images[start:stop]) if store.images is not None else None
+    images = store.read_images(start, stop)
     stored = store.stored_checksums(start, stop) if store.has_checksums else None
     recorded = store.recorded_checksums(start, stop)
     zeros, nonfinite, emb_sum, img_sum, img_zero, region = [], [], [], [], [], []

@@ -205,7 +205,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
     recipe = (recipe or lp.HeadRecipe()).check() if prompt == "learned" else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with EmbeddingStore.open(store_path, "r+") as store:
-        if store.images is None:
+        if not store.has_images:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in; extract it "
                              "with --image-size")
         check_mask_set_name(mask_set)

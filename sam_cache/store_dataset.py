@@ -45,7 +45,7 @@ class StoreDataset(Dataset):
             self.ids = s.ids[self.rows]
             self.splits = s.splits[self.rows]
             self.class_names = s.class_names
-            self.images = images and s.images is not None
+            self.images = images and s.has_images
         self._store: EmbeddingStore | None = None
         self._pid = None
 

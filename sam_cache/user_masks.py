@@ -154,7 +154,7 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
     """
     check_mask_set_name(mask_set)
     with EmbeddingStore.open(store_path, "r+") as store:
-        if store.images is None:
+        if not store.has_images:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in")
         paths = mask_paths(store, source, mask_name)
         rows = np.flatnonzero(store.done)

@@ -401,12 +401,12 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_temporary_file(tiny_sto
 
 
 def test_a_store_killed_in_its_first_milliseconds_is_refused_with_a_hint(sample_dir, tmp_path, monkeypatch):
-    from sam_cache import store as store_module
+    from sam_cache.store import backends
 
     def killed(self, *a, **k):
         raise KeyboardInterrupt  # the process stops right after the group was made
 
-    monkeypatch.setattr(store_module._ZarrBackend, "create_array", killed)
+    monkeypatch.setattr(backends.ZarrBackend, "create_array", killed)
     with pytest.raises(KeyboardInterrupt):
         extract_dataset(sample_dir, tmp_path / "s.zarr", "tiny", image_size=32, num_workers=0, progress=False,
                         **SPLIT_ARGS)
@@ -422,12 +422,12 @@ def _interrupted_creation(sample_dir, out, monkeypatch, creator):
     """A store stopped while being made, its "creating" marker then set to ``creator``."""
     import zarr
 
-    from sam_cache import store as store_module
+    from sam_cache.store import backends
 
     def killed(self, *a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_module._ZarrBackend, "create_array", killed)
+    monkeypatch.setattr(backends.ZarrBackend, "create_array", killed)
     with pytest.raises(KeyboardInterrupt):
         extract_dataset(sample_dir, out, "tiny", image_size=32, num_workers=0, progress=False, **SPLIT_ARGS)
     monkeypatch.undo()
@@ -828,7 +828,7 @@ def test_bad_boxes_are_refused_before_the_masks_signature_is_recorded(tiny_store
     boxes.write_text("id,x0,y0,x1,y1\n" + f"{ids[0]},nan,0,10,10\n")
     with pytest.raises(Exception, match=r"line 2: the box .* must be finite"):
         decode_masks(store, prompt="csv", boxes=boxes, progress=False)
-    assert not EmbeddingStore.open(store).has_masks  # nothing recorded
+    assert not EmbeddingStore.open(store).mask_set().exists  # nothing recorded
     boxes.write_text("id,x0,y0,x1,y1\n" + f"{ids[0]},0,0,10,10\n")
     assert decode_masks(store, prompt="csv", boxes=boxes, progress=False)["written"] == 15
 

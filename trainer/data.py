@@ -117,7 +117,7 @@ def _flip_some(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def cache_bytes(store: EmbeddingStore, n: int, embeddings: bool = True, masks: bool = False) -> int:
     """Bytes that ``n`` rows of ``store`` take in memory (images, masks, embeddings at 2 or 4 bytes a value)."""
     emb = n * 256 * store.grid * store.grid * (4 if store.dtype == "float32" else 2) if embeddings else 0
-    img = n * int(np.prod(store.images.shape[1:])) if store.images is not None else 0
+    img = n * 3 * store.image_size ** 2 if store.has_images else 0
     return emb + img + (img // 3 if masks else 0)
 
 
@@ -187,7 +187,7 @@ class PairedCache:
 
     def __init__(self, store: EmbeddingStore, indices: np.ndarray, device: torch.device, residency: str = "auto",
                  embeddings: bool = True, masks: str | None = None, budget_fraction: float = 0.5):
-        if store.images is None:
+        if not store.has_images:
             raise TrainError(f"store {store.path} keeps no images; extract it again with --image-size (e.g. 224)")
         self.store, self.device = store, device
         self.rows = np.asarray(sorted(set(int(i) for i in indices)), dtype=np.int64)

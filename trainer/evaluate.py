@@ -67,10 +67,10 @@ def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Pat
       StoreMismatchError: naming every field that differs.
     """
     from sam_cache.errors import differences
-    from sam_cache.store import _flatten
+    from sam_cache.store import flatten
 
-    want = _flatten({k: state["store_signature"].get(k) for k in ENCODER_SIDE})
-    have = _flatten({k: store.signature.get(k) for k in ENCODER_SIDE})
+    want = flatten({k: state["store_signature"].get(k) for k in ENCODER_SIDE})
+    have = flatten({k: store.signature.get(k) for k in ENCODER_SIDE})
     diffs = differences(have, want, "store has", "the model was trained on")
     if diffs:
         raise StoreMismatchError(f"store {store.path} was not made the way the store of {checkpoint} was; its "

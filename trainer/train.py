@@ -440,10 +440,10 @@ def _check_resume(cfg: TrainConfig, state: dict, out: Path) -> None:
 def _check_resumed_store(store: EmbeddingStore, state: dict, out: Path) -> None:
     """A resumed run trains on the store it started on: its signature must be the checkpoint's."""
     from sam_cache.errors import differences
-    from sam_cache.store import _flatten
+    from sam_cache.store import flatten
 
     recorded = state.get("store_signature")
-    have, want = _flatten(store.signature), _flatten(recorded if isinstance(recorded, dict) else {})
+    have, want = flatten(store.signature), flatten(recorded if isinstance(recorded, dict) else {})
     diffs = differences(have, want, "store has", "the run started on")
     if diffs:
         raise TrainError(f"cannot resume {out}: store {store.path} is not the one the run started on (it was made "

@@ -90,7 +90,8 @@ def test_litemedsam_mask_from_the_cache_equals_its_own_inference(sample_dir, tmp
 
 def _masks(path):
     with EmbeddingStore.open(path) as s:
-        return s.read_rows(np.flatnonzero(s.mask_done), "masks"), s.mask_iou, s.mask_done
+        ms = s.mask_set()
+        return ms.read(np.flatnonzero(ms.done)), ms.iou, ms.done
 
 
 def test_masks_are_stored_reported_and_refused_when_made_differently(tiny_store, tmp_path):

@@ -62,7 +62,7 @@ def test_a_folder_source_missing_files_and_resume(tmp_path):
     victim.unlink()
     with pytest.raises(ConfigError, match=r"no mask file for 1 sample\(s\), first malignant/.* --allow-missing"):
         import_masks(store, str(folder), progress=False)
-    assert not EmbeddingStore.open(store).has_masks  # nothing recorded
+    assert not EmbeddingStore.open(store).mask_set().exists  # nothing recorded
     r = import_masks(store, str(folder), allow_missing=True, progress=False)
     assert r["written"] == 4 and r["missing"] == 1 and r["empty"] == 1
     again = runner.invoke(app, ["masks", str(store), "--from-masks", str(folder), "--allow-missing", "--no-progress"])

@@ -96,7 +96,7 @@ def test_paired_cache_returns_store_rows(tiny_store, residency):
         assert cache.mode == residency
         img, emb, y = cache.batch(rows)
         assert torch.equal(emb, torch.from_numpy(store.read_rows(np.sort(rows))[np.argsort(np.argsort(rows))]))
-        assert torch.equal(img, torch.from_numpy(np.asarray(store.images[:])[rows]))
+        assert torch.equal(img, torch.from_numpy(store.read_images(0, len(store))[rows]))
         assert y.tolist() == store.labels[rows].tolist()
         no_emb = PairedCache(store, rows, torch.device("cpu"), residency, embeddings=False)
         assert no_emb.batch(rows)[1] is None

@@ -200,7 +200,7 @@ def test_nan_loss_is_a_clear_error(tiny_store, tmp_path):
     with EmbeddingStore.open(bad, "r+") as s:  # NaNs written through the store: checksums agree with them
         rows = s.read_embeddings(0, len(s))
         rows[:] = np.nan
-        s.write_rows(0, rows, s.orig_size, s.valid, s.window, np.asarray(s.images[:]))
+        s.write_rows(0, rows, s.orig_size, s.valid, s.window, s.read_images(0, len(s)))
     with pytest.raises(TrainError, match=r"loss is not finite in epoch 1, by step 2: lower --lr, or check the store"):
         train(_cfg(bad, tmp_path / "r"), log=lambda s: None)
 

@@ -1,0 +1,174 @@
+"""The two formats a store lives in, behind one small interface: Zarr v3 folders and HDF5 files.
+
+A backend holds arrays by name (``backend[name]``, ``name in backend``, ``create_array``,
+``delete``), the ``samcache`` attributes (``get_meta``/``set_meta``) and ``flush``/``close``.
+Only :mod:`sam_cache.store` uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .schema import StoreError
+
+__all__ = ["Backend", "ZarrBackend", "H5Backend", "open_backend", "store_format", "zarr_exists_error", "H5_META_COPY"]
+
+
+def store_format(path: str | Path) -> str:
+    """``"hdf5"`` for ``.h5``/``.hdf5``/``.hdf`` paths, else ``"zarr"``."""
+    return "hdf5" if str(path).lower().endswith((".h5", ".hdf5", ".hdf")) else "zarr"
+
+
+def _storage_options(path: str) -> dict | None:
+    """fsspec options for a URL store: local ``file://`` folders are created as needed."""
+    if "://" not in path:
+        return None
+    return {"auto_mkdir": True} if path.split("://", 1)[0] in ("file", "local") else {}
+
+
+class Backend:
+    """What both formats share: arrays by name under ``self.root`` (a zarr group or an h5py file)."""
+
+    root = None
+
+    def __getitem__(self, name):
+        return self.root[name]
+
+    def __contains__(self, name):
+        return name in self.root
+
+    def delete(self, name):
+        del self.root[name]
+
+
+class ZarrBackend(Backend):
+    def __init__(self, path: str, mode: str, attributes: dict | None = None):
+        import zarr
+
+        kwargs = {"attributes": attributes} if attributes is not None else {}
+        self.root = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path), **kwargs)
+
+    def create_array(self, name, shape, dtype, chunks, shards=None):
+        kwargs = {"shards": shards} if shards else {}
+        fill = "" if dtype is str else 0
+        self.root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=None, fill_value=fill, **kwargs)
+
+    def get_meta(self) -> dict:
+        return dict(self.root.attrs.get("samcache", {}))
+
+    def set_meta(self, meta: dict) -> None:
+        self.root.attrs["samcache"] = meta
+
+    def read_str(self, name) -> np.ndarray:
+        return np.array(self.root[name][:].tolist(), dtype=str)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+H5_META_COPY = "meta_created"  # HDF5 only: the attributes as created, the fallback of a damaged attribute
+
+
+class H5Backend(Backend):
+    def __init__(self, path: str, mode: str):
+        import h5py
+
+        self.path = path
+        # No chunk cache when writing: with one, HDF5 writes chunks out only when a dataset handle is
+        # closed, and a full disk then surfaces as an ignored error in h5py's __dealloc__ after the
+        # rows were marked done. Without it, every write reaches the file at once and raises.
+        cache = {} if mode == "r" else {"rdcc_nbytes": 0}
+        try:
+            self.file = h5py.File(path, {"r": "r", "r+": "r+", "w": "w", "w-": "w-"}[mode], **cache)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise StoreError(h5_open_problem(path, mode, exc)) from exc
+        self.root = self.file
+
+    def create_array(self, name, shape, dtype, chunks, shards=None):
+        import h5py
+
+        if dtype is str:
+            dtype = h5py.string_dtype()
+        self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) > 1 or shape[0] else None)
+
+    def get_meta(self) -> dict:
+        """The ``samcache`` attribute; if it cannot be read (a rewrite that a full disk cut short),
+        the creation record ``meta_created`` instead, with ``self.repaired`` set."""
+        self.repaired = False
+        try:
+            raw = self.file.attrs.get("samcache")
+        except (OSError, RuntimeError, KeyError) as exc:
+            if H5_META_COPY not in self.file:
+                raise StoreError(f"HDF5 store {self.path}: its samcache attribute cannot be read ({exc}) and the "
+                                 "store has no creation record to repair it from (made before samcache 0.2.1)") from None
+            self.repaired = True
+            return json.loads(bytes(np.asarray(self.file[H5_META_COPY][:], dtype=np.uint8)).decode())
+        return json.loads(raw) if raw is not None else {}
+
+    def set_meta(self, meta: dict) -> None:
+        """Write the attributes, refusing up front when the disk cannot hold them: HDF5 rewrites an
+        attribute in place, and a rewrite cut short by a full disk leaves it unreadable."""
+        text = json.dumps(meta)
+        if self.path and "://" not in self.path:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+            if free < 4 * len(text) + (1 << 20):
+                raise StoreError(f"HDF5 store {self.path}: no space left on device to update its attributes "
+                                 f"({free} bytes free); nothing was changed. Free some space and rerun")
+        self.file.attrs["samcache"] = text
+
+    def record_creation(self, meta: dict) -> None:
+        """Keep a copy of the creation-time attributes as a uint8 array, written once: what
+        :meth:`get_meta` falls back to when the attribute is damaged."""
+        self.file.create_dataset(H5_META_COPY, data=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+    def read_str(self, name) -> np.ndarray:
+        return np.asarray(self.file[name].asstr()[:], dtype=str)
+
+    def flush(self):
+        try:
+            self.file.flush()
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"writing HDF5 store {self.path} failed: {exc}") from exc
+
+    def close(self):
+        try:
+            self.file.close()
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"closing HDF5 store {self.path} failed: {exc}") from exc
+
+
+def h5_open_problem(path: str, mode: str, exc: OSError) -> str:
+    """The real reason an HDF5 file did not open, and what to do about it."""
+    import errno as _errno
+
+    text = str(exc)
+    if "lock" in text.lower():
+        return (f"HDF5 store {path} is locked by another process (is an extraction or a training run still "
+                "using it?). Wait for it to finish; HDF5 allows one writer at a time")
+    if getattr(exc, "errno", None) in (_errno.EACCES, _errno.EPERM, _errno.EROFS) or "ermission" in text \
+            or "read-only" in text.lower():
+        return f"HDF5 store {path} cannot be opened for {'writing' if mode != 'r' else 'reading'}: permission denied ({text})"
+    return (f"HDF5 store {path} cannot be opened ({text}). A process killed while writing HDF5 can damage the "
+            "file; if so, remove it yourself (--overwrite deletes only a file it can read as a store) and extract again, or use a Zarr store, which survives a kill")
+
+
+def zarr_exists_error() -> type:
+    """The exception zarr raises when ``mode="w-"`` finds something at the path."""
+    from zarr.errors import ContainsGroupError
+
+    return ContainsGroupError
+
+
+def open_backend(path: str, mode: str) -> Backend:
+    """The backend of ``path`` in ``mode`` (``r``, ``r+``): HDF5 for ``.h5`` paths, else Zarr."""
+    return H5Backend(path, mode) if store_format(path) == "hdf5" else ZarrBackend(path, mode)
