@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message="Importing from timm", category=Future
 
 from sam_cache import EmbeddingStore, create_encoder  # noqa: E402
 from sam_cache.device import device_name, sync  # noqa: E402
-from sam_cache.datasets import DatasetManifest, Record  # noqa: E402
+from sam_cache.readers import DatasetManifest, Record  # noqa: E402
 from sam_cache.preprocess import normalize_frames  # noqa: E402
 from trainer import TrainConfig, build_model  # noqa: E402
 from trainer.data import PairedCache  # noqa: E402

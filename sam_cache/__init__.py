@@ -13,7 +13,7 @@ except _NotInstalled:  # pragma: no cover - a source tree that was never install
     __version__ = "0.0.0+unknown"
 
 from .convert import convert_store  # noqa: E402
-from .datasets import DatasetError, DatasetManifest, DatasetOptions, open_dataset  # noqa: E402
+from .readers import DatasetError, DatasetManifest, DatasetOptions, open_dataset  # noqa: E402
 from .encoders import Encoder, EncoderError, create_encoder, list_encoders  # noqa: E402
 from .errors import ConfigError, SamcacheError  # noqa: E402
 from .export import export_pooled  # noqa: E402

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import DatasetManifest, open_dataset
+from .readers import DatasetManifest, open_dataset
 from .encoders import Encoder, EncoderError, create_encoder
 from .fast_attention import use_fast_attention
 from .preprocess import ImageDecodeError, image_problem, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid

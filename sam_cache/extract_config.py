@@ -37,13 +37,13 @@ class ReadingConfig:
         validate_fields(self)
 
     def dataset_options(self, **more):
-        """The reader's :class:`~sam_cache.datasets.DatasetOptions` for these options (``more``:
+        """The reader's :class:`~sam_cache.readers.DatasetOptions` for these options (``more``:
         its other fields, e.g. ``require_labels=False``).
 
         Raises:
           DatasetError: a ``nifti_slices`` that is not all, middle or every:N.
         """
-        from .datasets import DatasetOptions
+        from .readers import DatasetOptions
 
         return DatasetOptions(path_column=self.path_column, label_column=self.label_column,
                               split_column=self.split_column, group_column=self.group_column,

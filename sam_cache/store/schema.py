@@ -1,7 +1,7 @@
 """What a store's rows are: the layout constants, the row schema, the signature and its digest.
 
 This module is the bottom of the store package: it imports nothing of samcache but the error
-base. The readers (:mod:`sam_cache.datasets`) build a :class:`RowSchema`; the store keeps it.
+base. The readers (:mod:`sam_cache.readers`) build a :class:`RowSchema`; the store keeps it.
 """
 
 from __future__ import annotations

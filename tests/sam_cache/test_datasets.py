@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from sam_cache.datasets import DatasetError, DatasetOptions, open_dataset
+from sam_cache.readers import DatasetError, DatasetOptions, open_dataset
 
 
 def _png(path, value=0, size=(8, 8)):
