@@ -28,7 +28,8 @@ warnings.filterwarnings("ignore", message="Importing from timm", category=Future
 from sam_cache import EmbeddingStore  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
 from trainer.data import PairedCache  # noqa: E402
-from trainer.experiment import StudyConfig, mean_std, paired_difference  # noqa: E402
+from trainer.experiment import StudyConfig  # noqa: E402
+from trainer.stats import mean_std, paired_difference  # noqa: E402
 from trainer.recipe_args import parse_seeds, parse_sets  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
 

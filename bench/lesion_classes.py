@@ -26,7 +26,7 @@ from sam_cache import EmbeddingStore  # noqa: E402
 from sam_cache.outputs import atomic_write  # noqa: E402
 from trainer.data import PairedCache  # noqa: E402
 from trainer.evaluate import load_run_model  # noqa: E402
-from trainer.experiment import paired_difference, verdict  # noqa: E402
+from trainer.stats import paired_difference, verdict  # noqa: E402
 from trainer.metrics import classification_metrics  # noqa: E402
 from trainer.step import BatchPipeline, predict  # noqa: E402
 

@@ -32,7 +32,8 @@ from sam_cache import EmbeddingStore  # noqa: E402
 from sam_cache.preprocess import image_problem, read_image, to_rgb_uint8  # noqa: E402
 from trainer import load_run_model  # noqa: E402
 from trainer.data import PairedCache  # noqa: E402
-from trainer.experiment import linear_probe, mean_std, paired_difference, pooled_features, verdict  # noqa: E402
+from trainer.experiment import linear_probe, pooled_features  # noqa: E402
+from trainer.stats import mean_std, paired_difference, verdict  # noqa: E402
 from trainer.metrics import classification_metrics  # noqa: E402
 from trainer.step import BatchPipeline, predict  # noqa: E402
 from trainer.subset import stratified_subset  # noqa: E402

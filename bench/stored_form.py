@@ -29,7 +29,8 @@ from sam_cache import EmbeddingStore, convert_store  # noqa: E402
 from sam_cache.store import pool_to_grid  # noqa: E402
 from trainer import TrainConfig, train  # noqa: E402
 from trainer.config import METRIC_KEYS  # noqa: E402
-from trainer.experiment import StudyConfig, mean_std, paired_difference, verdict  # noqa: E402
+from trainer.experiment import StudyConfig  # noqa: E402
+from trainer.stats import mean_std, paired_difference, verdict  # noqa: E402
 from trainer.recipe_args import parse_seeds, parse_sets  # noqa: E402
 from trainer.records import read_rows, write_rows  # noqa: E402
 

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from sam_cache import EmbeddingStore, extract_dataset
-from sam_cache.datasets import open_dataset
+from sam_cache.readers import open_dataset, sample_sources
 from sam_cache.extract_config import ReadingConfig
 
 from sam_cache.outputs import OutputError, atomic_write, refuse_overlap
@@ -142,7 +142,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
             _, probs, _ = predict(model, pipeline, c, rows, batch_size or cfg.batch_size,
                                   cfg.amp and dev.type == "cuda", on_batch=advance)
         ids = s.ids[rows]
-        sources = _sources(s, rows)
+        sources = sample_sources(s.meta.get("dataset", {}), s.ids[rows])  # the reader says where
         labels = np.array([names.index(s.class_names[v]) for v in s.labels[rows]]) if labelled else s.labels[rows]
     ranked = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
     records = [{"id": str(ids[k]), "source": sources[k],
@@ -193,17 +193,6 @@ def _is_predictions(path: Path) -> bool:
         except (OSError, ValueError, AttributeError):
             return False
     return False
-
-
-def _sources(store: EmbeddingStore, rows: np.ndarray) -> list[str]:
-    """Where each sample came from: the file (folder and CSV ids are relative to the dataset), or
-    ``file.npz#id`` for arrays."""
-    dataset = store.meta.get("dataset", {})
-    root, kind = dataset.get("root", ""), dataset.get("kind", "")
-    base = os.path.dirname(root) if kind == "csv" else root
-    if kind == "npz":
-        return [f"{root}#{i}" for i in store.ids[rows]]
-    return [os.path.join(base, str(i)) for i in store.ids[rows]]
 
 
 class _bar:

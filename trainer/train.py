@@ -20,10 +20,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,89 +30,31 @@ import torch
 import torch.nn.functional as F
 
 from sam_cache import distributed
-from sam_cache.outputs import OutputError, atomic_write, dataset_folder, describe_os_error, refuse_overlap
+from sam_cache.outputs import OutputError, dataset_folder, describe_os_error, refuse_overlap
 from sam_cache.store import EmbeddingStore
 from sam_cache.threads import cpu_threads
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import METRIC_KEYS, TrainConfig
-from .data import PairedCache, cache_bytes, paired_views, plan_residency
+from .data import PairedCache, cache_bytes, plan_residency
 from .errors import TrainError
 from .metrics import classification_metrics, format_metrics
 from .model import build_model, load_weights
-from .plots import plot_attention, plot_confusion, plot_learning_curves
 from .records import write_rows
+from .run_report import (attention_figure, open_tensorboard, per_class_rows, tensorboard_summary, tensorboard_tag,
+                         write_figures, write_file)
+from .schedule import epoch_order, plan_steps, warmup_cosine
 from .step import BatchPipeline, predict, train_step
-from .stream import shard_order
 from .subset import split_rows
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
-__all__ = ["train", "TrainError", "epoch_order", "StepPlan", "plan_steps", "resolve_device", "METRIC_KEYS"]
+__all__ = ["train", "TrainError", "resolve_device", "METRIC_KEYS"]
 
 RUN_FILES = "config.yaml metrics.csv metrics.json last.pt best.pt curves.png confusion.png attention.png"
 
 
 def resolve_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def epoch_order(rows: np.ndarray, seed: int, pass_index: int, shards: tuple[int, int] | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    """Pass ``pass_index``'s shuffled rows, and its stream buffers.
-
-    Arguments:
-      rows: the training rows.
-      seed, pass_index: what the order depends on.
-      shards: ``(shard_size, buffer_shards)`` for a shard-sequential order
-        (:func:`trainer.stream.shard_order`); None for a global permutation.
-
-    Returns:
-      ``(order, groups)``; ``groups`` is None for a global permutation.
-    """
-    rng = np.random.default_rng([seed, pass_index])
-    if shards is None:
-        return rng.permutation(rows), None
-    return shard_order(rows, shards[0], shards[1], rng)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How many optimizer steps a pass, an epoch and the run take."""
-
-    steps_per_pass: int
-    steps_per_epoch: int
-    epochs: int
-
-    @property
-    def total(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-
-def plan_steps(n_train: int, global_batch: int, world: int, epochs: int, min_steps: int,
-               steps_per_epoch: int | None = None) -> StepPlan:
-    """The step plan; ``steps_per_epoch`` pins an existing run's (resume keeps it).
-
-    A pass drops a last batch smaller than 2 samples per rank (BatchNorm cannot train on one).
-
-    Raises:
-      TrainError: too few training samples for one batch of 2 per rank.
-    """
-    per_pass = math.ceil(n_train / global_batch)
-    if per_pass and n_train - (per_pass - 1) * global_batch < 2 * world:
-        per_pass -= 1
-    if per_pass < 1:
-        raise TrainError(f"{n_train} training sample(s) cannot make one batch of at least 2 per rank")
-    spe = steps_per_epoch or max(per_pass, math.ceil(min_steps / epochs))
-    return StepPlan(per_pass, spe, epochs)
-
-
-def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """Learning-rate factor at a step: linear warmup over ``warmup`` steps, then cosine to 0."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return factor
 
 
 def _shuffle_plan(cfg: TrainConfig, store: EmbeddingStore, n_rows: int, device: torch.device) -> tuple[int, int] | None:
@@ -278,8 +218,8 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             history = [{**h, "epoch": h["epoch"] + 1} for h in history]
         log(f"resumed from {out / 'last.pt'} at epoch {start + 1} of {cfg.epochs}")
     if main:
-        _write(out / "config.yaml", lambda p: p.write_text(_config_text(cfg, weights)))
-    tb = _tensorboard(out, cfg) if main else None
+        write_file(out / "config.yaml", lambda p: p.write_text(_config_text(cfg, weights)))
+    tb = open_tensorboard(out, cfg) if main else None
     if tb is not None:
         stack.callback(tb.close)
 
@@ -336,7 +276,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
                 "store_signature": store.signature, "masks_signature": store.mask_set(cfg.mask_set).signature if masks else None,
                 "steps_per_epoch": plan.steps_per_epoch, "weights": weights}
         if main:  # only rank 0 writes the run folder
-            _write(out / "metrics.csv", lambda p: write_rows(history, p))
+            write_file(out / "metrics.csv", lambda p: write_rows(history, p))
             save_checkpoint(ckpt, out / "last.pt")
             if improved:
                 save_checkpoint({k: ckpt[k] for k in ("model", "epoch", "config", "class_names", "store_signature",
@@ -370,19 +310,13 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
               "device": str(device), "world_size": ctx.world}
     if not main:
         return result
-    _write(out / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    write_file(out / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=2)))
     if tb is not None:
-        _tensorboard_summary(tb, cfg, result)
+        tensorboard_summary(tb, cfg, result)
 
-    # figures
-    factor = warmup_cosine(cfg.warmup_steps, plan.total)
-    schedule = [cfg.lr * factor(k) for k in range(plan.total)][: history[-1]["step"]]
-    _write(out / "curves.png", lambda p: plot_learning_curves(history, p, cfg.select_metric, schedule,
-                                                             plan.steps_per_epoch))
-    _write(out / "confusion.png", lambda p: plot_confusion(test["confusion"], class_names, p,
-                                                          f"test, best epoch {best_state['epoch'] + 1}"))
     shown = per_class_rows(rows.test, store.labels[rows.test], cfg.attention_images)
-    attention_figure(model, pipeline, cache, shown, cfg, class_names, out / "attention.png", store.ids[shown])
+    write_figures(out, cfg, history, plan, test, class_names, best_state["epoch"] + 1,
+                  lambda path: attention_figure(model, pipeline, cache, shown, cfg, class_names, path, store.ids[shown]))
     log(f"test: {format_metrics(test)}")
     log(f"wrote {out}/: {RUN_FILES}")
     return result
@@ -457,13 +391,6 @@ def _check_finite(ctx, finite: torch.Tensor, epoch: int, step: int, cfg: TrainCo
                          f"or check the store with `samcache verify {cfg.cache}`")
 
 
-def _write(path: Path, write: Callable[[Path], None]) -> None:
-    try:
-        atomic_write(path, write)
-    except OutputError as exc:
-        raise TrainError(str(exc)) from None
-
-
 def _is_run_config(path: Path) -> bool:
     """Whether ``config.yaml`` is one that slca-train wrote (a recipe), not a file of the user's."""
     import yaml
@@ -499,78 +426,3 @@ def _progress_bar(enabled: bool, title: str, total: int):
     with Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(title, total=total)
         yield lambda: bar.advance(task)
-
-
-def _tensorboard(out: Path, cfg: TrainConfig):
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainError("--tensorboard needs the tensorboard package: pip install 'samcache[tensorboard]'") from None
-    return SummaryWriter(str(out / "tb"))
-
-
-def per_class_rows(rows: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n`` of ``rows`` taken class by class in turn (the first of each class, then the
-    second, ...), so that every class is shown when ``n`` allows."""
-    by_class = [list(rows[labels == c]) for c in np.unique(labels)]
-    picked = []
-    while len(picked) < n and any(by_class):
-        for group in by_class:
-            if group and len(picked) < n:
-                picked.append(group.pop(0))
-    return np.asarray(picked, dtype=rows.dtype)
-
-
-def _short(text: str, width: int = 30) -> str:
-    """An id that fits over a panel: its end, where file names differ."""
-    return text if len(text) <= width else "..." + text[-(width - 3):]
-
-
-def tensorboard_tag(key: str) -> str:
-    """A metrics row's key as a grouped TensorBoard tag: ``val_auc`` -> ``val/auc``,
-    ``train_loss`` -> ``train/loss``, ``img_per_s`` -> ``speed/img_per_s``, ``lr`` stays."""
-    for group in ("train", "val", "test"):
-        if key.startswith(group + "_"):
-            return f"{group}/{key[len(group) + 1:]}"
-    return f"speed/{key}" if key in ("img_per_s", "seconds") else key
-
-
-def _tensorboard_summary(tb, cfg: TrainConfig, result: dict) -> None:
-    """The test metrics (at the last step) and the run's hyperparameters beside them (HPARAMS tab)."""
-    test = {f"test/{k}": float(result["test"][k]) for k in (*METRIC_KEYS, "loss") if result["test"].get(k) is not None}
-    for tag, value in test.items():
-        tb.add_scalar(tag, value, result["steps"])
-    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.flat().items()
-               if k not in ("cache", "out", "device") and v is not None}
-    tb.add_hparams(hparams, {f"hparam/{k.replace('/', '_')}": v for k, v in test.items()}, run_name=".")
-    tb.flush()
-
-
-@torch.no_grad()
-def attention_figure(model, pipeline: BatchPipeline, cache: PairedCache, rows: np.ndarray, cfg: TrainConfig,
-                     class_names: list[str], path: Path, ids=None) -> None:
-    """``attention.png``: test images, each above its SLCA gate deviation, and in focus runs the
-    SAM mask; titled with the id (``ids``), the true and the predicted class."""
-    if not len(rows):
-        return
-    model.eval()
-    boxes, flips = pipeline.boxes(cache, rows)
-    x, e, y = pipeline(cache, rows, boxes, flips)
-    logits = model(x, e)
-    img, _, _ = cache.batch(rows, embeddings=False)
-    raw, _ = paired_views(img, None, boxes, flips, cfg.img_size)
-    pictures = raw[:, :3].clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-    masks = raw[:, 3].cpu().numpy() if raw.shape[1] == 4 else None
-    names = [str(i) for i in ids] if ids is not None else [str(r) for r in rows]
-    titles = [f"{_short(i)}\n{class_names[t]} -> {class_names[p]}"
-              for i, t, p in zip(names, y.tolist(), logits.argmax(1).tolist())]
-    maps, stage_name = None, ""
-    if model.slca is not None:
-        stage = model.stages[0]
-        stage_name = model.stage_names[stage]
-        grid = model.stage_grid(stage, cfg.img_size)
-        m = model.slca.attention_maps(e.float(), stage, grid)
-        maps = F.interpolate(m[:, None], size=(cfg.img_size, cfg.img_size), mode="nearest")[:, 0].cpu().numpy()
-    _write(path, lambda p: plot_attention(pictures, maps, titles, p, stage_name, masks))

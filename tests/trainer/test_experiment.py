@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.errors import ConfigError
-from trainer.experiment import StudyConfig, merge_studies, paired_difference, pooled_features, run_study, verdict
+from trainer.experiment import StudyConfig, merge_studies, pooled_features, run_study
+from trainer.stats import paired_difference, verdict
 from trainer.records import write_rows
 
 RECIPE = {"backbone": "resnet10t", "img_size": 32, "epochs": 1, "min_steps": 4, "batch_size": 4}

@@ -9,7 +9,7 @@ from sam_cache import EmbeddingStore, extract_dataset
 from trainer import TrainConfig, train
 from trainer.data import PairedCache
 from trainer.stream import ShardStream, shard_order
-from trainer.train import epoch_order
+from trainer.schedule import epoch_order
 
 
 def test_shard_order_shuffles_whole_shards_through_buffers():

@@ -126,7 +126,7 @@ def test_threads_fix_the_cpu_thread_count_of_a_run_and_restore_it(tiny_store, tm
 
 def test_figures_show_every_class_and_the_normalized_confusion(tmp_path):
     from trainer.plots import plot_confusion
-    from trainer.train import per_class_rows
+    from trainer.run_report import per_class_rows
 
     rows, labels = np.arange(10, 19), np.array([0, 0, 0, 0, 0, 1, 1, 2, 2])
     assert per_class_rows(rows, labels, 4).tolist() == [10, 15, 17, 11]  # each class before a second of any
@@ -149,7 +149,7 @@ def test_warmup_cosine_is_timms_cosine_schedule_after_the_warmup():
     our warmup is one step ahead of timm's (the first step has lr/warmup, not 0)."""
     import timm.scheduler
 
-    from trainer.train import warmup_cosine
+    from trainer.schedule import warmup_cosine
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1e-3)
