@@ -36,7 +36,7 @@ RUN = re.compile(r"(?P<method>.+)-f(?P<fraction>[0-9.]+)-s(?P<seed>\d+)$")
 def score(run: Path, classes: list[str]) -> float:
     """Balanced accuracy of ``run/best.pt`` on the test images of ``classes``, renormalised over them."""
     model, cfg, state = load_run_model(run / "best.pt", "cpu")
-    keep = [state["class_names"].index(c) for c in classes]
+    keep = [state.class_names.index(c) for c in classes]
     with EmbeddingStore.open(cfg.cache) as s:
         rows = s.split_indices("test")
         rows = rows[np.isin(s.labels[rows], keep)]

@@ -16,7 +16,7 @@ import torch
 
 from sam_cache.store import EmbeddingStore, StoreMismatchError
 
-from .checkpoint import load_checkpoint
+from .checkpoint import RunCheckpoint, load_checkpoint
 from .config import TrainConfig
 from .data import PairedCache
 from .errors import TrainError
@@ -41,17 +41,13 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device | None = N
       ConfigError: its config holds a bad option.
     """
     state = load_checkpoint(checkpoint)
-    names, signature = state["class_names"], state["store_signature"]
-    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
-        raise TrainError(f"checkpoint {checkpoint}: class_names must be a list of at least 2 names; got {names!r:.80}")
-    if not isinstance(signature, dict):
-        raise TrainError(f"checkpoint {checkpoint}: store_signature must be a mapping; got {type(signature).__name__}")
-    cfg = TrainConfig.from_dict(state["config"], source=str(checkpoint))
+    names = state.class_names
+    cfg = TrainConfig.from_dict(state.config, source=str(checkpoint))
     dev = resolve_device(str(device) if device is not None else None)
     cfg = cfg.replace(device=str(dev), pretrained=False, pretrained_path=None)  # the weights come from the checkpoint
     model, _ = build_model(cfg, len(names), names)
     try:
-        load_weights(model, state["model"])
+        load_weights(model, state.model)
     except (RuntimeError, TypeError, AttributeError) as exc:  # missing, unexpected or misshapen tensors
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         detail = " ".join(str(exc).split())[:300]
@@ -60,7 +56,7 @@ def load_run_model(checkpoint: str | Path, device: str | torch.device | None = N
     return model.to(dev), cfg, state
 
 
-def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Path) -> None:
+def check_encoder_side(store: EmbeddingStore, state: RunCheckpoint, checkpoint: str | Path) -> None:
     """Refuse a store whose encoder, weights or preprocessing differ from the training store's.
 
     Raises:
@@ -69,7 +65,7 @@ def check_encoder_side(store: EmbeddingStore, state: dict, checkpoint: str | Pat
     from sam_cache.errors import differences
     from sam_cache.store import flatten
 
-    want = flatten({k: state["store_signature"].get(k) for k in ENCODER_SIDE})
+    want = flatten({k: state.store_signature.get(k) for k in ENCODER_SIDE})
     have = flatten({k: store.signature.get(k) for k in ENCODER_SIDE})
     diffs = differences(have, want, "store has", "the model was trained on")
     if diffs:
@@ -102,8 +98,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None,
     with EmbeddingStore.open(path) as store:
         check_encoder_side(store, state, checkpoint)
         store.require_complete(allow_partial)
-        if store.class_names != state["class_names"]:
-            raise TrainError(f"store {path} has classes {store.class_names}, the model {state['class_names']}")
+        if store.class_names != state.class_names:
+            raise TrainError(f"store {path} has classes {store.class_names}, the model {state.class_names}")
         rows = np.flatnonzero(store.done) if split == "all" else store.split_indices(split)
         if not len(rows):
             raise TrainError(f"store {path} has no done samples in split {split!r}")

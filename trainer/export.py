@@ -64,15 +64,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict:
     pretrained_cfg = {"input_size": [int(in_chans), cfg.img_size, cfg.img_size], "crop_pct": 1.0,
                       "crop_mode": "squash", "interpolation": "bilinear",
                       "mean": list(base.get("mean", (0.485, 0.456, 0.406))),
-                      "std": list(base.get("std", (0.229, 0.224, 0.225))), "num_classes": len(state["class_names"])}
+                      "std": list(base.get("std", (0.229, 0.224, 0.225))), "num_classes": len(state.class_names)}
     overlay = ", ".join(f"{k}={v!r}" for k, v in pretrained_cfg.items())
-    info = {"backbone": cfg.backbone, "num_classes": len(state["class_names"]), "in_chans": int(in_chans),
+    info = {"backbone": cfg.backbone, "num_classes": len(state.class_names), "in_chans": int(in_chans),
             "pretrained_cfg": pretrained_cfg,
-            "class_names": state["class_names"], "complete": not extras,
+            "class_names": state.class_names, "complete": not extras,
             "note": ("the backbone is the whole trained classifier" if not extras else
                      "trained with SLCA or fusion: the backbone alone is not the trained classifier; the extras "
                      "file holds the rest, and slca-train eval/predict use the whole model"),
-            "load": f"timm.create_model({cfg.backbone!r}, num_classes={len(state['class_names'])}, in_chans={in_chans}, "
+            "load": f"timm.create_model({cfg.backbone!r}, num_classes={len(state.class_names)}, in_chans={in_chans}, "
                     f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}, {overlay}))",
             "files": files}
     try:

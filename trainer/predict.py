@@ -99,11 +99,11 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         raise TrainError(f"{out} exists and is not a predictions file; choose another --out, or pass --overwrite to "
                          "replace it")
     model, cfg, state = load_run_model(checkpoint, device)
-    if not 1 <= topk <= len(state["class_names"]):
-        raise TrainError(f"--topk {topk}: the model has {len(state['class_names'])} classes "
-                         f"({', '.join(state['class_names'])}); give 1 to {len(state['class_names'])}")
+    if not 1 <= topk <= len(state.class_names):
+        raise TrainError(f"--topk {topk}: the model has {len(state.class_names)} classes "
+                         f"({', '.join(state.class_names)}); give 1 to {len(state.class_names)}")
     dev = next(model.parameters()).device
-    sig = state["store_signature"]
+    sig = state.store_signature
     partial_ok = allow_partial or not is_store  # our own extraction: only skipped images are missing, each named
     if is_store:
         store_path = data
@@ -125,12 +125,12 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         if not len(rows):
             raise TrainError(f"store {store_path} has no done samples to predict")
         if cfg.focus_masks and not s.mask_set(cfg.mask_set).done[rows].all():
-            made = state.get("masks_signature") or {}
+            made = state.masks_signature or {}
             how = (f"--prompt learned --head-from {cfg.cache}:{cfg.mask_set}" if made.get("prompt") == "learned"
                    else f"the prompt it was trained with ({made.get('prompt', 'candidates')})")
             raise TrainError(f"the model uses --focus {cfg.focus}: run `samcache masks {store_path} --mask-set "
                              f"{cfg.mask_set}` with {how}")
-        names = state["class_names"]
+        names = state.class_names
         # labels count when every class of the data is one of the model's (some may be absent)
         labelled = bool(s.class_names) and set(s.class_names) <= set(names) and (s.labels[rows] >= 0).all()
         if s.class_names and not set(s.class_names) <= set(names):

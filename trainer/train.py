@@ -34,7 +34,7 @@ from sam_cache.outputs import OutputError, dataset_folder, describe_os_error, re
 from sam_cache.store import EmbeddingStore
 from sam_cache.threads import cpu_threads
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache, cache_bytes, plan_residency
 from .errors import TrainError
@@ -198,7 +198,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.slca.lr_mult))
     bs = cfg.batch_size * ctx.world
     plan = plan_steps(len(rows.train), bs, ctx.world, cfg.epochs, cfg.min_steps,
-                      state["steps_per_epoch"] if state is not None else None)
+                      state.steps_per_epoch if state is not None else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, plan.total))
     weight = _class_weights(store.labels[rows.train], len(class_names), device) if cfg.class_balance == "loss" else None
     loss_fn = _loss_fn(weight, cfg.label_smoothing, ctx)
@@ -210,10 +210,10 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     # resume
     start, history, best = 0, [], None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, history, best = state["epoch"] + 1, state["history"], state["best"]
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        start, history, best = state.epoch + 1, state.history, state.best
         if history and history[0]["epoch"] == 0:  # a run of samcache <= 0.2 counted epochs from 0 in its rows
             history = [{**h, "epoch": h["epoch"] + 1} for h in history]
         log(f"resumed from {out / 'last.pt'} at epoch {start + 1} of {cfg.epochs}")
@@ -271,16 +271,16 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             best, since_best = {"epoch": epoch, "score": score}, 0
         else:
             since_best += 1
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict(), "class_names": class_names,
-                "store_signature": store.signature, "masks_signature": store.mask_set(cfg.mask_set).signature if masks else None,
-                "steps_per_epoch": plan.steps_per_epoch, "weights": weights}
+        ckpt = RunCheckpoint(model=model.state_dict(), config=cfg.to_dict(), class_names=class_names,
+                             store_signature=store.signature, epoch=epoch, weights=weights,
+                             masks_signature=store.mask_set(cfg.mask_set).signature if masks else None,
+                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
+                             best=best, steps_per_epoch=plan.steps_per_epoch)
         if main:  # only rank 0 writes the run folder
             write_file(out / "metrics.csv", lambda p: write_rows(history, p))
-            save_checkpoint(ckpt, out / "last.pt")
+            save_checkpoint(ckpt.to_dict(), out / "last.pt")
             if improved:
-                save_checkpoint({k: ckpt[k] for k in ("model", "epoch", "config", "class_names", "store_signature",
-                                                      "masks_signature", "weights")}, out / "best.pt")
+                save_checkpoint(ckpt.to_dict(resume=False), out / "best.pt")
             if tb is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key not in ("epoch", "step"):
@@ -298,11 +298,11 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     # test with the best checkpoint
     ctx.barrier()  # best.pt is written
     best_state = load_checkpoint(out / "best.pt", map_location=device)
-    load_weights(model, best_state["model"])
+    load_weights(model, best_state.model)
     yt, pt, test_loss = predict(model, pipeline, cache, rows.test, cfg.batch_size, amp, ctx)
     test = classification_metrics(yt, pt)
-    best_row = next(h for h in history if h["epoch"] == best_state["epoch"] + 1)
-    result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state["epoch"] + 1, "epochs_run": len(history),
+    best_row = next(h for h in history if h["epoch"] == best_state.epoch + 1)
+    result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state.epoch + 1, "epochs_run": len(history),
               "steps": history[-1]["step"], "val_best": {m: best_row[f"val_{m}"] for m in METRIC_KEYS},
               "val_best_loss": best_row["val_loss"],
               "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca.enabled, "fuse": cfg.fuse,
@@ -315,7 +315,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         tensorboard_summary(tb, cfg, result)
 
     shown = per_class_rows(rows.test, store.labels[rows.test], cfg.attention_images)
-    write_figures(out, cfg, history, plan, test, class_names, best_state["epoch"] + 1,
+    write_figures(out, cfg, history, plan, test, class_names, best_state.epoch + 1,
                   lambda path: attention_figure(model, pipeline, cache, shown, cfg, class_names, path, store.ids[shown]))
     log(f"test: {format_metrics(test)}")
     log(f"wrote {out}/: {RUN_FILES}")
@@ -359,25 +359,26 @@ def _config_text(cfg: TrainConfig, weights: dict) -> str:
             + yaml.safe_dump({"backbone_weights": weights}, sort_keys=False))
 
 
-def _check_resume(cfg: TrainConfig, state: dict, out: Path) -> None:
-    old = TrainConfig.from_dict(state["config"], source=str(out / "last.pt"))
+def _check_resume(cfg: TrainConfig, state: RunCheckpoint, out: Path) -> None:
+    if not state.resumable:
+        raise TrainError(f"cannot resume {out}: {out / 'last.pt'} holds no resume state (optimizer, schedule, history)")
+    old = TrainConfig.from_dict(state.config, source=str(out / "last.pt"))
     paths = ("out", "cache")  # one folder written /abs/run or ./run: compare where they point
     changed = sorted(k for k, v in cfg.flat().items() if k != "epochs" and (
         old.flat().get(k) != v if k not in paths else os.path.realpath(str(old.flat().get(k))) != os.path.realpath(v)))
     if changed:
         raise TrainError(f"cannot resume {out}: the recipe differs from {out / 'config.yaml'} in "
                          f"{', '.join(changed)} (only --epochs may change, to extend a run)")
-    if cfg.epochs < state["epoch"] + 1:
-        raise TrainError(f"cannot resume {out} with --epochs {cfg.epochs}: it has run {state['epoch'] + 1} already")
+    if cfg.epochs < state.epoch + 1:
+        raise TrainError(f"cannot resume {out} with --epochs {cfg.epochs}: it has run {state.epoch + 1} already")
 
 
-def _check_resumed_store(store: EmbeddingStore, state: dict, out: Path) -> None:
+def _check_resumed_store(store: EmbeddingStore, state: RunCheckpoint, out: Path) -> None:
     """A resumed run trains on the store it started on: its signature must be the checkpoint's."""
     from sam_cache.errors import differences
     from sam_cache.store import flatten
 
-    recorded = state.get("store_signature")
-    have, want = flatten(store.signature), flatten(recorded if isinstance(recorded, dict) else {})
+    have, want = flatten(store.signature), flatten(state.store_signature)
     diffs = differences(have, want, "store has", "the run started on")
     if diffs:
         raise TrainError(f"cannot resume {out}: store {store.path} is not the one the run started on (it was made "

@@ -253,3 +253,27 @@ def test_cli_errors_are_one_line(tiny_store, tmp_path):
     assert result.exit_code == 1 and "store" in result.output and "does not exist" in result.output
     result = runner.invoke(app, ["--cache", str(tiny_store), "--out", str(tmp_path / "r"), "--window", "5"])
     assert result.exit_code == 1 and "window must divide 64" in result.output
+
+
+def test_a_run_folder_of_samcache_0_2_still_evaluates_and_resumes(tiny_store, tmp_path):
+    """Old run folders load: checkpoints without the fields added since 0.2 (masks_signature,
+    weights) and with 0-based epochs in their history are read through RunCheckpoint."""
+    from trainer.checkpoint import RESUME_KEYS, RunCheckpoint, load_checkpoint
+
+    out = tmp_path / "old"
+    train(_cfg(tiny_store, out, epochs=1), log=lambda s: None)
+    for name in ("best.pt", "last.pt"):  # what 0.2 wrote: no masks_signature, no weights, epochs from 0
+        state = torch.load(out / name, weights_only=True)
+        state = {k: v for k, v in state.items() if k not in ("masks_signature", "weights")}
+        if "history" in state:
+            state["history"] = [{**h, "epoch": h["epoch"] - 1} for h in state["history"]]
+        torch.save(state, out / name)
+    old = load_checkpoint(out / "best.pt")
+    assert isinstance(old, RunCheckpoint) and old.weights is None and old.masks_signature is None
+    assert not old.resumable and load_checkpoint(out / "last.pt").resumable
+    assert set(old.to_dict(resume=False)) & set(RESUME_KEYS) == set()
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out / "best.pt"), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    resumed = train(_cfg(tiny_store, out, epochs=2), resume=True, log=lambda s: None)
+    assert resumed["epochs_run"] == 2
+    assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]  # renumbered from 1, as the console counts
