@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from sam_cache.options import DEVICE_HELP
+
 from ._common import console, err_console, run, say, user_errors, warn
 from ._options import flat_values, signature_with
 
@@ -99,7 +101,7 @@ def masks(
                                                         "medsam; litemedsam uses its packaged one)."),
     threshold: float = typer.Option(0.0, help="Mask logit threshold (0: probability 0.5)."),
     batch_size: int = typer.Option(16, help="Samples read and written per step."),
-    device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace masks made differently (embeddings are kept)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     from_masks: Optional[str] = typer.Option(None, help="Your own masks instead of a decoder: csv:COLUMN of the "

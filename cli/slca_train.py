@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from sam_cache.options import DEVICE_HELP
 from trainer.experiment import StudyConfig
 
 from ._common import console, err_console, run, say, user_errors
@@ -65,7 +66,7 @@ def sweep(
     cache: str = typer.Option(..., help="The store; loaded into memory once for all trials."),
     space: str = typer.Option(..., help="Sweep space YAML (see trainer/sweep.py, examples/sweep_sample.yaml)."),
     out: str = typer.Option(..., help="Sweep folder; an interrupted sweep there resumes."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run a grid or an Optuna search over training options on one cache."""
     from rich.live import Live
@@ -108,7 +109,7 @@ def eval_command(
     cache: Optional[str] = typer.Option(None, help="Store (default: the one the run trained on; another store made "
                                                    "with the same encoder and preprocessing is accepted)."),
     split: str = typer.Option("test", help="train, val, test or all."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Use the done rows of an unfinished store."),
 ) -> None:
@@ -137,7 +138,7 @@ def predict_command(
     encoder_checkpoint: Optional[str] = typer.Option(None, help="Encoder weights for SAM ViTs and medsam (the "
                                                                 "training store's; checked by sha256)."),
     batch_size: Optional[int] = typer.Option(None, help="Default: the run's."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Predict the done rows of an unfinished store."),
     **reading,
@@ -186,7 +187,7 @@ def study_command(
     focus: str = typer.Option(_STUDY.focus, help="The focus mode of the focus methods."),
     set_: list[str] = typer.Option([], "--set", help="A recipe option by slca-train's name, NAME=VALUE (YAML); "
                                                      "repeat it. Over the study's CPU-sized defaults."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     merge: list[str] = typer.Option([], "--merge", help="Join these study folders into --out instead of training "
                                                         "(repeat it)."),
 ) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .encoders import list_encoders
 from .errors import ConfigError
-from .options import Option, opt, options, validate_fields
+from .options import DEVICE_HELP, Option, opt, options, validate_fields
 from .preprocess import parse_window
 
 __all__ = ["ExtractConfig", "ReadingConfig", "extract_options", "reading_options"]
@@ -66,7 +66,7 @@ class ExtractConfig(ReadingConfig):
     image_size: int = opt(224, low=0, help="Also store each image at this size in the embedding's frame; 0: don't.")
     batch_size: int = opt(8, low=1, help="Images per encoder batch.")
     num_workers: int = opt(2, low=0, flag="--workers", help="DataLoader processes that decode and resize.")
-    device: str | None = opt(None, help="cuda, cpu, ...; default: cuda when available.")
+    device: str | None = opt(None, help=DEVICE_HELP)
     threads: int = opt(0, low=0, help="CPU threads torch uses (0: its default, one per core); a fixed count gives "
                                       "the same embeddings on every run on this machine, whatever the load.")
     overwrite: bool = opt(False, flag="--overwrite", help="Delete an existing store (only a samcache store) and start "

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["opt", "Option", "options", "validate_fields"]
+__all__ = ["opt", "Option", "options", "validate_fields", "DEVICE_HELP"]
+
+#: the help of every --device option (extract, masks, train, sweep, eval, predict, study)
+DEVICE_HELP = "cuda, cpu, ...; default: cuda when available."
 
 
 def opt(default=dataclasses.MISSING, *, help: str, choices: tuple | None = None, low=None, high=None,

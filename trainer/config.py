@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from sam_cache.errors import ConfigError
-from sam_cache.options import Option, opt, validate_fields
+from sam_cache.options import DEVICE_HELP, Option, opt, validate_fields
 from sam_cache.options import options as _options
 from sam_cache.store import StoreError, check_mask_set_name
 
@@ -146,7 +146,7 @@ class TrainConfig:
     patience: int | None = opt(None, low=1, help="Early stop after this many epochs without val improvement.")
     select_metric: str = opt("balanced_accuracy", choices=METRIC_KEYS, help="Validation metric that picks best.pt.")
     # machinery
-    device: str | None = opt(None, help="cuda, cpu, ...; default: cuda when available.")
+    device: str | None = opt(None, help=DEVICE_HELP)
     threads: int = opt(0, low=0, help="CPU threads torch uses (0: its default, one per core); a fixed count repeats "
                                       "a seed's CPU run exactly on this machine, whatever the load (the README's "
                                       "demo uses 1).")
