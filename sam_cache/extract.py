@@ -39,7 +39,8 @@ from . import distributed
 from .errors import ConfigError
 from .extract_config import ExtractConfig
 from .threads import cpu_threads
-from .store import EMBED_SHAPE, EmbeddingStore, StoreError, contiguous_runs, store_format
+from .store import EMBED_SHAPE, EmbeddingStore, StoreError, contiguous_runs, pool_to_grid, store_format
+from .store.codec import high_res_dtype
 
 __all__ = ["extract_dataset", "ExtractionResult"]
 
@@ -319,12 +320,9 @@ def _extract(dataset, out, encoder, c: ExtractConfig) -> ExtractionResult:
                         if tuple(emb.shape[1:]) != EMBED_SHAPE:
                             raise EncoderError(f"encoder {encoder.name!r} gave {tuple(emb.shape[1:])} per image, not "
                                                f"the {EMBED_SHAPE} that every encoder must give")
-                        if c.grid != 64:  # a compact stored form: pool on the device, before the copy
-                            emb = torch.nn.functional.avg_pool2d(emb.float(), 64 // c.grid)
-                        emb = emb.to(torch_dtype)
-                        if high_res is not None:
-                            high_res = [level.to(torch.float32 if dtype == "float32" else torch.float16)
-                                        for level in high_res]
+                        emb = pool_to_grid(emb, c.grid).to(torch_dtype)  # compact grids pool on the device, before the copy
+                        if high_res is not None:  # in the store's dtype on the device: half the copy for float16
+                            high_res = [level.to(getattr(torch, high_res_dtype(dtype))) for level in high_res]
                     ready = None
                     if dev.type == "cuda":
                         emb, *high_res_host = [_to_pinned_host(t) for t in [emb] + list(high_res or [])]
