@@ -35,7 +35,7 @@ INFO_KEYS = ("backbone_weights",)  # written into config.yaml for the record; no
 POOLS = ("avg", "max", "avgmax")
 GATES = ("scaled", "residual")
 FUSIONS = ("none", "mean", "meanstd")
-from .focus import MODES as FOCUS_MODES  # noqa: E402  (the one list of focus modes)
+from .focus import MODES as FOCUS_MODES, focus_mode  # noqa: E402  (the registered focus modes, live)
 from .cache_head import HEADS  # noqa: E402  (the one list of cache-only heads)
 
 
@@ -171,7 +171,7 @@ class TrainConfig:
         if self.pretrained_path is not None:
             self.pretrained = True
         if self.backbone == "none":  # a head on the cache alone: nothing for SLCA to gate or fusion to add to
-            if self.pretrained or self.focus != "none":
+            if self.pretrained or focus_mode(self.focus).needs_mask:
                 raise ConfigError("--backbone none reads only the cached embedding: --pretrained and --focus need an "
                                   "image backbone")
             self.slca = dataclasses.replace(self.slca, enabled=False)
@@ -192,7 +192,7 @@ class TrainConfig:
     @property
     def focus_masks(self) -> str | None:
         """The mask set that a run carries with its images: ``mask_set`` under ``--focus``, else None."""
-        return self.mask_set if self.focus != "none" else None
+        return self.mask_set if focus_mode(self.focus).needs_mask else None
 
     # construction ----------------------------------------------------------------------------
     @classmethod

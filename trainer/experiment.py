@@ -90,13 +90,13 @@ def method_options(name: str) -> dict | None:
       ConfigError: an unknown method, focus mode or mask-set name.
     """
     from .errors import ConfigError
-    from .focus import MODES
+    from .focus import MODES, focus_mode
 
     if name in METHODS:
         return METHODS[name]
     kind, _, rest = name.partition("-")
     mode, _, mask_set = rest.partition("-")
-    if kind not in ("focus", "focus_slca") or mode not in MODES or mode == "none" or not mask_set:
+    if kind not in ("focus", "focus_slca") or mode not in MODES or not focus_mode(mode).needs_mask or not mask_set:
         raise ConfigError(f"unknown study method {name!r}; known: {', '.join(METHODS)}, or focus-MODE-SET and "
                           f"focus_slca-MODE-SET with MODE one of {', '.join(m for m in MODES if m != 'none')}")
     return {**METHODS[kind], "focus": mode, "mask_set": mask_set}

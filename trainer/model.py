@@ -35,6 +35,7 @@ from .backbone import create_backbone
 from .cache_head import HEAD_GRID, create_head
 from .config import SLCAConfig, TrainConfig
 from .errors import BackboneError
+from .focus import focus_mode
 from .slca import SLCA
 
 __all__ = ["Classifier", "build_model", "load_weights", "EmbeddingStats"]
@@ -212,7 +213,7 @@ def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | Non
         torch.manual_seed(cfg.seed + 1)
         return Classifier(nn.Identity(), num_classes, cfg.slca, "none", cfg.img_size, head=head), \
             {"source": "random", "sha256": None}
-    in_chans = 4 if cfg.focus == "channel" else 3
+    in_chans = focus_mode(cfg.focus).in_chans
     backbone, weights = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained, cfg.pretrained_path,
                                         in_chans=in_chans, class_names=class_names, partial=cfg.pretrained_partial,
                                         **cfg.backbone_kwargs)

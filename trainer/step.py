@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import PairedCache, paired_views, sample_boxes
-from .focus import apply_focus
+from .focus import apply_focus, focus_mode
 from .model import Classifier
 
 __all__ = ["BatchPipeline", "train_step", "predict"]
@@ -45,7 +45,7 @@ class BatchPipeline:
     def boxes(self, cache: PairedCache, rows: np.ndarray, rng: np.random.Generator | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
         """Crop boxes and flips: random (training) with ``rng``, the whole view without it."""
-        regions = cache.regions_of(rows, focus_crop=self.focus == "crop")
+        regions = cache.regions_of(rows, focus_crop=focus_mode(self.focus).crops_to_mask)
         return sample_boxes(regions, self.augment if rng is not None else None, rng)
 
     def __call__(self, cache: PairedCache, rows: np.ndarray, boxes: np.ndarray, flips: np.ndarray

@@ -153,7 +153,7 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
         if space.method == "grid" else [TrainConfig.from_dict({"cache": str(cache), "out": "", **space.base})]
     needs_emb = any(c.reads_embeddings for c in configs) or "fuse" in space.params or "backbone" in space.params \
         or True in space.params.get("slca", [])
-    masks = configs[0].mask_set if any(c.focus != "none" for c in configs) or "focus" in space.params else None
+    masks = configs[0].mask_set if any(c.focus_masks for c in configs) or "focus" in space.params else None
     try:
         cache_obj = PairedCache(store, np.flatnonzero(store.done), dev, configs[0].residency, embeddings=needs_emb,
                                 masks=masks)

@@ -346,7 +346,7 @@ def _describe_model(cfg: TrainConfig, model, weights: dict) -> str:
         parts.append("no SLCA")
     if model.fuse is not None:
         parts.append(f"fused embedding {cfg.fuse}, {millions(model.fuse)}")
-    if cfg.focus != "none":
+    if cfg.focus_masks:
         parts.append(f"focus {cfg.focus}")
     return ", ".join(parts) + f"; {millions(model)} parameters in all"
 
