@@ -7,7 +7,7 @@ Why: ground-truth masks of images without a lesion (BUSI's ``normal``) are empty
 trained model (its ``best.pt``, chosen on validation as in the study) on the test images of the
 lesion classes only, with its probabilities renormalised over those classes, removes that cue
 and keeps what the mask says about the lesion. Paired differences against ``backbone`` and their
-95 % t-intervals are computed as in the study (:func:`trainer.experiment.paired_difference`).
+95 % t-intervals are computed as in the study (:func:`trainer.stats.paired_difference`).
 """
 
 from __future__ import annotations
