@@ -505,7 +505,9 @@ def test_a_concurrent_reader_sees_only_complete_rows(sample_dir, tmp_path):
                         assert np.isfinite(rows).all() and (np.abs(rows).reshape(len(done), -1).max(1) > 0).all()
                         seen = max(seen, len(done))
             except StoreError as exc:
-                if "does not exist" not in str(exc) and "is being created" not in str(exc):
+                # before its first row: the folder may exist a moment before zarr writes its group metadata
+                creating = seen == 0 and "exists and is not a samcache store" in str(exc)
+                if "does not exist" not in str(exc) and "is being created" not in str(exc) and not creating:
                     raise
             time.sleep(0.05)
     finally:
