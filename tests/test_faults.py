@@ -487,6 +487,20 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(sampl
     assert verify_store(out) == []
 
 
+def test_a_store_in_its_first_instant_is_said_to_be_created_not_foreign(tmp_path):
+    # zarr makes the folder, then renames a *.partial file to zarr.json: a reader can see either
+    born = tmp_path / "new.zarr"
+    born.mkdir()
+    with pytest.raises(StoreError, match="is being created"):
+        EmbeddingStore.open(born)
+    (born / "zarr.0f3a.partial").write_bytes(b'{"zarr_for')
+    with pytest.raises(StoreError, match="is being created"):
+        EmbeddingStore.open(born)
+    (born / "notes.txt").write_text("mine")  # anything else: a folder of the user's
+    with pytest.raises(StoreError, match="exists and is not a samcache store"):
+        EmbeddingStore.open(born)
+
+
 @pytest.mark.slow
 def test_a_concurrent_reader_sees_only_complete_rows(sample_dir, tmp_path):
     out = tmp_path / "s.zarr"
@@ -505,9 +519,7 @@ def test_a_concurrent_reader_sees_only_complete_rows(sample_dir, tmp_path):
                         assert np.isfinite(rows).all() and (np.abs(rows).reshape(len(done), -1).max(1) > 0).all()
                         seen = max(seen, len(done))
             except StoreError as exc:
-                # before its first row: the folder may exist a moment before zarr writes its group metadata
-                creating = seen == 0 and "exists and is not a samcache store" in str(exc)
-                if "does not exist" not in str(exc) and "is being created" not in str(exc) and not creating:
+                if "does not exist" not in str(exc) and "is being created" not in str(exc):
                     raise
             time.sleep(0.05)
     finally:

@@ -104,6 +104,9 @@ class EmbeddingStore:
         except StoreError:
             raise
         except Exception as exc:  # zarr/h5py raise many kinds for a foreign or damaged path
+            if lifecycle.metadata_pending(path):
+                raise StoreError(f"{path} is empty, or is a store that is being created (zarr has not written its "
+                                 "metadata yet); if no extraction is running, remove it or choose another path") from exc
             if not cls.is_store(path):
                 raise StoreError(f"{path} exists and is not a samcache store; choose another path") from exc
             raise StoreError(f"{path} is a samcache store that cannot be read: {exc}") from exc

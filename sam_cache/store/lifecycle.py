@@ -183,6 +183,20 @@ def is_store(path: str | Path) -> bool:
     except Exception:  # not a zarr group at all
         return False
 
+def metadata_pending(path: str | Path) -> bool:
+    """Whether ``path`` is a local Zarr folder that zarr has begun but not yet given its metadata.
+
+    zarr makes the folder, then writes ``zarr.json`` through a temporary ``*.partial`` file that it
+    renames: for that instant the folder is empty or holds only such files. A store that is being
+    created looks like this before its first attribute lands; so does an empty folder. Anything
+    else in it (a user's file, a finished store) is not pending.
+    """
+    p = Path(str(path))
+    if "://" in str(path) or store_format(path) != "zarr" or not p.is_dir():
+        return False
+    return all(e.is_file() and e.name.endswith(".partial") for e in p.iterdir())
+
+
 def abandoned_creation(path: str | Path) -> bool:
     """Whether ``path`` is a store whose creation was interrupted by a process that is gone.
 
