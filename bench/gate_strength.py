@@ -34,7 +34,8 @@ def gate_strength(run: str | Path, rows: int = 32) -> dict[str, tuple[float, flo
       ValueError: the run was trained without SLCA.
     """
     model, cfg, _ = load_run_model(Path(run) / "best.pt", "cpu")
-    if model.slca is None:
+    slca = model.extras.get("slca")
+    if slca is None:
         raise ValueError(f"{run} was trained without SLCA")
     with EmbeddingStore.open(cfg.cache) as store:
         test = store.split_indices("test")[:rows]
@@ -43,9 +44,9 @@ def gate_strength(run: str | Path, rows: int = 32) -> dict[str, tuple[float, flo
             _, emb, _ = pipeline(c, test, *pipeline.boxes(c, test))
     pooled = pool_embedding(emb.float(), cfg.slca.window, cfg.slca.pool)
     out = {}
-    for stage, gate in model.slca.gates.items():
+    for stage, gate in slca.gates.items():
         d = (gate.multiplier(pooled, (8, 8)) - 1).abs()
-        out[model.stage_names[int(stage)]] = (float(d.mean()), float(d.max()))
+        out[slca.stage_names[int(stage)]] = (float(d.mean()), float(d.max()))
     return out
 
 

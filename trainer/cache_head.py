@@ -17,14 +17,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .extras import Extra, register_extra
+
 __all__ = ["HEADS", "HEAD_GRID", "AttentionHead", "create_head"]
 
 HEADS = ("attention",)
 HEAD_GRID = 16
 
 
-class AttentionHead(nn.Module):
-    """``(B, 256, G, G)`` embeddings -> ``(B, num_classes)`` logits by attention pooling over cells."""
+class AttentionHead(Extra):
+    """``(B, 256, G, G)`` embeddings -> ``(B, num_classes)`` logits by attention pooling over cells.
+
+    An extra of the classifier (:mod:`trainer.extras`) under the name ``head`` that replaces its
+    backbone."""
+
+    replaces_backbone = True
 
     def __init__(self, num_classes: int, embed_dim: int = 256, hidden: int = 64, drop: float = 0.2):
         super().__init__()
@@ -41,6 +48,15 @@ class AttentionHead(nn.Module):
         feats = torch.cat([pooled, x.mean(1), x.std(1)], dim=1)
         return self.fc(self.drop(feats))
 
+    def grid(self) -> tuple[int, bool]:
+        return HEAD_GRID, True
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self(embeddings)
+
+    def describe(self) -> str:
+        return "cache-only head attention on the embedding"
+
     def attention(self, emb: torch.Tensor) -> torch.Tensor:
         """``(B, G, G)`` the pooling weights of each cell (they sum to 1 per sample)."""
         x = self.norm(emb.float().flatten(2).transpose(1, 2))
@@ -56,3 +72,8 @@ def create_head(name: str, num_classes: int) -> nn.Module:
     if name == "attention":
         return AttentionHead(num_classes)
     raise ValueError(f"unknown head {name!r}; known: {', '.join(HEADS)}")
+
+
+@register_extra("head", order=30)
+def _build(cfg, backbone: nn.Module, num_classes: int, img_size: int) -> nn.Module | None:
+    return create_head(cfg.head, num_classes) if cfg.backbone == "none" else None

@@ -186,7 +186,10 @@ class TrainConfig:
 
     @property
     def reads_embeddings(self) -> bool:
-        """Whether the run's model reads the cached embedding (SLCA, fusion, or a cache-only head)."""
+        """Whether the built-in extras that this recipe asks for read the cached embedding (SLCA,
+        fusion, or a cache-only head). Sweeps use it to load a shared cache before any model
+        exists; a run asks its built model instead (:attr:`trainer.model.Classifier.needs_embeddings`),
+        which also knows registered extras."""
         return self.slca.enabled or self.fuse != "none" or self.backbone == "none"
 
     @property

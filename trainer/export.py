@@ -49,7 +49,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict:
     except OutputError as exc:
         raise TrainError(str(exc)) from None
     model, cfg, state = load_run_model(checkpoint, "cpu")
-    if model.head is not None:
+    if not model.has_backbone:
         raise TrainError(f"{checkpoint} is a cache-only head (--backbone none): there is no timm backbone to export; "
                          "use the checkpoint itself (slca-train eval / predict)")
     save_checkpoint(model.backbone.state_dict(), out)

@@ -1,23 +1,24 @@
-"""The model: a timm backbone, SLCA gates on its stages, and optional fusion of embedding statistics.
+"""The model: a timm backbone and its extras (SLCA gates, fusion of embedding statistics).
 
 ::
 
     logits = backbone(image [+ mask channel])             SLCA gates act inside, through hooks
            + fuse_head(standardize(stats(E_crop)))        only with --fuse; zero at initialization
 
+What the classifier adds to its backbone comes through one door, :mod:`trainer.extras`; each
+extra says what it reads, its optimizer group and its grid, and :class:`Classifier` iterates
+over them:
+
 - **SLCA** (:mod:`trainer.slca`) multiplies chosen stages' features by gates computed from the
   cached embedding; forward hooks put them in any timm model with ``feature_info`` (ResNets,
   SE-ResNets, ConvNeXts, TinyViT, Swin V2 with its NHWC stages, found by a dry run).
-- **Fusion** (``--fuse mean|meanstd``) gives the head what a linear probe on the cache sees: the
-  per-channel mean (and standard deviation) of the embedding over the image crop (resampled to
-  the model's :attr:`~Classifier.embedding_grid`: 16x16, or SLCA's grid), standardized
-  by a BatchNorm without affine parameters (a running z-score), through a linear layer added to
-  the backbone's logits. Adding logits is a linear head on the concatenated features, and it
-  keeps the backbone's own classifier, so ``slca-train export`` still yields a plain timm model.
-- **Focus** ``channel`` (:mod:`trainer.focus`) adds the SAM mask as a fourth input channel.
+- **Fusion** (``--fuse mean|meanstd``, :mod:`trainer.fusion`) adds to the logits a linear head on
+  the embedding's statistics over the crop: what a linear probe on the cache sees.
 - **No backbone** (``--backbone none``): a head on the cached embedding alone
   (:mod:`trainer.cache_head`), ``logits = head(E_crop)``; the images are cut and flipped as
   always, so the embedding view moves with them, but are not read.
+- **Focus** ``channel`` (:mod:`trainer.focus`) is not an extra: it adds the SAM mask as a fourth
+  input channel of the backbone.
 
 Every extra starts at the identity (SLCA gates at 1, the fusion head at 0), and
 :func:`build_model` creates the backbone first from the run's seed, so the backbone alone,
@@ -26,174 +27,118 @@ SLCA, fusion and focus runs of one seed start from the same backbone weights (a 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from sam_cache.regions import STATS_GRID, grid_stats
+from sam_cache.regions import STATS_GRID
 
+from . import cache_head as _cache_head  # noqa: F401  (registers the extra "head")
 from .backbone import create_backbone
-from .cache_head import HEAD_GRID, create_head
-from .config import SLCAConfig, TrainConfig
+from .config import TrainConfig
 from .errors import BackboneError
+from .extras import Extra, build_extras
 from .focus import focus_mode
-from .slca import SLCA
+from .fusion import EmbeddingStats
+from .slca import SLCA  # noqa: F401  (registers the extra "slca")
 
 __all__ = ["Classifier", "build_model", "load_weights", "EmbeddingStats"]
 
 
-class EmbeddingStats(nn.Module):
-    """Standardized embedding statistics and the linear head that adds them to the logits."""
-
-    def __init__(self, kind: str, num_classes: int, embed_dim: int = 256):
-        super().__init__()
-        self.kind = kind
-        dim = embed_dim * (1 if kind == "mean" else 2)
-        self.norm = nn.BatchNorm1d(dim, affine=False)
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(grid_stats(emb, self.kind)))
-
-
 class Classifier(nn.Module):
-    """A backbone with optional SLCA gates and an optional fusion head.
+    """A backbone and its extras (:mod:`trainer.extras`).
 
     Arguments:
-      backbone: a timm model with ``feature_info`` and a classifier for ``num_classes``.
+      backbone: a timm model with a classifier for ``num_classes`` (``nn.Identity()`` when an
+        extra replaces it).
       num_classes: the number of classes.
-      slca: the SLCA design (``enabled=False``: no gates).
-      fuse: ``none``, ``mean`` or ``meanstd``.
-      img_size: input side of the dry run that finds each gated stage's layout.
+      extras: ``{name: extra}``, each a child module under its name (so a checkpoint's keys are
+        ``slca.*``, ``fuse.*``, ``head.*``), applied in this order.
 
-    ``forward(images, embeddings)`` takes ``B x C x T x T`` images and, when SLCA or fusion is on,
-    the ``B x 256 x 64 x 64`` embeddings of the same crops.
+    ``forward(images, embeddings)`` takes ``B x C x T x T`` images and, when an extra reads
+    them, the embeddings of the same crops (``B x 256 x G x G``, G = :attr:`embedding_grid`).
 
     Raises:
-      BackboneError: SLCA stages that do not index the backbone's stages, or a stage that is
-        neither NCHW nor NHWC.
+      BackboneError: two extras replace the backbone, or two need different embedding grids.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, slca: SLCAConfig, fuse: str = "none",
-                 img_size: int = 224, head: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, num_classes: int, extras: dict[str, Extra] | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = head  # a cache-only head (``--backbone none``): the backbone is then an identity
-        info = list(getattr(backbone, "feature_info", None) or [])
-        if slca.enabled and not info:
-            raise BackboneError(f"{type(backbone).__name__} has no feature stages (feature_info), so SLCA cannot gate "
-                                "it; train it with --no-slca (focus and fusion work without stages)")
-        self.stage_names = [f["module"] for f in info]
-        self.slca: SLCA | None = None
-        self.stages: list[int] = []
-        self.channels_last_dim: dict[int, bool] = {}
-        if slca.enabled:
-            stages = slca.stages if slca.stages is not None else [i for i, f in enumerate(info) if f["reduction"] >= 4]
-            bad = [s for s in stages if not 0 <= s < len(info)]
-            if bad or not stages:
-                raise BackboneError(f"SLCA stages {stages} do not index this backbone's {len(info)} feature stages "
-                                    f"({', '.join(self.stage_names)})")
-            self.stages = sorted(set(stages))
-            self._find_layouts(info, img_size)
-            self.slca = SLCA(slca, {s: info[s]["num_chs"] for s in self.stages})
-            modules = dict(backbone.named_modules())
-            for s in self.stages:
-                modules[self.stage_names[s]].register_forward_hook(self._hook(s))
-        self.fuse = EmbeddingStats(fuse, num_classes, slca.embed_dim) if fuse != "none" else None
+        self.num_classes = num_classes
+        self._extras = list(extras or {})
+        for name, extra in (extras or {}).items():
+            self.add_module(name, extra)
+        replacing = [n for n, e in self.extras.items() if e.replaces_backbone]
+        if len(replacing) > 1:
+            raise BackboneError(f"extras {replacing} each replace the backbone; a model can have one of them")
+        fixed = {n: e.grid()[0] for n, e in self.extras.items() if e.grid() and e.grid()[1]}
+        if len(set(fixed.values())) > 1:
+            raise BackboneError(f"extras need different embedding grids ({fixed}); they cannot share a batch")
+
+    @property
+    def extras(self) -> dict[str, Extra]:
+        """``{name: extra}`` in the order they act."""
+        return {n: getattr(self, n) for n in self._extras}
+
+    @property
+    def has_backbone(self) -> bool:
+        """False when an extra replaces the backbone (a cache-only head): there is no timm model to export."""
+        return not any(e.replaces_backbone for e in self.extras.values())
 
     @property
     def needs_embeddings(self) -> bool:
-        """Whether :meth:`forward` reads the embeddings (SLCA, fusion or a cache-only head)."""
-        return self.slca is not None or self.fuse is not None or self.head is not None
+        """Whether :meth:`forward` reads the embeddings (an extra reads them)."""
+        return any(e.reads_embeddings for e in self.extras.values())
 
     @property
     def embedding_grid(self) -> int:
         """The side of the embedding view this model reads (what the batch pipeline resamples to).
 
-        SLCA with average pooling reads its ``64/window`` grid; max pooling needs all 64; fusion
-        alone takes its statistics over :data:`~sam_cache.regions.STATS_GRID` (16; the mean is the same
-        at any grid).
+        The grid an extra needs (SLCA's ``64/window`` with average pooling, 64 with max; the
+        cache-only head's 16), else the one an extra prefers (fusion's statistics over
+        :data:`~sam_cache.regions.STATS_GRID`, 16; the mean is the same at any grid).
         """
-        if self.head is not None:
-            return HEAD_GRID
-        if self.slca is not None:
-            return 64 if self.slca.config.pool != "avg" else max(1, 64 // self.slca.config.window)
-        return STATS_GRID
-
-    def _find_layouts(self, info, img_size: int) -> None:
-        modules = dict(self.backbone.named_modules())
-        shapes, handles = {}, []
-        for s in self.stages:
-            handles.append(modules[self.stage_names[s]].register_forward_hook(
-                lambda m, i, o, s=s: shapes.__setitem__(s, tuple(o.shape))))
-        was_training = self.backbone.training
-        in_chans = next(p for p in self.backbone.parameters() if p.ndim == 4).shape[1]
-        try:
-            with torch.no_grad():
-                self.backbone.eval()(torch.zeros(1, in_chans, img_size, img_size))
-        finally:
-            self.backbone.train(was_training)
-            for h in handles:
-                h.remove()
-        for s in self.stages:
-            c, shape = info[s]["num_chs"], shapes[s]
-            if len(shape) != 4 or (shape[1] != c and shape[3] != c):
-                raise BackboneError(f"stage {self.stage_names[s]} gives shape {shape}, not {c} channels in NCHW/NHWC")
-            # NHWC (Swin) when the last axis holds the channels; if both axes could, ask the model
-            self.channels_last_dim[s] = shape[3] == c and (shape[1] != c or getattr(self.backbone, "output_fmt", "") == "NHWC")
-
-    def _hook(self, stage: int):
-        def hook(module, inputs, output):
-            return self.slca.gate_stage(stage, output, self.channels_last_dim[stage])
-        return hook
+        grids = [e.grid() for e in self.extras.values() if e.grid()]
+        fixed = [g for g, exact in grids if exact]
+        return fixed[0] if fixed else max((g for g, _ in grids), default=STATS_GRID)
 
     def forward(self, images: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        if self.head is not None:
-            if embeddings is None:
-                raise ValueError("this model is a cache-only head: pass the batch's embeddings")
-            return self.head(embeddings)
-        if not self.needs_embeddings:
-            return self.backbone(images)
-        if embeddings is None:
-            raise ValueError("this model has SLCA or fusion: pass the batch's embeddings")
-        if self.slca is None:
-            logits = self.backbone(images)
+        extras = self.extras.values()
+        if embeddings is None and self.needs_embeddings:
+            raise ValueError(f"this model has extras that read the embeddings ({', '.join(self._extras)}): "
+                             "pass the batch's embeddings")
+        replacing = next((e for e in extras if e.replaces_backbone), None)
+        if replacing is not None:
+            logits = replacing.logits(embeddings)
         else:
-            self.slca.set_embedding(embeddings)
-            try:
+            with contextlib.ExitStack() as stack:
+                for e in extras:
+                    stack.enter_context(e.inside(embeddings))
                 logits = self.backbone(images)
-            finally:
-                self.slca.set_embedding(None)
-        if self.fuse is not None:
-            logits = logits + self.fuse(embeddings).to(logits.dtype)
+        for e in extras:
+            if e is not replacing and (add := e.logits(embeddings)) is not None:
+                logits = logits + add.to(logits.dtype)
         return logits
 
-    def stage_grid(self, stage: int, img_size: int) -> tuple[int, int]:
-        """The ``(H, W)`` grid of a stage for a square input of ``img_size``."""
-        r = self.backbone.feature_info[stage]["reduction"]
-        return img_size // r, img_size // r
-
-    def param_groups(self, lr: float, weight_decay: float, slca_lr_mult: float = 1.0) -> list[dict]:
-        """AdamW groups: timm's weight-decay split for backbone and fusion, and SLCA's own group.
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """AdamW groups: timm's weight-decay split for the backbone, then each extra's groups.
 
         The backbone's ``no_weight_decay()`` names (Swin V2's ``logit_scale`` and ``cpb_mlp``,
         position tables) and every 1-D parameter go undecayed, as in timm's own optimizer
-        factory. SLCA's parameters train at ``lr * slca_lr_mult`` without weight decay.
+        factory. Groups that an extra names (SLCA's, at its own learning rate) come after the
+        shared ones, the order the optimizer state of earlier runs' ``last.pt`` holds.
         """
         from timm.optim import param_groups_weight_decay
 
         skip = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else ()
         groups = param_groups_weight_decay(self.backbone, weight_decay, no_weight_decay_list=tuple(skip))
-        if self.fuse is not None:
-            groups += param_groups_weight_decay(self.fuse, weight_decay)
-        if self.head is not None:
-            groups += param_groups_weight_decay(self.head, weight_decay)
         for g in groups:
             g["lr"] = lr
-        if self.slca is not None:
-            groups.append({"params": [p for p in self.slca.parameters() if p.requires_grad], "weight_decay": 0.0,
-                           "lr": lr * slca_lr_mult, "name": "slca"})
+        for e in self.extras.values():
+            groups += e.param_groups(lr, weight_decay)
+        groups.sort(key=lambda g: "name" in g)  # stable
         return [g for g in groups if g["params"]]
 
 
@@ -209,18 +154,15 @@ def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | Non
     """
     torch.manual_seed(cfg.seed)
     if cfg.backbone == "none":
-        head = create_head(cfg.head, num_classes)
-        torch.manual_seed(cfg.seed + 1)
-        return Classifier(nn.Identity(), num_classes, cfg.slca, "none", cfg.img_size, head=head), \
-            {"source": "random", "sha256": None}
-    in_chans = focus_mode(cfg.focus).in_chans
-    backbone, weights = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained, cfg.pretrained_path,
-                                        in_chans=in_chans, class_names=class_names, partial=cfg.pretrained_partial,
-                                        **cfg.backbone_kwargs)
-    model = Classifier(backbone, num_classes, cfg.slca, cfg.fuse, cfg.img_size)
+        backbone, weights = nn.Identity(), {"source": "random", "sha256": None}
+    else:
+        backbone, weights = create_backbone(cfg.backbone, num_classes, cfg.img_size, cfg.pretrained,
+                                            cfg.pretrained_path, in_chans=focus_mode(cfg.focus).in_chans,
+                                            class_names=class_names, partial=cfg.pretrained_partial,
+                                            **cfg.backbone_kwargs)
+    model = Classifier(backbone, num_classes, build_extras(cfg, backbone, num_classes, cfg.img_size))
     torch.manual_seed(cfg.seed + 1)
     return model, weights
-
 
 
 def load_weights(model: nn.Module, state: dict) -> None:

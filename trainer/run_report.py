@@ -95,11 +95,12 @@ def attention_figure(model, pipeline: BatchPipeline, cache: PairedCache, rows: n
     titles = [f"{_short(i)}\n{class_names[t]} -> {class_names[p]}"
               for i, t, p in zip(names, y.tolist(), logits.argmax(1).tolist())]
     maps, stage_name = None, ""
-    if model.slca is not None:
-        stage = model.stages[0]
-        stage_name = model.stage_names[stage]
-        grid = model.stage_grid(stage, cfg.img_size)
-        m = model.slca.attention_maps(e.float(), stage, grid)
+    slca = model.extras.get("slca")
+    if slca is not None:
+        stage = slca.stages[0]
+        stage_name = slca.stage_names[stage]
+        grid = slca.stage_grid(stage, cfg.img_size)
+        m = slca.attention_maps(e.float(), stage, grid)
         maps = F.interpolate(m[:, None], size=(cfg.img_size, cfg.img_size), mode="nearest")[:, 0].cpu().numpy()
     write_file(path, lambda p: plot_attention(pictures, maps, titles, p, stage_name, masks))
 

@@ -49,11 +49,15 @@ took 81 % of the step time; pooling straight to the stage grid costs almost noth
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import SLCAConfig
+from .errors import BackboneError
+from .extras import Extra, register_extra
 
 __all__ = ["SLCAConfig", "SLCAGate", "SLCA", "pool_embedding", "resize_to_grid"]
 
@@ -118,12 +122,15 @@ class SLCAGate(nn.Module):
         return 1.0 + self.gamma.view(1, -1, 1, 1) * (2.0 * a - 1.0)
 
 
-class SLCA(nn.Module):
-    """The gates for the chosen stages, and the embedding pooling they share.
+class SLCA(Extra):
+    """The gates for the chosen stages, and the embedding pooling they share; an extra of the
+    classifier (:mod:`trainer.extras`) under the name ``slca``.
 
     Arguments:
       config: the :class:`SLCAConfig`.
       stage_channels: ``{stage_index: C_s}`` for the gated stages.
+
+    :meth:`for_backbone` builds it for a backbone and puts the gates into it.
     """
 
     def __init__(self, config: SLCAConfig, stage_channels: dict[int, int]):
@@ -133,6 +140,72 @@ class SLCA(nn.Module):
             str(s): SLCAGate(config.in_channels, c, config.reduction, config.gate) for s, c in stage_channels.items()
         })
         self._pooled: torch.Tensor | None = None
+        self.stages: list[int] = sorted(stage_channels)
+        self.stage_names: list[str] = []
+        self.channels_last_dim: dict[int, bool] = {}
+        self._reductions: dict[int, int] = {}
+
+    @classmethod
+    def for_backbone(cls, config: SLCAConfig, backbone: nn.Module, img_size: int) -> "SLCA":
+        """Gates for ``backbone``'s stages (``config.stages``, default every stage of stride >= 4),
+        hooked into it; a dry run at ``img_size`` finds each stage's layout (NCHW or NHWC).
+
+        Raises:
+          BackboneError: the backbone has no ``feature_info``, the stages do not index it, or a
+            stage is neither NCHW nor NHWC.
+        """
+        info = list(getattr(backbone, "feature_info", None) or [])
+        if not info:
+            raise BackboneError(f"{type(backbone).__name__} has no feature stages (feature_info), so SLCA cannot gate "
+                                "it; train it with --no-slca (focus and fusion work without stages)")
+        names = [f["module"] for f in info]
+        stages = config.stages if config.stages is not None else [i for i, f in enumerate(info) if f["reduction"] >= 4]
+        bad = [s for s in stages if not 0 <= s < len(info)]
+        if bad or not stages:
+            raise BackboneError(f"SLCA stages {stages} do not index this backbone's {len(info)} feature stages "
+                                f"({', '.join(names)})")
+        stages = sorted(set(stages))
+        layouts = _stage_layouts(backbone, info, stages, img_size)
+        slca = cls(config, {s: info[s]["num_chs"] for s in stages})
+        slca.stage_names, slca.channels_last_dim = names, layouts
+        slca._reductions = {s: info[s]["reduction"] for s in stages}
+        modules = dict(backbone.named_modules())
+        for s in stages:
+            modules[names[s]].register_forward_hook(slca._hook(s))
+        return slca
+
+    def _hook(self, stage: int):
+        def hook(module, inputs, output):
+            return self.gate_stage(stage, output, self.channels_last_dim[stage])
+        return hook
+
+    def stage_grid(self, stage: int, img_size: int) -> tuple[int, int]:
+        """The ``(H, W)`` grid of a gated stage for a square input of ``img_size``."""
+        r = self._reductions[stage]
+        return img_size // r, img_size // r
+
+    # the extra's protocol (trainer.extras) ------------------------------------------------
+    def grid(self) -> tuple[int, bool]:
+        """Average pooling reads the ``64/window`` grid (the pipeline pools for it); max needs all 64."""
+        return (64 if self.config.pool != "avg" else max(1, 64 // self.config.window)), True
+
+    @contextlib.contextmanager
+    def inside(self, embeddings: torch.Tensor):
+        self.set_embedding(embeddings)
+        try:
+            yield
+        finally:
+            self.set_embedding(None)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """One group at ``lr * lr_mult``, without weight decay (see ``lr_mult`` above)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": 0.0,
+                 "lr": lr * self.config.lr_mult, "name": "slca"}]
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"SLCA on stages {[self.stage_names[s] for s in self.stages]}, window {c.window}, "
+                f"pool {c.pool}, gate {c.gate}, lr x{c.lr_mult:g}")
 
     def set_embedding(self, emb: torch.Tensor | None) -> None:
         """Pool the batch's embeddings once; the stage hooks then read the pooled map."""
@@ -153,3 +226,34 @@ class SLCA(nn.Module):
         """Mean over channels of ``|gate - 1|`` at ``stage``: where SLCA changes the features most."""
         pooled = pool_embedding(emb, self.config.window, self.config.pool)
         return (self.gates[str(stage)].multiplier(pooled, size) - 1.0).abs().mean(1)
+
+
+def _stage_layouts(backbone: nn.Module, info: list[dict], stages: list[int], img_size: int) -> dict[int, bool]:
+    """``{stage: channels_last}`` from one no-grad dry run of ``backbone`` in eval mode."""
+    modules = dict(backbone.named_modules())
+    shapes, handles = {}, []
+    for s in stages:
+        handles.append(modules[info[s]["module"]].register_forward_hook(
+            lambda m, i, o, s=s: shapes.__setitem__(s, tuple(o.shape))))
+    was_training = backbone.training
+    in_chans = next(p for p in backbone.parameters() if p.ndim == 4).shape[1]
+    try:
+        with torch.no_grad():
+            backbone.eval()(torch.zeros(1, in_chans, img_size, img_size))
+    finally:
+        backbone.train(was_training)
+        for h in handles:
+            h.remove()
+    layouts = {}
+    for s in stages:
+        c, shape = info[s]["num_chs"], shapes[s]
+        if len(shape) != 4 or (shape[1] != c and shape[3] != c):
+            raise BackboneError(f"stage {info[s]['module']} gives shape {shape}, not {c} channels in NCHW/NHWC")
+        # NHWC (Swin) when the last axis holds the channels; if both axes could, ask the model
+        layouts[s] = shape[3] == c and (shape[1] != c or getattr(backbone, "output_fmt", "") == "NHWC")
+    return layouts
+
+
+@register_extra("slca", order=10)
+def _build(cfg, backbone: nn.Module, num_classes: int, img_size: int) -> SLCA | None:
+    return SLCA.for_backbone(cfg.slca, backbone, img_size) if cfg.slca.enabled else None

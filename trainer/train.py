@@ -17,11 +17,9 @@ in ``metrics.csv`` is their digest) and a resumed run sees what an uninterrupted
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,14 +35,15 @@ from sam_cache.threads import cpu_threads
 from .checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache, cache_bytes, plan_residency
+from .epoch import EpochLoop, train_one_epoch, validate
 from .errors import TrainError
-from .metrics import classification_metrics, format_metrics
+from .metrics import format_metrics
 from .model import build_model, load_weights
 from .records import write_rows
 from .run_report import (attention_figure, open_tensorboard, per_class_rows, tensorboard_summary, tensorboard_tag,
                          write_figures, write_file)
-from .schedule import epoch_order, plan_steps, warmup_cosine
-from .step import BatchPipeline, predict, train_step
+from .schedule import plan_steps, warmup_cosine
+from .step import BatchPipeline
 from .subset import split_rows
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
@@ -165,7 +164,9 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             raise TrainError(f"cannot create run folder {out}: {describe_os_error(exc)}") from None
     rows = split_rows(store, cfg.train_fraction, cfg.shots, cfg.subset_seed, cfg.allow_partial, log)
     class_names = store.class_names
-    needs_emb = cfg.reads_embeddings
+    # model: built before the cache, which loads the embeddings only if one of its extras reads them
+    model, weights = build_model(cfg, len(class_names), class_names)
+    needs_emb = model.needs_embeddings
     masks = cfg.focus_masks
     if cache is None:
         cache = stack.enter_context(PairedCache(store, rows.all, device, cfg.residency, embeddings=needs_emb,
@@ -181,8 +182,6 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         + (f" (train fraction {cfg.train_fraction})" if cfg.train_fraction else "")
         + (f" ({cfg.shots} shots per class)" if cfg.shots else ""))
 
-    # model
-    model, weights = build_model(cfg, len(class_names), class_names)
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -195,7 +194,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {ctx.world} ranks, {cfg.batch_size} per rank, global batch {cfg.batch_size * ctx.world}")
     pipeline = BatchPipeline(model, cfg, device)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.slca.lr_mult))
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay))
     bs = cfg.batch_size * ctx.world
     plan = plan_steps(len(rows.train), bs, ctx.world, cfg.epochs, cfg.min_steps,
                       state.steps_per_epoch if state is not None else None)
@@ -225,45 +224,14 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
 
     # training loop
     since_best = 0 if best is None else start - 1 - best["epoch"]
-    order = None
+    loop = EpochLoop(cfg, net, pipeline, cache, rows.train, plan, optimizer, scheduler, loss_fn, ctx, device, shards, amp)
     for epoch in range(start, cfg.epochs):
-        net.train()
-        digest = hashlib.sha1()
-        t0, seen = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        with _progress_bar(progress, f"epoch {epoch + 1}/{cfg.epochs}", plan.steps_per_epoch) as advance:
-            for k in range(plan.steps_per_epoch):
-                g = epoch * plan.steps_per_epoch + k
-                p, j = divmod(g, plan.steps_per_pass)
-                if j == 0 or order is None:
-                    order, groups = epoch_order(rows.train, cfg.seed, p, shards)
-                    cache.start_epoch(groups)
-                batch = order[j * bs:(j + 1) * bs]
-                boxes, flips = pipeline.boxes(cache, batch, np.random.default_rng([cfg.seed, p, j]))
-                digest.update(batch.tobytes()), digest.update(np.round(boxes, 4).tobytes()), digest.update(flips.tobytes())
-                mine = slice(ctx.rank, None, ctx.world)
-                x, e, y = pipeline(cache, batch[mine], boxes[mine], flips[mine])
-                loss, right = train_step(net, x, e, y, optimizer, scheduler, loss_fn, amp)
-                finite &= torch.isfinite(loss)
-                loss_sum += loss * len(y)
-                correct += right
-                seen += len(y)
-                if (k + 1) % cfg.log_interval == 0 or k + 1 == plan.steps_per_epoch:
-                    _check_finite(ctx, finite, epoch, k, cfg)  # the one host sync of an interval
-                advance()
-        seconds = time.perf_counter() - t0
-        seen, loss_total, right_total = (sum(v) for v in zip(*ctx.gather((seen, float(loss_sum), int(correct)))))
-
-        # validation and checkpoints
-        yv, pv, val_loss = predict(model, pipeline, cache, rows.val, cfg.batch_size, amp, ctx)
-        val = classification_metrics(yv, pv)
+        trained = train_one_epoch(loop, epoch, progress)
+        val, val_loss = validate(model, loop, rows.val)
         row = {"epoch": epoch + 1, "step": (epoch + 1) * plan.steps_per_epoch,  # epochs count from 1, as printed
-               "lr": float(optimizer.param_groups[0]["lr"]), "train_loss": loss_total / max(seen, 1),
-               "train_accuracy": right_total / max(seen, 1), "val_loss": val_loss,
-               **{f"val_{m}": val[m] for m in METRIC_KEYS}, "seconds": round(seconds, 3),
-               "img_per_s": round(seen / max(seconds, 1e-9), 1), "data_order": digest.hexdigest()[:16]}
+               "lr": trained["lr"], "train_loss": trained["train_loss"], "train_accuracy": trained["train_accuracy"],
+               "val_loss": val_loss, **{f"val_{m}": val[m] for m in METRIC_KEYS},
+               **{k: trained[k] for k in ("seconds", "img_per_s", "data_order")}}
         history.append(row)
         score = [val[cfg.select_metric] if val[cfg.select_metric] is not None else -1.0, -val_loss]
         improved = best is None or score > list(best["score"])
@@ -299,8 +267,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
     ctx.barrier()  # best.pt is written
     best_state = load_checkpoint(out / "best.pt", map_location=device)
     load_weights(model, best_state.model)
-    yt, pt, test_loss = predict(model, pipeline, cache, rows.test, cfg.batch_size, amp, ctx)
-    test = classification_metrics(yt, pt)
+    test, test_loss = validate(model, loop, rows.test)
     best_row = next(h for h in history if h["epoch"] == best_state.epoch + 1)
     result = {"test": {**test, "loss": test_loss}, "best_epoch": best_state.epoch + 1, "epochs_run": len(history),
               "steps": history[-1]["step"], "val_best": {m: best_row[f"val_{m}"] for m in METRIC_KEYS},
@@ -336,16 +303,13 @@ def _describe_model(cfg: TrainConfig, model, weights: dict) -> str:
     if weights.get("skipped"):
         sk = weights["skipped"]
         source += f" (partial: {sk['file_keys']} keys of the file and {sk['model_keys']} of the model not loaded)"
-    if model.head is not None:
-        return f"model: no backbone, cache-only head {cfg.head} on the embedding, {millions(model.head)} parameters"
+    extras = model.extras
+    if not model.has_backbone:
+        return "model: no backbone, " + ", ".join(f"{e.describe()}, {millions(e)} parameters" for e in extras.values())
     parts = [f"model: {cfg.backbone} ({source}, {millions(model.backbone)} parameters)"]
-    if model.slca is not None:
-        parts.append(f"SLCA on stages {[model.stage_names[s] for s in model.stages]}, window {cfg.slca.window}, "
-                     f"pool {cfg.slca.pool}, gate {cfg.slca.gate}, lr x{cfg.slca.lr_mult:g}, {millions(model.slca)}")
-    else:
-        parts.append("no SLCA")
-    if model.fuse is not None:
-        parts.append(f"fused embedding {cfg.fuse}, {millions(model.fuse)}")
+    if "slca" not in extras:
+        parts.append("no SLCA")  # the paper's method: its absence is said
+    parts += [f"{e.describe()}, {millions(e)}" for e in extras.values()]
     if cfg.focus_masks:
         parts.append(f"focus {cfg.focus}")
     return ", ".join(parts) + f"; {millions(model)} parameters in all"
@@ -386,12 +350,6 @@ def _check_resumed_store(store: EmbeddingStore, state: RunCheckpoint, out: Path)
                          "pass --overwrite to restart this one")
 
 
-def _check_finite(ctx, finite: torch.Tensor, epoch: int, step: int, cfg: TrainConfig) -> None:
-    if not ctx.all_finite(torch.where(finite, 0.0, float("nan"))):
-        raise TrainError(f"loss is not finite in epoch {epoch + 1}, by step {step + 1}: lower --lr, "
-                         f"or check the store with `samcache verify {cfg.cache}`")
-
-
 def _is_run_config(path: Path) -> bool:
     """Whether ``config.yaml`` is one that slca-train wrote (a recipe), not a file of the user's."""
     import yaml
@@ -415,15 +373,3 @@ def _refuse_foreign_files(out: Path) -> None:
         raise TrainError(f"run folder {out} holds files that slca-train did not write ({', '.join(foreign[:5])}"
                          f"{', ...' if len(foreign) > 5 else ''}); choose a new --out, or pass --overwrite to replace "
                          "them")
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, title: str, total: int):
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(title, total=total)
-        yield lambda: bar.advance(task)

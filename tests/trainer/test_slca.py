@@ -4,7 +4,7 @@ import torch
 from trainer.backbone import BackboneError, create_backbone
 from trainer.config import ConfigError, SLCAConfig
 from trainer.model import Classifier
-from trainer.slca import pool_embedding, resize_to_grid
+from trainer.slca import SLCA, pool_embedding, resize_to_grid
 
 SMALL_SWIN = dict(window_size=4, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 BACKBONES = [("resnet18", {}), ("seresnet18", {}), ("swinv2_tiny_window8_256", SMALL_SWIN)]
@@ -14,11 +14,15 @@ def _backbone(name, **kwargs):
     return create_backbone(name, 3, 64, **kwargs)[0]
 
 
+def _gated(backbone, slca: SLCAConfig, img_size: int = 64) -> Classifier:
+    return Classifier(backbone, 3, {"slca": SLCA.for_backbone(slca, backbone, img_size)})
+
+
 def _pair(name, kwargs, slca):
     torch.manual_seed(0)
-    plain = Classifier(_backbone(name, **kwargs), 3, SLCAConfig(enabled=False), img_size=64).eval()
+    plain = Classifier(_backbone(name, **kwargs), 3).eval()
     torch.manual_seed(0)
-    gated = Classifier(_backbone(name, **kwargs), 3, slca, img_size=64).eval()
+    gated = _gated(_backbone(name, **kwargs), slca).eval()
     return plain, gated
 
 
@@ -52,8 +56,8 @@ def test_gates_change_every_stage_once_trained(name, kwargs):
 def test_swin_stages_are_found_nhwc_and_resnet_nchw():
     _, swin = _pair(*BACKBONES[2], SLCAConfig())
     _, resnet = _pair(*BACKBONES[0], SLCAConfig())
-    assert all(swin.channels_last_dim.values()) and not any(resnet.channels_last_dim.values())
-    assert resnet.stages == [1, 2, 3, 4]  # the stride-2 stem is not gated by default
+    assert all(swin.slca.channels_last_dim.values()) and not any(resnet.slca.channels_last_dim.values())
+    assert resnet.slca.stages == [1, 2, 3, 4]  # the stride-2 stem is not gated by default
 
 
 def test_gradient_reaches_slca_and_backbone():
@@ -80,7 +84,7 @@ def test_bad_designs_are_refused():
     with pytest.raises(ConfigError, match="pool must be one of"):
         SLCAConfig(pool="median")
     with pytest.raises(BackboneError, match=r"stages \[7\] do not index"):
-        Classifier(_backbone("resnet18"), 3, SLCAConfig(stages=[7]), img_size=64)
+        _gated(_backbone("resnet18"), SLCAConfig(stages=[7]))
     with pytest.raises(BackboneError, match="unknown timm model"):
         create_backbone("resnet_nope", 3, 64)
     with pytest.raises(BackboneError, match="do not exist"):
