@@ -120,6 +120,9 @@ def masks(
     learn_grow: float = typer.Option(1.0, help="With --prompt learned: grid cells added around the predicted box."),
     learn_context: int = typer.Option(3, help="With --prompt learned: dilated layers that widen what the lesion "
                                               "head sees (0-5; 3: 33x33 grid cells)."),
+    learn_presence: Optional[float] = typer.Option(None, help="With --prompt learned: an image whose lesion map "
+                                                              "never reaches this probability gets an empty mask "
+                                                              "(no lesion) instead of a decoded box (e.g. 0.5)."),
     head_from: Optional[str] = typer.Option(None, help="With --prompt learned, instead of --learn-from: STORE:SET, "
                                                        "the head another store's learned set keeps (e.g. masks for "
                                                        "new images from the head learned on the training store)."),
@@ -137,7 +140,8 @@ def masks(
         else:
             from sam_cache.learned_prompt import HeadRecipe
 
-            recipe = HeadRecipe(epochs=learn_epochs, seed=learn_seed, grow=learn_grow, context=learn_context)
+            recipe = HeadRecipe(epochs=learn_epochs, seed=learn_seed, grow=learn_grow, context=learn_context,
+                                presence=learn_presence)
             r = decode_masks(store, prompt=prompt, boxes=boxes, checkpoint=checkpoint, threshold=threshold,
                              batch_size=batch_size, device=device, overwrite=overwrite, progress=progress,
                              split=split, mask_set=mask_set, learn_from=learn_from, recipe=recipe,

@@ -58,6 +58,10 @@ class HeadRecipe:
         larger than the lesion; the oracle of ``bench/RESULTS.md`` grows by 5 px).
       context: dilated 3x3 layers (dilation 2, 4, 8, ...) added to the head, each widening what a
         grid cell's prediction sees (0: 5x5 cells; 2: 17x17; 3, the default: 33x33).
+      presence: when set (0 < presence < 1), a sample whose lesion map has no cell at or above it
+        gets an empty mask ("no lesion"), as an image without a lesion has in the masks it learns
+        from, and the decoder is not run for it. None (the default, and every set made before
+        this field): every sample's box is decoded, so every mask has a region.
     """
 
     width: int = 32
@@ -67,6 +71,7 @@ class HeadRecipe:
     seed: int = 0
     grow: float = 1.0
     context: int = 3  # chosen on BUSI's validation lesions: Dice 0.634 (0), 0.671 (2), 0.685 (3)
+    presence: float | None = None
 
     def check(self) -> "HeadRecipe":
         """Raises ConfigError for a value out of range; returns the recipe."""
@@ -78,6 +83,8 @@ class HeadRecipe:
             raise ConfigError(f"the learned prompt's lr must be a positive number; got {self.lr}")
         if not (self.grow >= 0 and np.isfinite(self.grow)):
             raise ConfigError(f"the learned prompt's grow must be 0 or more grid cells; got {self.grow}")
+        if self.presence is not None and not 0 < self.presence < 1:
+            raise ConfigError(f"the learned prompt's presence must be between 0 and 1; got {self.presence}")
         return self
 
 
@@ -215,13 +222,19 @@ def weights_sha256(head: LesionHead) -> str:
 
 @torch.no_grad()
 def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, embeddings: torch.Tensor, frame: int,
-                  grow: float) -> np.ndarray:
-    """``(len(rows), 4)`` box prompts XYXY in the encoder frame's pixels, one per sorted row.
+                  grow: float, presence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Box prompts for sorted ``rows``, and whether the head sees a lesion in each.
 
     ``embeddings`` are those rows' (float, on the head's device), already read by the caller.
+
+    Returns:
+      ``(boxes, present)``: ``(len(rows), 4)`` boxes XYXY in the encoder frame's pixels, and a
+      boolean per row, False where the lesion map's peak is below ``presence`` (all True when
+      ``presence`` is None).
     """
     grid = store.grid
     maps = torch.sigmoid(head(embeddings))[:, 0].cpu().numpy()
+    present = np.ones(len(rows), dtype=bool) if presence is None else maps.reshape(len(rows), -1).max(1) >= presence
     out = np.zeros((len(rows), 4), dtype=np.float32)
     for k, row in enumerate(rows):
         h, w = store.orig_size[row]
@@ -229,9 +242,13 @@ def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, emb
         vr, vc = (int(np.ceil(v * grid / 64)) for v in store.valid[row])
         box = map_box(maps[k], (vr, vc), grow) * (frame / grid)
         out[k] = [box[0], box[1], min(box[2], nw - 1), min(box[3], nh - 1)]
-    return out
+    return out, present
 
 
 def recipe_signature(recipe: HeadRecipe) -> dict:
-    """The recipe as recorded in a mask set's signature."""
-    return asdict(recipe)
+    """The recipe as recorded in a mask set's signature (``presence`` only when set, so that the
+    sets made before it existed keep their signature and resume)."""
+    sig = asdict(recipe)
+    if sig["presence"] is None:
+        del sig["presence"]
+    return sig

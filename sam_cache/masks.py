@@ -242,14 +242,19 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
             for start in range(0, len(todo), batch_size):
                 rows = todo[start:start + batch_size]
                 emb = torch.from_numpy(store.read_rows(rows)).float().to(dev)
+                present = np.ones(len(rows), dtype=bool)
                 if head is not None:
-                    prompts[rows] = lp.learned_boxes(store, head, rows, emb, frame, recipe.grow)
+                    prompts[rows], present = lp.learned_boxes(store, head, rows, emb, frame, recipe.grow,
+                                                              recipe.presence)
                 levels = ([torch.from_numpy(v).float().to(dev) for v in store.read_high_res(rows)]
                           if decoder.high_res else None)
                 masks = np.zeros((len(rows), 1, r, r), dtype=np.uint8)
                 iou = np.zeros(len(rows), dtype=np.float32)
                 used = np.zeros((len(rows), 4), dtype=np.float32)
                 for k, row in enumerate(rows):
+                    if not present[k]:  # the learned head sees no lesion: an empty mask, no decode
+                        used[k] = prompts[row]
+                        continue
                     cands = candidate_boxes(prompts[row]) if prompt == "candidates" else prompts[row][None]
                     logits, pred = decoder(emb[k:k + 1], torch.from_numpy(cands).to(dev), multimask=False,
                                            high_res=None if levels is None else [v[k:k + 1] for v in levels])
@@ -258,7 +263,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                     iou[k] = float(pred.flatten()[best])
                     used[k] = cands[best // logits.shape[1]]
                 empty += int((masks.reshape(len(rows), -1).max(1) == 0).sum())
-                ious += iou.tolist()
+                ious += iou[present].tolist()  # an undecoded (empty) mask has no predicted IoU
                 ms.write(rows, masks, iou, used)
                 bar.advance(task, len(rows))
         return {"written": int(len(todo)), "already_done": int((done_before & scope).sum()), "total": int(scope.sum()),

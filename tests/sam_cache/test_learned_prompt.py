@@ -180,3 +180,33 @@ def test_new_images_get_masks_from_the_head_learned_on_the_training_store(tiny_s
     both = runner.invoke(app, ["masks", str(new), "--prompt", "learned", "--head-from", f"{store}:learned",
                                "--learn-from", "gt", "--mask-set", "y", "--no-progress"])
     assert both.exit_code == 1 and "needs one of --learn-from" in both.output
+
+
+def test_presence_gives_an_empty_mask_where_the_head_sees_no_lesion_and_the_same_mask_elsewhere(
+        tiny_store, tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    import sam_cache.learned_prompt as lp
+
+    store = _with_truth(tiny_store, tmp_path)
+    decode_masks(store, prompt="learned", learn_from="gt", mask_set="all", recipe=QUICK, progress=False)
+    with EmbeddingStore.open(store) as s:
+        head = lp.load_head(s.mask_set("all").kept_head, QUICK.width, QUICK.context)
+        assert "presence" not in s.mask_set("all").signature["head"]  # sets made before the field keep their signature
+        with torch.no_grad():
+            peaks = torch.sigmoid(head(torch.from_numpy(s.read_rows(np.arange(len(s)))).float())).flatten(1).amax(1)
+    cut = float(peaks.median())  # some rows below it, some above
+    monkeypatch.setattr(lp, "train_head", lambda *a, **k: head)  # the same head, so only the presence rule differs
+    r = decode_masks(store, prompt="learned", learn_from="gt", mask_set="some",
+                     recipe=dataclasses.replace(QUICK, presence=cut), progress=False)
+    absent = (peaks < cut).numpy()
+    assert 0 < absent.sum() < len(absent) and r["empty"] >= absent.sum()
+    with EmbeddingStore.open(store) as s:
+        every, some = s.mask_set("all").read(np.arange(len(s))), s.mask_set("some").read(np.arange(len(s)))
+        assert s.mask_set("some").signature["head"]["presence"] == cut
+    assert every[~absent].any() and (some[absent] == 0).all()  # no lesion seen: an empty mask
+    np.testing.assert_array_equal(some[~absent], every[~absent])  # a lesion seen: the same decoded mask
+    with pytest.raises(ConfigError, match="presence must be between 0 and 1"):
+        HeadRecipe(presence=1.5).check()
