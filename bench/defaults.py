@@ -31,7 +31,7 @@ from trainer.data import PairedCache  # noqa: E402
 from trainer.experiment import StudyConfig  # noqa: E402
 from trainer.stats import mean_std, paired_difference  # noqa: E402
 from trainer.recipe_args import parse_seeds, parse_sets  # noqa: E402
-from trainer.records import read_rows, write_rows  # noqa: E402
+from trainer.records import RunLedger, read_rows  # noqa: E402
 
 VARIANTS = {
     "base": {},
@@ -65,13 +65,13 @@ def main() -> None:
     seeds = list(parse_seeds(a.seeds))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(out / "levers.csv")
-    done = {(r["variant"], int(r["seed"])) for r in rows}
+    ledger = RunLedger(out / "levers.csv", {"variant": str, "seed": int})
+    rows = ledger.rows
     dev = torch.device(a.device)
     with EmbeddingStore.open(a.store) as s, PairedCache(s, np.flatnonzero(s.done), dev, "host") as cache:
         for seed in seeds:
             for name, opts in variants.items():
-                if (name, seed) in done:
+                if ledger.done(name, seed):
                     continue
                 cfg = TrainConfig.from_dict({**base, **opts, "cache": a.store, "seed": seed, "subset_seed": seed,
                                              "device": a.device, "out": str(out / "runs" / f"{name}-s{seed}"),
@@ -79,11 +79,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 result = train(cfg, overwrite=True, log=lambda _: None, cache=cache)
                 last = read_rows(out / "runs" / f"{name}-s{seed}" / "metrics.csv")[-1]
-                rows.append({"variant": name, "seed": seed, "val_best_balanced_accuracy": result["val_best"]["balanced_accuracy"],
+                ledger.record({"variant": name, "seed": seed, "val_best_balanced_accuracy": result["val_best"]["balanced_accuracy"],
                              "val_last_balanced_accuracy": float(last["val_balanced_accuracy"]),
                              "val_last_loss": float(last["val_loss"]), "best_epoch": result["best_epoch"],
                              "steps": result["steps"], "seconds": round(time.perf_counter() - t0, 1)})
-                write_rows(rows, out / "levers.csv")
                 print(f"{name:>15} seed {seed}  val best {rows[-1]['val_best_balanced_accuracy']:.3f}  "
                       f"last {rows[-1]['val_last_balanced_accuracy']:.3f}", flush=True)
     (out / "levers.yaml").write_text(yaml.safe_dump({"base": base, "variants": variants}, sort_keys=False))

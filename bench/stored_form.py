@@ -32,7 +32,7 @@ from trainer.config import METRIC_KEYS  # noqa: E402
 from trainer.experiment import StudyConfig  # noqa: E402
 from trainer.stats import mean_std, paired_difference, verdict  # noqa: E402
 from trainer.recipe_args import parse_seeds, parse_sets  # noqa: E402
-from trainer.records import read_rows, write_rows  # noqa: E402
+from trainer.records import RunLedger  # noqa: E402
 
 FORMS = {"int8": {"dtype": "int8"}, "grid32": {"grid": 32}, "grid16": {"grid": 16},
          "grid32-int8": {"grid": 32, "dtype": "int8"}}
@@ -77,20 +77,19 @@ def main() -> None:
         forms[name] = {"path": path, "bytes": converted["dst_bytes"], "convert_seconds": round(time.perf_counter() - t0, 1),
                        "error": embedding_error(a.store, path)}
         forms["float16"]["bytes"] = converted["src_bytes"]
-    rows = read_rows(out / "runs.csv")
-    done = {(r["form"], int(r["seed"])) for r in rows}
+    ledger = RunLedger(out / "runs.csv", {"form": str, "seed": int})
+    rows = ledger.rows
     for seed in parse_seeds(a.seeds):
         for form, info in forms.items():
-            if (form, seed) in done:
+            if ledger.done(form, seed):
                 continue
             cfg = TrainConfig.from_dict({**recipe, "cache": info["path"], "out": str(out / "runs" / f"{form}-s{seed}"),
                                          "seed": seed, "subset_seed": seed, "device": a.device,
                                          "train_fraction": None if a.fraction >= 1 else a.fraction})
             t = time.perf_counter()
             m = train(cfg, overwrite=True, log=lambda _: None)["test"]
-            rows.append({"form": form, "seed": seed, **{k: m[k] for k in METRIC_KEYS},
-                         "seconds": round(time.perf_counter() - t, 1)})
-            write_rows(rows, out / "runs.csv")
+            ledger.record({"form": form, "seed": seed, **{k: m[k] for k in METRIC_KEYS},
+                           "seconds": round(time.perf_counter() - t, 1)})
             print(f"{form:>8} seed {seed}  bal.acc {m['balanced_accuracy']:.3f}", flush=True)
 
     summary = {form: {k: mean_std([r[k] for r in rows if r["form"] == form]) for k in METRIC_KEYS} for form in forms}

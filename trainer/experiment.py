@@ -54,7 +54,7 @@ from sam_cache.regions import pooled_features as region_features
 from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache
 from .metrics import classification_metrics
-from .records import read_rows, write_rows
+from .records import RunLedger, read_rows, write_rows
 from .stats import mean_std, paired_difference, verdict
 from .subset import stratified_subset
 from .train import resolve_device, train
@@ -230,8 +230,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
     out.mkdir(parents=True, exist_ok=True)
     record_study(out, store, cfg)
     dev = resolve_device(device)
-    rows = read_rows(out / "runs.csv")
-    done = {(r["method"], float(r["fraction"]), int(r["seed"])) for r in rows}
+    ledger = RunLedger(out / "runs.csv", {"method": str, "fraction": float, "seed": int})
     masks = "default" if any(m in METHODS and METHODS[m] and "focus" in METHODS[m] for m in cfg.methods) else None
     named = sorted({method_options(m)["mask_set"] for m in cfg.methods if m not in METHODS})
 
@@ -250,7 +249,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                 subset = train_rows[stratified_subset(s.labels[train_rows], None if fraction >= 1 else fraction,
                                                       None, seed)]
                 for method in cfg.methods:
-                    if (method, float(fraction), seed) in done:
+                    if ledger.done(method, fraction, seed):
                         continue
                     t0 = time.perf_counter()
                     if method_options(method) is None:
@@ -272,8 +271,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                     row = {"method": method, "fraction": fraction, "seed": seed, "train_samples": len(subset),
                            **{k: m[k] for k in METRIC_KEYS}, "val_balanced_accuracy": val, "best_epoch": best_epoch, "steps": steps,
                            "seconds": round(time.perf_counter() - t0, 1)}
-                    rows.append(row)
-                    write_rows(rows, out / "runs.csv")
+                    ledger.record(row)
                     log(f"{method:>13}  fraction {fraction:<5} seed {seed}  n={len(subset):<4} "
                         f"bal.acc {m['balanced_accuracy']:.3f}  AUC {_fmt(m['auc'])}  {row['seconds']:.0f} s")
     return summarize_study(out)

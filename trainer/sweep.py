@@ -41,7 +41,7 @@ from .data import PairedCache
 from .errors import ConfigError, TrainError
 from sam_cache.outputs import atomic_write
 
-from .records import read_rows, write_rows
+from .records import RunLedger
 from .train import resolve_device, train
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
@@ -145,7 +145,8 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
         store.close()
         raise
     dev = resolve_device(device)
-    rows = read_rows(out / "trials.csv")
+    ledger = RunLedger(out / "trials.csv", {"trial": int})
+    rows = ledger.rows
     if rows:
         log(f"resuming: {len(rows)} finished trial(s) kept from {out / 'trials.csv'}")
 
@@ -175,16 +176,14 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
         return row
 
     def finish(row: dict) -> None:
-        rows.append(row)
-        write_rows(rows, out / "trials.csv")
+        ledger.record(row)
         if on_trial is not None:
             on_trial(row)
 
     try:
         if space.method == "grid":
-            done = {int(r["trial"]) for r in rows}
             for number, params in enumerate(space.grid()):
-                if number not in done:
+                if not ledger.done(number):
                     finish(run_one(number, params))
         else:
             _optuna(space, out, rows, run_one, finish)
