@@ -1,4 +1,5 @@
-"""Typer options generated from the config dataclasses (``TrainConfig``, ``ExtractConfig``).
+"""Typer commands and options generated from the config dataclasses (``TrainConfig``, ``ExtractConfig``,
+and the option dataclasses of every other command: ``sam_cache/commands.py``, ``trainer/commands.py``).
 
 The config dataclasses are the one definition of every option (type, default, choices, help).
 This module turns their option tables into typer parameters (a function signature typer reads)
@@ -16,7 +17,7 @@ import typer
 
 from sam_cache.options import Option
 
-__all__ = ["parameters", "train_parameters", "flat_values", "given", "signature_with"]
+__all__ = ["parameters", "train_parameters", "flat_values", "given", "command"]
 
 
 def _dash(name: str) -> str:
@@ -43,12 +44,22 @@ def train_parameters() -> list[inspect.Parameter]:
     return parameters(options())
 
 
-def parameters(opts: list[Option]) -> list[inspect.Parameter]:
-    """One keyword parameter per option, with its typer declaration."""
+def parameters(opts: list[Option], enforce_required: bool = False) -> list[inspect.Parameter]:
+    """One keyword parameter per option, with its typer declaration.
+
+    ``enforce_required``: typer refuses a command line without a required option (otherwise it
+    defaults to None, for ``slca-train``, whose ``--config`` may supply it).
+    """
     params = []
     for o in opts:
         inner, optional = _kind(o)
-        if inner is bool:
+        if o.positional:
+            annotation = Optional[inner] if optional else inner
+            default = typer.Argument(... if o.required else o.default, help=_help(o))
+        elif typing.get_origin(inner) is list and typing.get_args(inner) == (str,):  # given once per value
+            annotation, default = list[str], typer.Option(list(o.default or []), o.flag or _dash(o.name),
+                                                           help=_help(o))
+        elif inner is bool:
             decl = o.flag or f"{_dash(o.name)}/--no-{o.name.replace('_', '-')}"
             annotation, default = bool, typer.Option(o.default, *decl.split(" "), help=_help(o))
         elif inner is dict:
@@ -59,7 +70,8 @@ def parameters(opts: list[Option]) -> list[inspect.Parameter]:
         else:
             annotation = Optional[inner] if (optional or o.required) else inner
             decl = o.flag or _dash(o.name)
-            default = typer.Option(None if o.required else o.default, decl, help=_help(o))
+            first = (... if enforce_required else None) if o.required else o.default
+            default = typer.Option(first, decl, help=_help(o))
         params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return params
 
@@ -103,8 +115,29 @@ def given(ctx: typer.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
-def signature_with(fn, extra: list[inspect.Parameter], opts: list[Option]):
-    """Give ``fn(**kwargs)`` a signature typer reads: ``extra`` parameters, then one per option."""
-    fn.__signature__ = inspect.Signature(extra + parameters(opts))
+def command(app: typer.Typer, name: str, handler, *configs) -> None:
+    """Register ``handler(*instances)`` as command ``name`` of ``app``, with one typer parameter
+    per option of each config dataclass in ``configs`` (:func:`sam_cache.options.options`; a
+    ``(dataclass, options)`` pair gives its options in another order, as :func:`extract_options`
+    does).
+
+    The parsed values are decoded (:func:`flat_values`) and each config is built from its own
+    options, so a value that its config refuses is a user error (one red line, exit 1). The
+    command's help is ``handler``'s docstring.
+    """
+    from sam_cache.options import options
+
+    from ._common import user_errors
+
+    configs, tables = zip(*[(c[0], c[1]) if isinstance(c, tuple) else (c, options(c)) for c in configs])
+
+    def fn(**values) -> None:
+        with user_errors():
+            made = [c(**{o.path[0]: v for o in opts for k, v in flat_values(values, [o]).items()})
+                    for c, opts in zip(configs, tables)]
+        handler(*made)
+
+    fn.__doc__ = handler.__doc__
+    fn.__signature__ = inspect.Signature([p for opts in tables for p in parameters(opts, enforce_required=True)])
     fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
-    return fn
+    app.command(name)(fn)

@@ -12,11 +12,11 @@ from typing import Optional
 
 import typer
 
-from sam_cache.options import DEVICE_HELP
-from trainer.experiment import StudyConfig
+from sam_cache.extract_config import ReadingConfig
+from trainer.commands import EvalOptions, ExportOptions, PredictOptions, StudyOptions, SweepOptions, TrainRun
 
 from ._common import console, err_console, run, say, user_errors
-from ._options import flat_values, given, signature_with, train_parameters
+from ._options import command, flat_values, given, parameters, train_parameters
 
 app = typer.Typer(add_completion=False, help="Train SLCA plus a timm backbone on cached SAM embeddings. "
                                              "Add --debug anywhere to see the traceback of an error.")
@@ -39,16 +39,10 @@ def _train(ctx: typer.Context, config: Optional[str], resume: bool, overwrite: b
 
 
 def _train_signature() -> inspect.Signature:
-    extra = [
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, help="A config.yaml/best.yaml to rerun; options given too override it.")),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--resume", help="Continue from OUT/last.pt (a larger --epochs extends a finished run).")),
-        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--overwrite", help="Replace an existing run folder's results.")),
-    ]
-    return inspect.Signature(extra + train_parameters())
+    from sam_cache.options import options
+
+    ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    return inspect.Signature([ctx] + parameters(options(TrainRun)) + train_parameters())
 
 
 def train_command(ctx: typer.Context, **kwargs) -> None:
@@ -61,13 +55,7 @@ train_command.__annotations__ = {p.name: p.annotation for p in train_command.__s
 app.callback(invoke_without_command=True)(train_command)
 
 
-@app.command()
-def sweep(
-    cache: str = typer.Option(..., help="The store; loaded into memory once for all trials."),
-    space: str = typer.Option(..., help="Sweep space YAML (see trainer/sweep.py, examples/sweep_sample.yaml)."),
-    out: str = typer.Option(..., help="Sweep folder; an interrupted sweep there resumes."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-) -> None:
+def sweep(o: SweepOptions) -> None:
     """Run a grid or an Optuna search over training options on one cache."""
     from rich.live import Live
     from rich.markup import escape
@@ -76,7 +64,8 @@ def sweep(
     from trainer.sweep import load_space, run_sweep
 
     with user_errors():
-        sp = load_space(space)
+        cache = o.cache
+        sp = load_space(o.space)
         columns = ["trial", "status", *sp.params, f"val_{sp.metric}", f"test_{sp.metric}", "seconds"]
         table = Table(title=escape(f"{sp.method} sweep on {cache}"))
         for c in columns:
@@ -91,7 +80,7 @@ def sweep(
                     table.add_row(*(cell(row.get(c)) for c in columns))
                     live.refresh()
 
-                result = run_sweep(cache, sp, out, device=device, on_trial=on_trial,
+                result = run_sweep(cache, sp, o.out, device=o.device, on_trial=on_trial,
                                    log=lambda s: live.console.print(s, markup=False))
         finally:
             if not console.is_terminal:  # Live leaves a file's last line open: end it before the next line
@@ -103,134 +92,77 @@ def sweep(
         + f"; rerun it with: slca-train --config {result['best_config']}")
 
 
-@app.command("eval")
-def eval_command(
-    checkpoint: str = typer.Option(..., help="best.pt or last.pt of a run."),
-    cache: Optional[str] = typer.Option(None, help="Store (default: the one the run trained on; another store made "
-                                                   "with the same encoder and preprocessing is accepted)."),
-    split: str = typer.Option("test", help="train, val, test or all."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    as_json: bool = typer.Option(False, "--json"),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Use the done rows of an unfinished store."),
-) -> None:
+command(app, "sweep", sweep, SweepOptions)
+
+
+def eval_command(o: EvalOptions) -> None:
     """Evaluate a checkpoint on a split of a store."""
     from trainer import evaluate_checkpoint
     from trainer.metrics import format_metrics
 
     with user_errors():
-        m = evaluate_checkpoint(checkpoint, cache, split, device, allow_partial=allow_partial)
-    if as_json:
+        m = evaluate_checkpoint(o.checkpoint, o.cache, o.split, o.device, allow_partial=o.allow_partial)
+    if o.as_json:
         print(json.dumps(m, indent=2))
         return
-    say(f"{split} ({m['n']} samples): {format_metrics(m)}  loss {m['loss']:.4f}")
+    say(f"{o.split} ({m['n']} samples): {format_metrics(m)}  loss {m['loss']:.4f}")
 
 
-def predict_command(
-    checkpoint: str = typer.Option(..., help="best.pt of a run."),
-    data: str = typer.Option(..., help="A store, or a dataset (image folder, CSV, npz; labels optional), read with "
-                                       "the reading options below, as samcache extract reads it."),
-    out: str = typer.Option(..., help="The file to write: CSV (id, source, p_<class>..., predicted[, top<k>, "
-                                      "top<k>_p][, label]) or JSON."),
-    results_format: Optional[str] = typer.Option(None, help="csv or json (default: json for an OUT ending .json, "
-                                                            "else csv)."),
-    topk: int = typer.Option(1, help="How many ranked classes each sample lists."),
-    store: Optional[str] = typer.Option(None, help="Where a dataset's embeddings go (default: OUT with .zarr)."),
-    encoder_checkpoint: Optional[str] = typer.Option(None, help="Encoder weights for SAM ViTs and medsam (the "
-                                                                "training store's; checked by sha256)."),
-    batch_size: Optional[int] = typer.Option(None, help="Default: the run's."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Predict the done rows of an unfinished store."),
-    **reading,
-) -> None:
+command(app, "eval", eval_command, EvalOptions)
+
+
+def predict_command(o: PredictOptions, reading: ReadingConfig) -> None:
     """Predict new data with a trained model; extracts a dataset's embeddings first (resumable)."""
-    from sam_cache.extract_config import ReadingConfig, reading_options
     from trainer.metrics import format_metrics
     from trainer.predict import predict_data
 
     with user_errors():
-        r = predict_data(checkpoint, data, out, store=store, encoder_checkpoint=encoder_checkpoint, device=device,
-                         batch_size=batch_size, progress=console.is_terminal, log=say, overwrite=overwrite,
-                         allow_partial=allow_partial, results_format=results_format, topk=topk,
-                         reading=ReadingConfig(**flat_values(reading, reading_options())))
+        r = predict_data(o.checkpoint, o.data, o.out, store=o.store, encoder_checkpoint=o.encoder_checkpoint,
+                         device=o.device, batch_size=o.batch_size, progress=console.is_terminal, log=say,
+                         overwrite=o.overwrite, allow_partial=o.allow_partial, results_format=o.results_format,
+                         topk=o.topk, reading=reading)
     say(f"wrote {r['rows']} predictions to {r['out']}")
     m = r["metrics"]
     if m is not None:
         say(f"labelled ({m['n']} samples): {format_metrics(m)}")
 
 
-def _with_reading_options(fn):
-    from sam_cache.extract_config import reading_options
-
-    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    return signature_with(fn, own, reading_options())
+command(app, "predict", predict_command, PredictOptions, ReadingConfig)
 
 
-app.command("predict")(_with_reading_options(predict_command))
-
-
-_STUDY = StudyConfig()  # the protocol's defaults, shown in --help
-
-
-@app.command("study")
-def study_command(
-    cache: Optional[str] = typer.Option(None, help="The store (made by samcache extract, with images)."),
-    out: str = typer.Option(..., help="The study folder: runs.csv, summary.csv/.md, paired.csv, the plot; a "
-                                      "study there resumes."),
-    fractions: str = typer.Option(",".join(f"{f:g}" for f in _STUDY.fractions),
-                                  help="Train fractions, comma-separated (1: all of train)."),
-    seeds: str = typer.Option(",".join(map(str, _STUDY.seeds)), help="Seeds at every fraction: 0-4, or 0,2,5."),
-    extra_seeds: str = typer.Option("", help="More seeds at some fractions: '0.1:5-9;1.0:5-9'."),
-    methods: str = typer.Option(",".join(_STUDY.methods),
-                                help="Comma-separated: backbone, slca, fuse, fuse_slca, focus, focus_slca, cache_head, "
-                                     "linear_probe, probe_meanstd, or focus-MODE-SET (a mask set of the store)."),
-    focus: str = typer.Option(_STUDY.focus, help="The focus mode of the focus methods."),
-    set_: list[str] = typer.Option([], "--set", help="A recipe option by slca-train's name, NAME=VALUE (YAML); "
-                                                     "repeat it. Over the study's CPU-sized defaults."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    merge: list[str] = typer.Option([], "--merge", help="Join these study folders into --out instead of training "
-                                                        "(repeat it)."),
-) -> None:
+def study_command(o: StudyOptions) -> None:
     """The paired study: each method against the same backbone, over train fractions and seeds, with
     paired differences and 95 % intervals (the protocol is trainer/experiment.py's)."""
     from pathlib import Path
 
     from trainer.experiment import merge_studies, run_study
-    from trainer.recipe_args import parse_extra_seeds, parse_seeds, parse_sets
 
     with user_errors():
-        if merge:
-            merge_studies(merge, out)
+        if o.merge:
+            merge_studies(o.merge, o.out)
         else:
-            if cache is None:
+            if o.cache is None:
                 err_console.print("[bold red]error:[/] --cache is required (or --merge)")
                 raise typer.Exit(2)
-            try:
-                fracs = tuple(float(f) for f in fractions.split(","))
-            except ValueError:
-                from trainer.errors import ConfigError
-
-                raise ConfigError(f"--fractions {fractions!r}: expected numbers, e.g. 0.1,1.0") from None
-            cfg = StudyConfig(fractions=fracs, seeds=parse_seeds(seeds), extra_seeds=parse_extra_seeds(extra_seeds),
-                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()), focus=focus,
-                              train={**_STUDY.train, **parse_sets(set_)})
-            run_study(cache, out, cfg, device=device, log=say)
-    console.print((Path(out) / "summary.md").read_text(), markup=False, highlight=False)
+            run_study(o.cache, o.out, o.study_config(), device=o.device, log=say)
+    console.print((Path(o.out) / "summary.md").read_text(), markup=False, highlight=False)
 
 
-@app.command("export")
-def export_command(
-    checkpoint: str = typer.Option(..., help="best.pt of a run."),
-    out: str = typer.Option(..., help="The timm state dict to write (.pth); .extras.pth and .json go beside it."),
-) -> None:
+command(app, "study", study_command, StudyOptions)
+
+
+def export_command(o: ExportOptions) -> None:
     """Export a trained backbone as a plain timm state dict (SLCA and fusion weights apart)."""
     from trainer.export import export_checkpoint
 
     with user_errors():
-        info = export_checkpoint(checkpoint, out)
-    say(f"wrote {', '.join(info['files'])} and {out}.json; load it with {info['load']}")
+        info = export_checkpoint(o.checkpoint, o.out)
+    say(f"wrote {', '.join(info['files'])} and {o.out}.json; load it with {info['load']}")
     if not info["complete"]:
         say(f"note: {info['note']}")
+
+
+command(app, "export", export_command, ExportOptions)
 
 
 def main() -> None:

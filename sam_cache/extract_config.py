@@ -7,16 +7,18 @@ anything touches the disk: a bad value fails with one line naming the option.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .encoders import list_encoders
 from .errors import ConfigError
 from .options import DEVICE_HELP, Option, opt, options, validate_fields
 from .preprocess import parse_window
+from .readers import DatasetOptions
 
 __all__ = ["ExtractConfig", "ReadingConfig", "extract_options", "reading_options"]
 
 DTYPES = ("float16", "bfloat16", "float32", "int8")
+_READ = DatasetOptions()  # the readers' defaults: the options' defaults are theirs, defined once
 ATTENTIONS = ("auto", "sdpa", "flex", "stock")
 
 
@@ -25,13 +27,13 @@ class ReadingConfig:
     """How a dataset is read beyond its layout: the options of every command that reads one
     (``samcache extract``, ``slca-train predict``), defined here once."""
 
-    path_column: str = opt("path", help="CSV column of image paths.")
-    label_column: str = opt("label", help="CSV column of labels.")
-    split_column: str = opt("split", help="CSV column of splits (optional in the file).")
-    group_column: str | None = opt(None, help="CSV column of groups (patients): a group's images always share a "
-                                              "split, drawn or given (a leak is refused).")
-    nifti_axis: int = opt(2, low=0, high=2, help="NIfTI volumes: the axis slices are taken across.")
-    nifti_slices: str = opt("all", help="NIfTI volumes: all, middle or every:N slices.")
+    path_column: str = opt(_READ.path_column, help="CSV column of image paths.")
+    label_column: str = opt(_READ.label_column, help="CSV column of labels.")
+    split_column: str = opt(_READ.split_column, help="CSV column of splits (optional in the file).")
+    group_column: str | None = opt(_READ.group_column, help="CSV column of groups (patients): a group's images "
+                                                            "always share a split, drawn or given (a leak is refused).")
+    nifti_axis: int = opt(_READ.nifti_axis, low=0, high=2, help="NIfTI volumes: the axis slices are taken across.")
+    nifti_slices: str = opt(_READ.nifti_slices, help="NIfTI volumes: all, middle or every:N slices.")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -43,11 +45,7 @@ class ReadingConfig:
         Raises:
           DatasetError: a ``nifti_slices`` that is not all, middle or every:N.
         """
-        from .readers import DatasetOptions
-
-        return DatasetOptions(path_column=self.path_column, label_column=self.label_column,
-                              split_column=self.split_column, group_column=self.group_column,
-                              nifti_axis=self.nifti_axis, nifti_slices=self.nifti_slices, **more)
+        return DatasetOptions(**{f.name: getattr(self, f.name) for f in fields(ReadingConfig)}, **more)
 
 
 @dataclass

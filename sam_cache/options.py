@@ -22,14 +22,18 @@ DEVICE_HELP = "cuda, cpu, ...; default: cuda when available."
 
 
 def opt(default=dataclasses.MISSING, *, help: str, choices: tuple | None = None, low=None, high=None,
-        sweep: bool = False, flat: str | None = None, factory=None, flag: str | None = None):
+        sweep: bool = False, flat: str | None = None, factory=None, flag: str | None = None,
+        positional: bool = False):
     """A config field with what the CLI, sweeps and validation need to know about it.
 
     ``low``/``high`` bound numbers (inclusive); ``flat`` renames the leaf's flat name; ``flag`` is
     the typer declaration of the option (e.g. ``"--slca/--no-slca"``, or ``"--workers"`` for a
-    field whose Python name differs from its flag).
+    field whose Python name differs from its flag); ``positional`` makes it a command's argument
+    (``samcache info STORE``) instead of an option. A ``list[str]`` field is an option given
+    once per value (``--set A=1 --set B=2``).
     """
-    meta = {"help": help, "choices": choices, "low": low, "high": high, "sweep": sweep, "flat": flat, "flag": flag}
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "sweep": sweep, "flat": flat, "flag": flag,
+            "positional": positional}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,6 +54,7 @@ class Option:
     sweep: bool
     flag: str | None
     required: bool
+    positional: bool = False
 
     def get(self, cfg):
         for p in self.path:
@@ -76,7 +81,7 @@ def options(cls, prefix: tuple[str, ...] = ()) -> list[Option]:
         default = f.default if f.default is not dataclasses.MISSING else (
             None if required else f.default_factory())
         out.append(Option(m["flat"] or f.name, prefix + (f.name,), tp, default, m["help"], m["choices"], m["low"],
-                          m["high"], m["sweep"], m["flag"], required))
+                          m["high"], m["sweep"], m["flag"], required, m.get("positional", False)))
     return out
 
 
@@ -130,6 +135,10 @@ def _coerce(name: str, value, tp):
         if isinstance(value, str):
             return value
         raise ConfigError(f"{name} must be text; got {value!r}")
+    if origin is list and typing.get_args(tp) == (str,):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{name} must be a list of texts; got {value!r}")
     if origin is list:
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return [int(v) for v in value]

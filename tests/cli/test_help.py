@@ -3,7 +3,6 @@
 A command lost in a refactor (``samcache masks`` once was) fails here by name.
 """
 
-import dataclasses
 import re
 
 import pytest
@@ -11,9 +10,13 @@ from typer.testing import CliRunner
 
 from cli.samcache import app as samcache
 from cli.slca_train import app as slca_train
-from sam_cache.extract_config import extract_options, reading_options
+from sam_cache.commands import (ConvertOptions, ExportOptions, ExtractTarget, InfoOptions, MasksOptions,
+                               VerifyOptions)
+from sam_cache.extract_config import ExtractConfig, ReadingConfig
+from sam_cache.options import options
+from trainer.commands import EvalOptions, PredictOptions, StudyOptions, SweepOptions, TrainRun
+from trainer.commands import ExportOptions as TrainExportOptions
 from trainer.config import options as train_options
-from trainer.experiment import StudyConfig
 
 runner = CliRunner()
 
@@ -27,35 +30,39 @@ def _flag(option) -> str:
     return re.split(r"[ /]", option.flag)[0] if option.flag else _dash(option.name)
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # rich wraps and cuts option names at 80 columns
 
-# the config that defines each command's options, where one does (None: declared in cli/)
+def _of(*configs):
+    """The flags, or for an argument its name, of every option of ``configs``."""
+    return lambda: [o.name.upper() if o.positional else _flag(o) for c in configs for o in options(c)]
+
+
+# the config that defines each command's options: every command has one
 COMMANDS = {
-    (samcache, "extract"): lambda: [_flag(o) for o in extract_options()] + ["--dataset", "--out"],
-    (samcache, "masks"): None,
-    (samcache, "convert"): None,
-    (samcache, "export"): None,
-    (samcache, "info"): None,
-    (samcache, "verify"): None,
-    (slca_train, None): lambda: [_flag(o) for o in train_options()],
-    (slca_train, "sweep"): None,
-    (slca_train, "eval"): None,
-    (slca_train, "predict"): lambda: [_flag(o) for o in reading_options()],
-    (slca_train, "study"): lambda: [_dash(f.name) for f in dataclasses.fields(StudyConfig) if f.name != "train"] + ["--set"],
-    (slca_train, "export"): None,
+    (samcache, "extract"): _of(ExtractTarget, ExtractConfig),
+    (samcache, "masks"): _of(MasksOptions),
+    (samcache, "convert"): _of(ConvertOptions),
+    (samcache, "export"): _of(ExportOptions),
+    (samcache, "info"): _of(InfoOptions),
+    (samcache, "verify"): _of(VerifyOptions),
+    (slca_train, None): lambda: [_flag(o) for o in train_options()] + _of(TrainRun)(),
+    (slca_train, "sweep"): _of(SweepOptions),
+    (slca_train, "eval"): _of(EvalOptions),
+    (slca_train, "predict"): _of(PredictOptions, ReadingConfig),
+    (slca_train, "study"): _of(StudyOptions),
+    (slca_train, "export"): _of(TrainExportOptions),
 }
 
 
 def _flags(text: str) -> set[str]:
-    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", text))
+    """The --flags of a help text, and its arguments' names (``Usage: ... {store}``) in capitals."""
+    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", text)) | {a.upper() for a in re.findall(r"\{([a-z_]+)\}", text)}
 
 
 @pytest.mark.parametrize("app,command", list(COMMANDS), ids=lambda v: v if isinstance(v, str) else None)
 def test_every_command_answers_help_with_its_config_options(app, command):
     result = runner.invoke(app, ([command] if command else []) + ["--help"], env=WIDE)
     assert result.exit_code == 0, (command, result.output)
-    fields = COMMANDS[(app, command)]
-    if fields is not None:
-        missing = sorted(set(fields()) - _flags(result.output))
-        assert not missing, f"{command or 'train'} --help lacks {missing}"
+    missing = sorted(set(COMMANDS[(app, command)]()) - _flags(result.output))
+    assert not missing, f"{command or 'train'} --help lacks {missing}"
 
 
 def test_no_command_is_left_out_of_the_list():
