@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from sam_cache.options import Option
+from sam_cache.options import Option, options
 
 __all__ = ["parameters", "train_parameters", "flat_values", "given", "command"]
 
@@ -125,16 +125,16 @@ def command(app: typer.Typer, name: str, handler, *configs) -> None:
     options, so a value that its config refuses is a user error (one red line, exit 1). The
     command's help is ``handler``'s docstring.
     """
-    from sam_cache.options import options
-
     from ._common import user_errors
 
     configs, tables = zip(*[(c[0], c[1]) if isinstance(c, tuple) else (c, options(c)) for c in configs])
 
     def fn(**values) -> None:
         with user_errors():
-            made = [c(**{o.path[0]: v for o in opts for k, v in flat_values(values, [o]).items()})
-                    for c, opts in zip(configs, tables)]
+            made = []
+            for c, opts in zip(configs, tables):
+                flat = flat_values(values, opts)  # keyed by flat name; the dataclass takes field names
+                made.append(c(**{o.path[0]: flat[o.name] for o in opts if o.name in flat}))
         handler(*made)
 
     fn.__doc__ = handler.__doc__

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .options import DEVICE_HELP, opt, validate_fields
+from .options import DEVICE_HELP, Checked, opt
 
 __all__ = ["ExtractTarget", "ConvertOptions", "MasksOptions", "ExportOptions", "InfoOptions", "VerifyOptions"]
 
 _PROGRESS = "Show a progress bar (never in a file or a pipe)."
 
 
-class _Checked:
-    def __post_init__(self):
-        validate_fields(self)
-
-
 @dataclass(kw_only=True)
-class ExtractTarget(_Checked):
+class ExtractTarget(Checked):
     """``samcache extract``'s dataset and store; the rest of its options are :class:`ExtractConfig`'s."""
 
     dataset: str = opt(help="Image folder (<split>/<class>/ or <class>/), CSV manifest or .npz.")
@@ -30,7 +25,7 @@ class ExtractTarget(_Checked):
 
 
 @dataclass(kw_only=True)
-class ConvertOptions(_Checked):
+class ConvertOptions(Checked):
     """``samcache convert STORE --out NEW``: :func:`sam_cache.convert_store`."""
 
     store: str = opt(help="The source store.", positional=True)
@@ -45,7 +40,7 @@ class ConvertOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class MasksOptions(_Checked):
+class MasksOptions(Checked):
     """``samcache masks STORE``: :func:`sam_cache.masks.decode_masks`, or
     :func:`sam_cache.user_masks.import_masks` with ``--from-masks``."""
 
@@ -85,7 +80,7 @@ class MasksOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class ExportOptions(_Checked):
+class ExportOptions(Checked):
     """``samcache export STORE --out FILE.npz``: :func:`sam_cache.export_pooled`."""
 
     store: str = opt(help="The store.", positional=True)
@@ -96,7 +91,7 @@ class ExportOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class InfoOptions(_Checked):
+class InfoOptions(Checked):
     """``samcache info STORE``: :func:`sam_cache.summarize_store`."""
 
     store: str = opt(help="Store path.", positional=True)
@@ -104,7 +99,7 @@ class InfoOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class VerifyOptions(_Checked):
+class VerifyOptions(Checked):
     """``samcache verify STORE``: :func:`sam_cache.verify_store`."""
 
     store: str = opt(help="Store path.", positional=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["opt", "Option", "options", "validate_fields", "DEVICE_HELP"]
+__all__ = ["opt", "Option", "options", "validate_fields", "Checked", "DEVICE_HELP"]
 
 #: the help of every --device option (extract, masks, train, sweep, eval, predict, study)
 DEVICE_HELP = "cuda, cpu, ...; default: cuda when available."
@@ -105,6 +105,14 @@ def validate_fields(obj) -> None:
 
 
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+class Checked:
+    """A base for an options dataclass with nothing to check beyond its fields: built, it runs
+    :func:`validate_fields` (raises ConfigError for a value that its field refuses)."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def _coerce(name: str, value, tp):

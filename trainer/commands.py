@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sam_cache.options import DEVICE_HELP, opt, validate_fields
+from sam_cache.options import DEVICE_HELP, Checked, opt
 
 from .errors import ConfigError
 from .experiment import StudyConfig
@@ -19,13 +19,8 @@ __all__ = ["TrainRun", "SweepOptions", "EvalOptions", "PredictOptions", "StudyOp
 _STUDY = StudyConfig()  # the protocol's defaults, shown in --help
 
 
-class _Checked:
-    def __post_init__(self):
-        validate_fields(self)
-
-
 @dataclass(kw_only=True)
-class TrainRun(_Checked):
+class TrainRun(Checked):
     """``slca-train``'s own options beside the recipe's (:class:`trainer.TrainConfig`)."""
 
     config: str | None = opt(None, help="A config.yaml/best.yaml to rerun; options given too override it.")
@@ -35,7 +30,7 @@ class TrainRun(_Checked):
 
 
 @dataclass(kw_only=True)
-class SweepOptions(_Checked):
+class SweepOptions(Checked):
     """``slca-train sweep``: :func:`trainer.sweep.run_sweep`."""
 
     cache: str = opt(help="The store; loaded into memory once for all trials.")
@@ -45,7 +40,7 @@ class SweepOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class EvalOptions(_Checked):
+class EvalOptions(Checked):
     """``slca-train eval``: :func:`trainer.evaluate_checkpoint`."""
 
     checkpoint: str = opt(help="best.pt or last.pt of a run.")
@@ -58,7 +53,7 @@ class EvalOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class PredictOptions(_Checked):
+class PredictOptions(Checked):
     """``slca-train predict`` (with :class:`sam_cache.ReadingConfig`'s options): :func:`trainer.predict.predict_data`."""
 
     checkpoint: str = opt(help="best.pt of a run.")
@@ -78,7 +73,7 @@ class PredictOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class StudyOptions(_Checked):
+class StudyOptions(Checked):
     """``slca-train study``: :func:`trainer.experiment.run_study`, or :func:`~trainer.experiment.merge_studies`
     with ``--merge``; :meth:`study_config` parses the text forms into a :class:`StudyConfig`."""
 
@@ -117,7 +112,7 @@ class StudyOptions(_Checked):
 
 
 @dataclass(kw_only=True)
-class ExportOptions(_Checked):
+class ExportOptions(Checked):
     """``slca-train export``: :func:`trainer.export.export_checkpoint`."""
 
     checkpoint: str = opt(help="best.pt of a run.")
