@@ -118,3 +118,41 @@ def test_mask_quality_and_the_side_by_side_overlay_read_named_mask_sets(tiny_sto
     assert same["masks"]["mask_set"] == "gt" and "set `gt`" in mask_quality.markdown(same)
     mask_overlay.overlay(str(store), str(tmp_path / "o.png"), per_class=1, mask_sets=["gt", "shifted"])
     assert (tmp_path / "o.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_learned_decode_variants_start_from_what_the_learned_set_stores(tiny_store, tmp_path):
+    """The bench's plain ``box`` variant decodes exactly the masks ``--prompt learned`` stored, so
+    every other variant is measured against the same starting point."""
+    import shutil
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learned_decode
+    import mask_quality
+
+    from sam_cache import EmbeddingStore
+    from sam_cache.learned_prompt import HeadRecipe
+    from sam_cache.masks import decode_masks
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    with EmbeddingStore.open(store, "r+") as s:
+        n = len(s)
+        masks = np.zeros((n, 1, 64, 64), np.uint8)
+        for k in range(n):
+            masks[k, 0, 4 * (k % 5):4 * (k % 5) + 20, 30 - 2 * (k % 7):50 - 2 * (k % 7)] = 1
+        s.prepare_masks({"decoder": None, "prompt": "file"}, mask_set="gt").write(
+            np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=HeadRecipe(width=8, epochs=2),
+                 progress=False)
+    result = learned_decode.run(str(store), "learned", "gt", "val", [1.0])
+    with EmbeddingStore.open(store) as s:
+        rows = s.split_indices("val")
+        stored = s.mask_set("learned").read(rows)[:, 0] > 0
+    want = [mask_quality.dice_iou(p, t > 0)[0] for p, t in zip(stored, masks[rows, 0]) if t.any()]
+    assert len(want) == len(rows) and result["summary"]["box grow=1"]["n"] == len(want)
+    np.testing.assert_allclose(result["per_image"]["box grow=1"], want)
+    assert set(result["summary"]) == {f"{v} grow=1" for v in learned_decode.VARIANTS}
+    assert "| box+refine grow=1 |" in learned_decode.markdown(result)
