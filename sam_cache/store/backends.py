@@ -7,6 +7,7 @@ Only :mod:`sam_cache.store` uses them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,11 +46,34 @@ class Backend:
     def delete(self, name):
         del self.root[name]
 
+    def meta_lock(self):
+        """A context that holds the store's attributes for one read-change-write (none by default)."""
+        return contextlib.nullcontext()
+
+    def read_meta_now(self) -> dict:
+        """The attributes as they are on disk now (another process may have written them since open)."""
+        return self.get_meta()
+
+    def change_meta(self, change) -> dict:
+        """Apply ``change(meta)`` to the attributes as they are on disk now and write them, under
+        :meth:`meta_lock`: two processes that each add a mask set to one store keep both (each
+        writes what the other wrote, plus its own change). Returns the attributes written."""
+        with self.meta_lock():
+            meta = self.read_meta_now()
+            change(meta)
+            self.set_meta(meta)
+            self.flush()
+        return meta
+
+
+META_LOCK = ".samcache.lock"  # Zarr, local folders: the file that change_meta locks
+
 
 class ZarrBackend(Backend):
     def __init__(self, path: str, mode: str, attributes: dict | None = None):
         import zarr
 
+        self.path = path
         kwargs = {"attributes": attributes} if attributes is not None else {}
         self.root = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path), **kwargs)
 
@@ -60,6 +84,29 @@ class ZarrBackend(Backend):
 
     def get_meta(self) -> dict:
         return dict(self.root.attrs.get("samcache", {}))
+
+    def read_meta_now(self) -> dict:
+        import zarr  # the open group caches its attributes: read them through a fresh handle
+
+        fresh = zarr.open_group(self.path, mode="r", zarr_format=3, storage_options=_storage_options(self.path))
+        return dict(fresh.attrs.get("samcache", {}))
+
+    @contextlib.contextmanager
+    def meta_lock(self):
+        """An exclusive ``flock`` on ``META_LOCK`` in a local store's folder (URL stores: none)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            fcntl = None
+        if "://" in self.path or fcntl is None:
+            yield
+            return
+        with open(os.path.join(self.path, META_LOCK), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def set_meta(self, meta: dict) -> None:
         self.root.attrs["samcache"] = meta

@@ -194,15 +194,15 @@ class EmbeddingStore:
         """Merge ``fields`` into the store's attributes and write them (needs a writable store).
 
         Refuses to change the schema version or a signature field: those define what the rows are.
+        The merge is into the attributes as they are on disk now, under the store's lock, so what
+        another process wrote since this one opened the store is kept (``Backend.change_meta``).
         """
         if not self.writable:
             raise StoreError(f"store {self.path} is open read-only")
         frozen = set(fields) & (set(SIGNATURE_KEYS) | {"schema_version"})
         if frozen:
             raise StoreError(f"{', '.join(sorted(frozen))} cannot be changed in an existing store")
-        self.meta.update(fields)
-        self._b.set_meta(self.meta)
-        self._b.flush()
+        self.meta = self._b.change_meta(lambda meta: meta.update(fields))
 
     @property
     def embeddings_shape(self) -> tuple[int, ...]:

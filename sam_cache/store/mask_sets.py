@@ -82,21 +82,22 @@ class MaskSet:
         return (meta.get("mask_sets") or {}).get(self.name)
 
     def set_signature(self, signature: dict | None) -> None:
-        """Record (or, with None, forget) the set's signature in the store's attributes."""
-        if self.name == DEFAULT_MASK_SET:
+        """Record (or, with None, forget) the set's signature in the store's attributes, changing
+        this set's entry only: a set another process recorded since this store was opened is kept."""
+        if not self.store.writable:
+            raise StoreError(f"store {self.store.path} is open read-only")
+
+        def change(meta: dict) -> None:
+            sets = meta if self.name == DEFAULT_MASK_SET else dict(meta.get("mask_sets") or {})
+            key = "masks" if self.name == DEFAULT_MASK_SET else self.name
             if signature is None:
-                self.store.meta.pop("masks", None)
-                self.store._b.set_meta(self.store.meta)
-                self.store._b.flush()
+                sets.pop(key, None)
             else:
-                self.store.update_meta(masks=signature)
-            return
-        sets = dict(self.store.meta.get("mask_sets") or {})
-        if signature is None:
-            sets.pop(self.name, None)
-        else:
-            sets[self.name] = signature
-        self.store.update_meta(mask_sets=sets)
+                sets[key] = signature
+            if self.name != DEFAULT_MASK_SET:
+                meta["mask_sets"] = sets
+
+        self.store.meta = self.store._b.change_meta(change)
 
     @property
     def exists(self) -> bool:

@@ -210,3 +210,29 @@ def test_presence_gives_an_empty_mask_where_the_head_sees_no_lesion_and_the_same
     np.testing.assert_array_equal(some[~absent], every[~absent])  # a lesion seen: the same decoded mask
     with pytest.raises(ConfigError, match="presence must be between 0 and 1"):
         HeadRecipe(presence=1.5).check()
+
+
+def test_two_writers_adding_mask_sets_to_one_store_keep_both(tiny_store, tmp_path):
+    """Two ``samcache masks`` runs on one store (each holds it open from before the other wrote)
+    each record their own set; neither drops the other's (a lost update lost a whole set once)."""
+    import fcntl
+
+    from sam_cache.store.backends import META_LOCK
+
+    store = _with_truth(tiny_store, tmp_path)
+    n = len(EmbeddingStore.open(store))
+    first, second = EmbeddingStore.open(store, "r+"), EmbeddingStore.open(store, "r+")
+    try:
+        for s, name in ((first, "one"), (second, "two")):  # `second` still holds the attributes of before "one"
+            s.prepare_masks({"decoder": None, "prompt": "file", "source": name}, mask_set=name).write(
+                np.arange(n), np.ones((n, 1, 64, 64), np.uint8), np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+        first.update_meta(suspect=[])  # a later write through the older handle keeps "two" as well
+        with first._b.meta_lock(), open(store / META_LOCK) as f:  # the lock is exclusive while held
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        first.close()
+        second.close()
+    with EmbeddingStore.open(store) as s:
+        assert {"gt", "one", "two"} <= set(s.mask_sets)
+        assert s.mask_set("one").done.all() and s.mask_set("two").done.all()
