@@ -48,3 +48,24 @@ def shared(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present")
     return path
+
+
+def with_square_masks(tiny_store: Path, tmp_path: Path, name: str = "gt") -> Path:
+    """A copy of the tiny store with a "ground truth" mask set ``name``: a square whose place
+    depends on the sample (what the learned prompt's tests learn from)."""
+    import shutil
+
+    import numpy as np
+
+    from sam_cache import EmbeddingStore
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    with EmbeddingStore.open(store, "r+") as s:
+        n = len(s)
+        masks = np.zeros((n, 1, 64, 64), np.uint8)
+        for k in range(n):
+            masks[k, 0, 4 * (k % 5):4 * (k % 5) + 20, 30 - 2 * (k % 7):50 - 2 * (k % 7)] = 1
+        ms = s.prepare_masks({"decoder": None, "prompt": "file", "source": "test squares"}, mask_set=name)
+        ms.write(np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    return store

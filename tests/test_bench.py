@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, with_square_masks
 
 
 @pytest.mark.slow
@@ -124,8 +124,6 @@ def test_mask_quality_and_the_side_by_side_overlay_read_named_mask_sets(tiny_sto
 def test_learned_decode_variants_start_from_what_the_learned_set_stores(tiny_store, tmp_path):
     """The bench's plain ``box`` variant decodes exactly the masks ``--prompt learned`` stored, so
     every other variant is measured against the same starting point."""
-    import shutil
-
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -136,15 +134,9 @@ def test_learned_decode_variants_start_from_what_the_learned_set_stores(tiny_sto
     from sam_cache.learned_prompt import HeadRecipe
     from sam_cache.masks import decode_masks
 
-    store = tmp_path / "s.zarr"
-    shutil.copytree(tiny_store, store)
-    with EmbeddingStore.open(store, "r+") as s:
-        n = len(s)
-        masks = np.zeros((n, 1, 64, 64), np.uint8)
-        for k in range(n):
-            masks[k, 0, 4 * (k % 5):4 * (k % 5) + 20, 30 - 2 * (k % 7):50 - 2 * (k % 7)] = 1
-        s.prepare_masks({"decoder": None, "prompt": "file"}, mask_set="gt").write(
-            np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
+    store = with_square_masks(tiny_store, tmp_path)
+    with EmbeddingStore.open(store) as s:
+        masks = s.mask_set("gt").read(np.arange(len(s)))
     decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=HeadRecipe(width=8, epochs=2),
                  progress=False)
     result = learned_decode.run(str(store), "learned", "gt", "val", [1.0])

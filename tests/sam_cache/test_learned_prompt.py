@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.samcache import app
+from conftest import with_square_masks
 from sam_cache import EmbeddingStore
 from sam_cache.errors import ConfigError
 from sam_cache.learned_prompt import HeadRecipe, map_box
@@ -17,22 +18,8 @@ runner = CliRunner(env={"COLUMNS": "200"})
 QUICK = HeadRecipe(width=8, epochs=2)
 
 
-def _with_truth(tiny_store, tmp_path, name="gt"):
-    """A copy of the tiny store with a "ground truth" set: a square whose place depends on the sample."""
-    store = tmp_path / "s.zarr"
-    shutil.copytree(tiny_store, store)
-    with EmbeddingStore.open(store, "r+") as s:
-        n = len(s)
-        masks = np.zeros((n, 1, 64, 64), np.uint8)
-        for k in range(n):
-            masks[k, 0, 4 * (k % 5):4 * (k % 5) + 20, 30 - 2 * (k % 7):50 - 2 * (k % 7)] = 1
-        ms = s.prepare_masks({"decoder": None, "prompt": "file", "source": "test squares"}, mask_set=name)
-        ms.write(np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
-    return store
-
-
 def test_a_store_keeps_several_mask_sets_and_each_is_replaced_alone(tiny_store, tmp_path):
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     decode_masks(store, prompt="box", progress=False)  # the default set
     with EmbeddingStore.open(store) as s:
         truth = s.mask_set("gt").read(np.arange(len(s)))
@@ -58,7 +45,7 @@ def test_training_carries_the_mask_set_it_names(tiny_store, tmp_path):
     from trainer.config import TrainConfig
     from trainer.data import PairedCache
 
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     cfg = TrainConfig(cache=str(store), out=str(tmp_path / "r"), focus="overlay", mask_set="gt")
     assert cfg.focus_masks == "gt" and cfg.replace(focus="none").focus_masks is None
     with pytest.raises(ConfigError, match="mask_set"):
@@ -73,7 +60,7 @@ def test_training_carries_the_mask_set_it_names(tiny_store, tmp_path):
 
 
 def test_the_learned_prompt_reads_no_validation_or_test_mask(tiny_store, tmp_path, monkeypatch):
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     read = []
     original = EmbeddingStore.read_rows
 
@@ -104,7 +91,7 @@ def test_the_learned_prompt_reads_no_validation_or_test_mask(tiny_store, tmp_pat
 def test_the_learned_set_resumes_with_its_own_head_and_refuses_another_recipe(tiny_store, tmp_path, monkeypatch):
     import sam_cache.learned_prompt as lp
 
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     r = decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, split="test",
                      progress=False)
     with EmbeddingStore.open(store) as s:
@@ -163,7 +150,7 @@ def test_the_head_context_widens_what_a_cell_sees():
 
 
 def test_new_images_get_masks_from_the_head_learned_on_the_training_store(tiny_store, tmp_path):
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     decode_masks(store, prompt="learned", learn_from="gt", mask_set="learned", recipe=QUICK, progress=False)
     new = tmp_path / "new.zarr"  # another store of the same encoder, without any mask of its own
     shutil.copytree(tiny_store, new)
@@ -190,7 +177,7 @@ def test_presence_gives_an_empty_mask_where_the_head_sees_no_lesion_and_the_same
 
     import sam_cache.learned_prompt as lp
 
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     decode_masks(store, prompt="learned", learn_from="gt", mask_set="all", recipe=QUICK, progress=False)
     with EmbeddingStore.open(store) as s:
         head = lp.load_head(s.mask_set("all").kept_head, QUICK.width, QUICK.context)
@@ -219,7 +206,7 @@ def test_two_writers_adding_mask_sets_to_one_store_keep_both(tiny_store, tmp_pat
 
     from sam_cache.store.backends import META_LOCK
 
-    store = _with_truth(tiny_store, tmp_path)
+    store = with_square_masks(tiny_store, tmp_path)
     n = len(EmbeddingStore.open(store))
     first, second = EmbeddingStore.open(store, "r+"), EmbeddingStore.open(store, "r+")
     try:
