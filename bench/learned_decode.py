@@ -69,16 +69,16 @@ def run(store_path: str, head_set: str, gt_set: str, split: str, grows: list[flo
             orig = store.orig_size[row]
             for g in grows:
                 box = torch.from_numpy(lp.learned_boxes(store, head, np.array([row]), emb, frame, g)[0][0])
-                cells = (box * grid / frame)
+                cells = box * grid / frame
                 x0, y0, x1, y1 = (int(v) for v in cells.floor())
                 sub = prob[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
                 py, px = np.unravel_index(int(sub.argmax()), tuple(sub.shape))
                 point = torch.tensor([(x0 + px + 0.5) * frame / grid, (y0 + py + 0.5) * frame / grid])
                 for v in VARIANTS:
                     pt = point if "point" in v else None
-                    logits, iou = _decode(decoder, emb, box, pt, None, "multi" in v)
+                    logits, _ = _decode(decoder, emb, box, pt, None, "multi" in v)
                     if "refine" in v:
-                        logits, iou = _decode(decoder, emb, box, pt, logits[:, :1], False)
+                        logits, _ = _decode(decoder, emb, box, pt, logits[:, :1], False)
                     if "multi" in v:
                         soft = F.interpolate(prob[None, None], size=logits.shape[-2:], mode="bilinear",
                                              align_corners=False)[0, 0]

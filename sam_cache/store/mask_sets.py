@@ -88,14 +88,15 @@ class MaskSet:
             raise StoreError(f"store {self.store.path} is open read-only")
 
         def change(meta: dict) -> None:
-            sets = meta if self.name == DEFAULT_MASK_SET else dict(meta.get("mask_sets") or {})
-            key = "masks" if self.name == DEFAULT_MASK_SET else self.name
-            if signature is None:
-                sets.pop(key, None)
+            if self.name == DEFAULT_MASK_SET:  # the default set's signature is the ``masks`` attribute
+                table, key = meta, "masks"
             else:
-                sets[key] = signature
-            if self.name != DEFAULT_MASK_SET:
-                meta["mask_sets"] = sets
+                table = meta["mask_sets"] = dict(meta.get("mask_sets") or {})
+                key = self.name
+            if signature is None:
+                table.pop(key, None)
+            else:
+                table[key] = signature
 
         self.store.meta = self.store._b.change_meta(change)
 

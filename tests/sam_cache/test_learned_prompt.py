@@ -207,7 +207,8 @@ def test_two_writers_adding_mask_sets_to_one_store_keep_both(tiny_store, tmp_pat
     from sam_cache.store.backends import META_LOCK
 
     store = with_square_masks(tiny_store, tmp_path)
-    n = len(EmbeddingStore.open(store))
+    with EmbeddingStore.open(store) as s:
+        n = len(s)
     first, second = EmbeddingStore.open(store, "r+"), EmbeddingStore.open(store, "r+")
     try:
         for s, name in ((first, "one"), (second, "two")):  # `second` still holds the attributes of before "one"
