@@ -36,6 +36,14 @@ class Backend:
     """What both formats share: arrays by name under ``self.root`` (a zarr group or an h5py file)."""
 
     root = None
+    path = ""
+    writable = False  #: set from the open mode: ``"r"`` is read-only, every other mode writes
+
+    def require_writable(self) -> None:
+        """Refuse, naming the store, when it was opened read-only: the one check that every write
+        of rows, masks or attributes passes (``change_meta`` calls it itself)."""
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only")
 
     def __getitem__(self, name):
         return self.root[name]
@@ -58,6 +66,7 @@ class Backend:
         """Apply ``change(meta)`` to the attributes as they are on disk now and write them, under
         :meth:`meta_lock`: two processes that each add a mask set to one store keep both (each
         writes what the other wrote, plus its own change). Returns the attributes written."""
+        self.require_writable()
         with self.meta_lock():
             meta = self.read_meta_now()
             change(meta)
@@ -73,7 +82,7 @@ class ZarrBackend(Backend):
     def __init__(self, path: str, mode: str, attributes: dict | None = None):
         import zarr
 
-        self.path = path
+        self.path, self.writable = path, mode != "r"
         kwargs = {"attributes": attributes} if attributes is not None else {}
         self.root = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path), **kwargs)
 
@@ -128,7 +137,7 @@ class H5Backend(Backend):
     def __init__(self, path: str, mode: str):
         import h5py
 
-        self.path = path
+        self.path, self.writable = path, mode != "r"
         # No chunk cache when writing: with one, HDF5 writes chunks out only when a dataset handle is
         # closed, and a full disk then surfaces as an ignored error in h5py's __dealloc__ after the
         # rows were marked done. Without it, every write reaches the file at once and raises.

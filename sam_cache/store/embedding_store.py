@@ -14,11 +14,11 @@ import numpy as np
 from ..errors import differences
 from . import lifecycle
 from .backends import H5Backend, open_backend
-from .codec import (NUMPY_DTYPES, bytes_per_row, decode_embeddings, embedding_crc, encode_embeddings, high_res_crc,
+from .codec import (bytes_per_row, decode_embeddings, embedding_crc, encode_embeddings, high_res_crc,
                     high_res_dtype, image_crc, pool_to_grid, row_checksums)
 from .mask_sets import DEFAULT_MASK_SET, MaskSet, mask_array, mask_set_of
-from .schema import (DTYPES, EMBED_SHAPE, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError,
-                     StoreMismatchError, contiguous_runs, flatten, signature_digest)
+from .schema import (EMBED_SHAPE, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError,
+                     StoreMismatchError, contiguous_runs, flatten)
 
 __all__ = ["EmbeddingStore"]
 
@@ -26,16 +26,15 @@ __all__ = ["EmbeddingStore"]
 class EmbeddingStore:
     """A store of SAM embeddings; make one with :meth:`create`, reopen it with :meth:`open`."""
 
-    def __init__(self, path: str, backend, writable: bool):
+    def __init__(self, path: str, backend):
         self.path = path
         self.format = "hdf5" if isinstance(backend, H5Backend) else "zarr"
         self._b = backend
-        self.writable = writable
         self.meta = backend.get_meta()
         #: True when an HDF5 store's attribute was damaged and its creation record was read instead:
         #: the signature is whole, the reports (skipped, suspect, masks) of later runs are lost
         self.repaired = bool(getattr(backend, "repaired", False))
-        if self.repaired and writable:
+        if self.repaired and self.writable:
             backend.set_meta(self.meta)
             backend.flush()
         if self.meta.get("creating"):
@@ -51,7 +50,7 @@ class EmbeddingStore:
                 f"{path} has schema version {self.meta['schema_version']}; this samcache reads up to "
                 f"{SCHEMA_VERSION}. Upgrade samcache"
             )
-        self._check_attributes()
+        lifecycle.check_attributes(path, self.meta, self.signature, backend)
         self.labels = np.asarray(backend["labels"][:], dtype=np.int64)
         self.ids = backend.read_str("ids")
         self.splits = np.array(SPLITS)[np.asarray(backend["splits"][:], dtype=np.int64)]
@@ -59,27 +58,6 @@ class EmbeddingStore:
         self.valid = np.asarray(backend["valid"][:])
         self.window = np.asarray(backend["window"][:])
         self.done = np.asarray(backend["done"][:], dtype=bool)
-
-    def _check_attributes(self) -> None:
-        """Refuse attributes that were edited by hand, or that do not describe the arrays.
-
-        Raises:
-          StoreError: the signature does not match its recorded ``signature_sha256``; or the
-            ``dtype`` attribute is not one that the ``embeddings`` array (and ``scales``) can hold.
-        """
-        recorded = self.meta.get("signature_sha256")
-        if recorded is not None and recorded != signature_digest(self.signature):
-            raise StoreError(f"store {self.path}: its signature attributes ({', '.join(SIGNATURE_KEYS)}) were changed "
-                             "after it was made (they no longer match signature_sha256); its embeddings cannot be "
-                             "trusted to be what it says. Extract it again")
-        dtype = self.meta.get("dtype")
-        if dtype not in DTYPES:
-            raise StoreError(f"store {self.path}: dtype attribute {dtype!r} is not one of {DTYPES}")
-        stored = str(self._b["embeddings"].dtype)
-        if stored != NUMPY_DTYPES[dtype] or (dtype == "int8" and "scales" not in self._b):
-            raise StoreError(f"store {self.path}: its dtype attribute says {dtype!r}, but the embeddings array holds "
-                             f"{stored}{' without scales' if dtype == 'int8' and stored == 'int8' else ''}; the "
-                             "attributes were edited or damaged. Extract it again")
 
     # life on disk (sam_cache.store.lifecycle) ---------------------------------------------------
     create = classmethod(lifecycle.create)
@@ -100,7 +78,7 @@ class EmbeddingStore:
             raise StoreError(f"store {path} does not exist")
         try:
             b = open_backend(path, mode)
-            return cls(path, b, writable=mode != "r")
+            return cls(path, b)
         except StoreError:
             raise
         except Exception as exc:  # zarr/h5py raise many kinds for a foreign or damaged path
@@ -186,19 +164,22 @@ class EmbeddingStore:
         return MaskSet(self, name)
 
     @property
+    def writable(self) -> bool:
+        """Whether the store was opened for writing (``create``, or ``open`` with ``"r+"``)."""
+        return self._b.writable
+
+    @property
     def has_checksums(self) -> bool:
         """Whether rows carry checksums (schema 2 and later)."""
         return "checksums" in self._b
 
     def update_meta(self, **fields) -> None:
-        """Merge ``fields`` into the store's attributes and write them (needs a writable store).
+        """Merge ``fields`` into the store's attributes and write them; a read-only store refuses.
 
         Refuses to change the schema version or a signature field: those define what the rows are.
         The merge is into the attributes as they are on disk now, under the store's lock, so what
         another process wrote since this one opened the store is kept (``Backend.change_meta``).
         """
-        if not self.writable:
-            raise StoreError(f"store {self.path} is open read-only")
         frozen = set(fields) & (set(SIGNATURE_KEYS) | {"schema_version"})
         if frozen:
             raise StoreError(f"{', '.join(sorted(frozen))} cannot be changed in an existing store")
@@ -379,8 +360,7 @@ class EmbeddingStore:
         Raises:
           StoreError: the store is read-only, or the rows have the wrong shape or a non-float dtype.
         """
-        if not self.writable:
-            raise StoreError(f"store {self.path} is open read-only")
+        self._b.require_writable()
         if self.grid != 64 and tuple(embeddings.shape[-2:]) == (64, 64):
             embeddings = pool_to_grid(embeddings, self.grid)
         raw, scales = encode_embeddings(embeddings, self.dtype)
@@ -417,6 +397,7 @@ class EmbeddingStore:
 
     def mark_done(self, indices: np.ndarray) -> None:
         """Set the done flag of ``indices``; call only after their rows are written."""
+        self._b.require_writable()
         indices = np.sort(np.asarray(indices, dtype=np.int64))
         for _, start, stop in contiguous_runs(indices):  # only these rows: other ranks own the rest
             self._b["done"][start:stop] = np.ones(stop - start, dtype=bool)

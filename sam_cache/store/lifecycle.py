@@ -1,8 +1,8 @@
-"""A store's life on disk: made exclusively, known as a store, found abandoned, removed.
+"""A store's life on disk: made exclusively, known as a store, checked when opened, found abandoned, removed.
 
 :class:`~sam_cache.store.EmbeddingStore` exposes these as ``create``, ``exists``, ``is_store``,
-``abandoned_creation`` and ``remove``; they live here so that the store class keeps to reading
-and writing rows.
+``abandoned_creation`` and ``remove``, and runs ``check_attributes`` on every store it opens; they
+live here so that the store class keeps to reading and writing rows.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 
 from .backends import H5_META_COPY, H5Backend, ZarrBackend, open_backend, store_format, zarr_exists_error
 from .codec import NUMPY_DTYPES, high_res_dtype
-from .schema import EMBED_SHAPE, GRIDS, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError, check_dtype, signature_digest
+from .schema import DTYPES, EMBED_SHAPE, GRIDS, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError, check_dtype, signature_digest
 
-__all__ = ["create", "exists", "is_store", "abandoned_creation", "remove"]
+__all__ = ["create", "check_attributes", "exists", "is_store", "abandoned_creation", "remove"]
 
 
 def _creator() -> dict:
@@ -142,7 +142,30 @@ def create(
         b.record_creation(meta)
     b.set_meta(meta)
     b.flush()
-    return cls(path, b, writable=True)
+    return cls(path, b)
+
+
+def check_attributes(path: str, meta: dict, signature: dict, backend) -> None:
+    """Refuse an opened store's attributes (``meta``, with its ``signature`` fields) that were
+    edited by hand, or that do not describe the arrays of ``backend``.
+
+    Raises:
+      StoreError: the signature does not match its recorded ``signature_sha256``; or the
+        ``dtype`` attribute is not one that the ``embeddings`` array (and ``scales``) can hold.
+    """
+    recorded = meta.get("signature_sha256")
+    if recorded is not None and recorded != signature_digest(signature):
+        raise StoreError(f"store {path}: its signature attributes ({', '.join(SIGNATURE_KEYS)}) were changed "
+                         "after it was made (they no longer match signature_sha256); its embeddings cannot be "
+                         "trusted to be what it says. Extract it again")
+    dtype = meta.get("dtype")
+    if dtype not in DTYPES:
+        raise StoreError(f"store {path}: dtype attribute {dtype!r} is not one of {DTYPES}")
+    stored = str(backend["embeddings"].dtype)
+    if stored != NUMPY_DTYPES[dtype] or (dtype == "int8" and "scales" not in backend):
+        raise StoreError(f"store {path}: its dtype attribute says {dtype!r}, but the embeddings array holds "
+                         f"{stored}{' without scales' if dtype == 'int8' and stored == 'int8' else ''}; the "
+                         "attributes were edited or damaged. Extract it again")
 
 
 def exists(path: str | Path) -> bool:

@@ -84,9 +84,6 @@ class MaskSet:
     def set_signature(self, signature: dict | None) -> None:
         """Record (or, with None, forget) the set's signature in the store's attributes, changing
         this set's entry only: a set another process recorded since this store was opened is kept."""
-        if not self.store.writable:
-            raise StoreError(f"store {self.store.path} is open read-only")
-
         def change(meta: dict) -> None:
             if self.name == DEFAULT_MASK_SET:  # the default set's signature is the ``masks`` attribute
                 table, key = meta, "masks"
@@ -145,6 +142,7 @@ class MaskSet:
     def write(self, rows: np.ndarray, masks: np.ndarray, iou: np.ndarray, boxes: np.ndarray) -> None:
         """Write masks of sorted ``rows`` (``(n, 1, R, R)`` 0/1), then set their done flags."""
         b = self.store._b
+        b.require_writable()
         rows = np.asarray(rows, dtype=np.int64)
         for pos, start, stop in contiguous_runs(rows):
             sl = slice(pos, pos + stop - start)
@@ -167,6 +165,7 @@ class MaskSet:
 
     def keep_head(self, data: bytes) -> None:
         """Keep a learned set's lesion head in the set (once; dropped with the set)."""
+        self.store._b.require_writable()
         raw = np.frombuffer(data, dtype=np.uint8)
         key = self.key("mask_head")
         self.store._b.create_array(key, raw.shape, "uint8", raw.shape)
@@ -181,8 +180,7 @@ class MaskSet:
             signature and not ``overwrite`` (which deletes only this set's arrays and starts them over).
         """
         store = self.store
-        if not store.writable:
-            raise StoreError(f"store {store.path} is open read-only")
+        store._b.require_writable()
         if store.image_size is None:
             raise StoreError(f"store {store.path} keeps no images, so masks have no frame")
         have = self.signature
@@ -210,6 +208,7 @@ class MaskSet:
 
     def drop(self) -> None:
         """Delete the set's arrays and signature; the embeddings and other sets are kept."""
+        self.store._b.require_writable()
         for base in MASK_ARRAYS:
             if self.key(base) in self.store._b:
                 self.store._b.delete(self.key(base))

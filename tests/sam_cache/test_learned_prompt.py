@@ -1,5 +1,6 @@
 """Mask sets in one store, and the prompt learned from the cache (``samcache masks --prompt learned``)."""
 
+import re
 import shutil
 
 import numpy as np
@@ -224,3 +225,27 @@ def test_two_writers_adding_mask_sets_to_one_store_keep_both(tiny_store, tmp_pat
     with EmbeddingStore.open(store) as s:
         assert {"gt", "one", "two"} <= set(s.mask_sets)
         assert s.mask_set("one").done.all() and s.mask_set("two").done.all()
+
+
+def test_a_store_opened_read_only_refuses_every_write_and_names_itself(tiny_store, tmp_path):
+    """Rows, done flags, attributes, mask sets and a kept head all pass one check; nothing changes."""
+    store = with_square_masks(tiny_store, tmp_path)
+    with EmbeddingStore.open(store) as s:
+        before, n, ms = dict(s.meta), len(s), s.mask_set("gt")
+        writes = {
+            "rows": lambda: s.write_rows(0, np.zeros((1,) + s.embed_shape, np.float32), s.orig_size[:1],
+                                         s.valid[:1], s.window[:1]),
+            "done": lambda: s.mark_done(np.arange(1)),
+            "attributes": lambda: s.update_meta(suspect=[]),
+            "new set": lambda: s.prepare_masks({"decoder": None, "prompt": "file"}, mask_set="new"),
+            "masks": lambda: ms.write(np.arange(1), np.zeros((1, 1, 64, 64), np.uint8), np.ones(1, np.float32),
+                                      np.zeros((1, 4), np.float32)),
+            "head": lambda: ms.keep_head(b"head"),
+            "drop": ms.drop,
+        }
+        for what, write in writes.items():
+            with pytest.raises(StoreError, match=f"store {re.escape(str(store))} is open read-only"):
+                write()
+    with EmbeddingStore.open(store) as s:
+        assert s.meta == before and "new" not in s.mask_sets and s.mask_set("gt").done.sum() == n
+        assert s.mask_set("gt").kept_head is None
