@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from sam_cache import EmbeddingStore  # noqa: E402
 from sam_cache import learned_prompt as lp  # noqa: E402
-from sam_cache.masks import _to_stored, create_mask_decoder  # noqa: E402
+from sam_cache.masks import create_mask_decoder, logits_to_stored_mask  # noqa: E402
 from sam_cache.outputs import atomic_write  # noqa: E402
 
 from mask_quality import MISS_DICE, dice_iou  # noqa: E402
@@ -87,7 +87,7 @@ def run(store_path: str, head_set: str, gt_set: str, split: str, grows: list[flo
                         pick = int(agree.argmax())
                     else:
                         pick = 0
-                    mask = _to_stored(logits[0, pick], orig, frame, r, 0.0) > 0
+                    mask = logits_to_stored_mask(logits[0, pick], orig, r, 0.0) > 0
                     per[f"{v} grow={g:g}"].append(dice_iou(mask, truth[k])[0])
         seconds = time.perf_counter() - t0
     summary = {name: {"n": len(d), "dice_mean": float(np.mean(d)), "dice_median": float(np.median(d)),

@@ -57,7 +57,8 @@ from .errors import ConfigError
 from .preprocess import resized_shape
 from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
 
-__all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "whole_image_boxes", "candidate_boxes", "PROMPTS"]
+__all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "logits_to_stored_mask", "whole_image_boxes",
+           "candidate_boxes", "PROMPTS"]
 
 PROMPTS = ("candidates", "box", "csv", "learned")
 MASKS_VERSION = 1
@@ -138,8 +139,17 @@ def _csv_boxes(path: Path, ids: np.ndarray, orig_size: np.ndarray, input_size: i
     return boxes
 
 
-def _to_stored(logits: torch.Tensor, orig: np.ndarray, frame: int, r: int, threshold: float) -> np.ndarray:
-    """Frame logits (``256 x 256``) -> the ``R x R`` mask in the stored image's frame (0 outside the image)."""
+def logits_to_stored_mask(logits: torch.Tensor, orig: np.ndarray, r: int, threshold: float) -> np.ndarray:
+    """One decoded mask as the store keeps it.
+
+    Arguments:
+      logits: the decoder's ``(256, 256)`` logits in the encoder's frame.
+      orig: the image's original ``(height, width)``.
+      r: the store's image side.
+      threshold: the logit above which a pixel is in the mask.
+    Returns:
+      an ``(r, r)`` uint8 0/1 mask in the stored image's frame, 0 outside the image's region.
+    """
     up = F.interpolate(logits[None, None].float(), size=(r, r), mode="bilinear", align_corners=False)[0, 0]
     mask = (up > threshold).to(torch.uint8).cpu().numpy()
     h, w = resized_shape(int(orig[0]), int(orig[1]), r)
@@ -259,7 +269,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                     logits, pred = decoder(emb[k:k + 1], torch.from_numpy(cands).to(dev), multimask=False,
                                            high_res=None if levels is None else [v[k:k + 1] for v in levels])
                     best = _pick(logits, pred, store.orig_size[row], frame, prompt == "candidates")
-                    masks[k, 0] = _to_stored(logits.flatten(0, 1)[best], store.orig_size[row], frame, r, threshold)
+                    masks[k, 0] = logits_to_stored_mask(logits.flatten(0, 1)[best], store.orig_size[row], r, threshold)
                     iou[k] = float(pred.flatten()[best])
                     used[k] = cands[best // logits.shape[1]]
                 empty += int((masks.reshape(len(rows), -1).max(1) == 0).sum())
