@@ -15,6 +15,7 @@ from .config import METRIC_KEYS, TrainConfig
 from .data import PairedCache, paired_views
 from .errors import TrainError
 from .plots import plot_attention, plot_confusion, plot_learning_curves
+from .schedule import warmup_cosine
 from .step import BatchPipeline
 
 __all__ = ["write_file", "write_figures", "attention_figure", "per_class_rows", "tensorboard_tag", "open_tensorboard",
@@ -109,8 +110,6 @@ def write_figures(out: Path, cfg: TrainConfig, history: list[dict], plan, test: 
                   best_epoch: int, attention: Callable[[Path], None]) -> None:
     """``curves.png`` (with the schedule the run followed), ``confusion.png`` of the test split at
     the 1-based ``best_epoch``, and ``attention.png`` through ``attention(path)``."""
-    from .schedule import warmup_cosine
-
     factor = warmup_cosine(cfg.warmup_steps, plan.total)
     schedule = [cfg.lr * factor(k) for k in range(plan.total)][: history[-1]["step"]]
     write_file(out / "curves.png", lambda p: plot_learning_curves(history, p, cfg.select_metric, schedule,
