@@ -18,7 +18,7 @@ from .codec import (bytes_per_row, decode_embeddings, embedding_crc, encode_embe
                     high_res_dtype, image_crc, pool_to_grid, row_checksums)
 from .mask_sets import DEFAULT_MASK_SET, MaskSet, mask_array, mask_set_of
 from .schema import (EMBED_SHAPE, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError,
-                     StoreMismatchError, contiguous_runs, flatten)
+                     StoreMismatchError, contiguous_runs, flatten, signature_of)
 
 __all__ = ["EmbeddingStore"]
 
@@ -50,7 +50,7 @@ class EmbeddingStore:
                 f"{path} has schema version {self.meta['schema_version']}; this samcache reads up to "
                 f"{SCHEMA_VERSION}. Upgrade samcache"
             )
-        lifecycle.check_attributes(path, self.meta, self.signature, backend)
+        lifecycle.check_attributes(path, self.meta, backend)
         self.labels = np.asarray(backend["labels"][:], dtype=np.int64)
         self.ids = backend.read_str("ids")
         self.splits = np.array(SPLITS)[np.asarray(backend["splits"][:], dtype=np.int64)]
@@ -92,7 +92,7 @@ class EmbeddingStore:
     # signature -----------------------------------------------------------------------------
     @property
     def signature(self) -> dict:
-        return {k: self.meta.get(k, 64 if k == "grid" else None) for k in SIGNATURE_KEYS}
+        return signature_of(self.meta)
 
     def check_signature(self, expected: dict) -> None:
         """Refuse to mix: raise :class:`StoreMismatchError` naming every field that differs."""

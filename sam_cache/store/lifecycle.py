@@ -17,7 +17,8 @@ import numpy as np
 
 from .backends import H5_META_COPY, H5Backend, ZarrBackend, open_backend, store_format, zarr_exists_error
 from .codec import NUMPY_DTYPES, high_res_dtype
-from .schema import DTYPES, EMBED_SHAPE, GRIDS, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError, check_dtype, signature_digest
+from .schema import (DTYPES, EMBED_SHAPE, GRIDS, SCHEMA_VERSION, SIGNATURE_KEYS, SPLITS, RowSchema, StoreError, check_dtype,
+                     signature_digest, signature_of)
 
 __all__ = ["create", "check_attributes", "exists", "is_store", "abandoned_creation", "remove"]
 
@@ -137,7 +138,7 @@ def create(
     )
     if high_res:
         meta["high_res"] = [[int(v) for v in level] for level in high_res]
-    meta["signature_sha256"] = signature_digest({k: meta.get(k, 64 if k == "grid" else None) for k in SIGNATURE_KEYS})
+    meta["signature_sha256"] = signature_digest(signature_of(meta))
     if fmt == "hdf5":
         b.record_creation(meta)
     b.set_meta(meta)
@@ -145,16 +146,16 @@ def create(
     return cls(path, b)
 
 
-def check_attributes(path: str, meta: dict, signature: dict, backend) -> None:
-    """Refuse an opened store's attributes (``meta``, with its ``signature`` fields) that were
-    edited by hand, or that do not describe the arrays of ``backend``.
+def check_attributes(path: str, meta: dict, backend) -> None:
+    """Refuse an opened store's attributes ``meta`` that were edited by hand, or that do not
+    describe the arrays of ``backend``.
 
     Raises:
       StoreError: the signature does not match its recorded ``signature_sha256``; or the
         ``dtype`` attribute is not one that the ``embeddings`` array (and ``scales``) can hold.
     """
     recorded = meta.get("signature_sha256")
-    if recorded is not None and recorded != signature_digest(signature):
+    if recorded is not None and recorded != signature_digest(signature_of(meta)):
         raise StoreError(f"store {path}: its signature attributes ({', '.join(SIGNATURE_KEYS)}) were changed "
                          "after it was made (they no longer match signature_sha256); its embeddings cannot be "
                          "trusted to be what it says. Extract it again")

@@ -15,7 +15,8 @@ import numpy as np
 from ..errors import SamcacheError
 
 __all__ = ["SCHEMA_VERSION", "EMBED_SHAPE", "SIGNATURE_KEYS", "GRIDS", "DTYPES", "SPLITS", "RowSchema",
-           "StoreError", "StoreMismatchError", "signature_digest", "flatten", "contiguous_runs", "check_dtype"]
+           "StoreError", "StoreMismatchError", "signature_of", "signature_digest", "flatten", "contiguous_runs",
+           "check_dtype"]
 
 SCHEMA_VERSION = 2
 EMBED_SHAPE = (256, 64, 64)
@@ -81,6 +82,12 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise StoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return dtype
+
+
+def signature_of(meta: dict) -> dict:
+    """The signature fields of a store's attributes ``meta`` (a store made before the ``grid``
+    attribute existed has the full 64x64 grid)."""
+    return {k: meta.get(k, 64 if k == "grid" else None) for k in SIGNATURE_KEYS}
 
 
 def signature_digest(signature: dict) -> str:

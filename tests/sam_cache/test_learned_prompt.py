@@ -243,7 +243,7 @@ def test_a_store_opened_read_only_refuses_every_write_and_names_itself(tiny_stor
             "head": lambda: ms.keep_head(b"head"),
             "drop": ms.drop,
         }
-        for what, write in writes.items():
+        for write in writes.values():
             with pytest.raises(StoreError, match=f"store {re.escape(str(store))} is open read-only"):
                 write()
     with EmbeddingStore.open(store) as s:
