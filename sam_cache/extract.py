@@ -19,6 +19,7 @@ encoder, checkpoint, preprocessing and dataset, or the run is refused (``overwri
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -210,7 +211,8 @@ def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, enco
     Raises:
       ConfigError: a bad option (checked before any file is touched).
       StoreMismatchError: ``out`` exists with another signature (and not ``overwrite``).
-      EncoderError, DatasetError, StoreError: bad encoder, dataset or store.
+      EncoderError, DatasetError, StoreError: bad encoder, dataset or store; or another
+        extraction is writing ``out`` now (a local Zarr store is held for the whole run).
     """
     if config is None:
         name = encoder.name if isinstance(encoder, Encoder) else (encoder or "litemedsam")
@@ -227,8 +229,7 @@ def _extract(dataset, out, encoder, c: ExtractConfig) -> ExtractionResult:
     if not isinstance(encoder, Encoder):
         encoder = c.encoder
     checkpoint, random_weights, dtype, image_size = c.checkpoint, c.random_weights, c.dtype, c.image_size
-    batch_size, num_workers, device, overwrite = c.batch_size, c.num_workers, c.device, c.overwrite
-    shard_size, block_size, window, progress, attention = c.shard_size, c.block_size, c.window, c.progress, c.attention
+    device, overwrite, shard_size, block_size, window = c.device, c.overwrite, c.shard_size, c.block_size, c.window
     manifest = dataset if isinstance(dataset, DatasetManifest) else open_dataset(
         dataset, seed=c.seed, val_fraction=c.val_fraction, test_fraction=c.test_fraction,
         options=c.dataset_options())
@@ -246,10 +247,13 @@ def _extract(dataset, out, encoder, c: ExtractConfig) -> ExtractionResult:
         raise StoreError(f"{out}: distributed extraction needs a Zarr store; HDF5 has no parallel writes")
     dev = torch.device(f"cuda:{ctx.local_rank}" if want_cuda and ctx.world > 1 else (device or ("cuda" if want_cuda else "cpu")))
 
-    # rank 0 creates (or checks) the store; the others open it once it is there
+    # rank 0 creates (or checks) the store and holds it for the whole run: a second extraction into
+    # it (a resume, or --overwrite) is refused while this one writes; the others open it once it is there
     error, recreated = None, False
+    held = contextlib.ExitStack()
     if ctx.is_main:
         try:
+            held.enter_context(EmbeddingStore.writer_lock(out, "extract"))  # before deleting or resuming it
             if overwrite and EmbeddingStore.exists(out):
                 EmbeddingStore.remove(out)
             elif EmbeddingStore.abandoned_creation(out):  # it holds no row: nothing is lost
@@ -264,16 +268,27 @@ def _extract(dataset, out, encoder, c: ExtractConfig) -> ExtractionResult:
                 EmbeddingStore.create(out, manifest.row_schema(), signature, dtype=dtype, image_size=image_size,
                                       shard_size=shard_size, block_size=block_size, grid=c.grid,
                                       high_res=encoder.high_res).close()
+                held.close()  # the lock of a folder just removed, or none: hold the new store's
+                held.enter_context(EmbeddingStore.writer_lock(out, "extract"))
         except StoreError as exc:
             error = exc
         except OSError as exc:  # a read-only folder, a full disk: say so in one line
             error = StoreError(f"cannot create store {out}: {exc.strerror or exc}")
     errors = ctx.gather(None if error is None else f"{type(error).__name__}: {error}")
     if errors[0] is not None:
+        held.close()
         ctx.close()
         if error is not None:
             raise error
         raise StoreError(f"rank 0 could not prepare {out}: {errors[0]}")
+    with held:
+        return _extract_rows(manifest, out, encoder, c, ctx, dev, recreated)
+
+
+def _extract_rows(manifest, out: str, encoder: Encoder, c: ExtractConfig, ctx, dev, recreated: bool) -> ExtractionResult:
+    """Encode and store the rows this rank still owes (rank 0 holds the store's writer lock)."""
+    batch_size, num_workers, dtype, image_size = c.batch_size, c.num_workers, c.dtype, c.image_size or None
+    attention, progress = c.attention, c.progress
     store = EmbeddingStore.open(out, mode="r+")
 
     already = int(store.done.sum())

@@ -194,7 +194,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
       ConfigError: a bad prompt or split, a CSV that cannot be used, ``learned`` without
         ``learn_from`` or learning from the set it writes.
       StoreError: the store keeps no images, is read-only, or has masks of another signature in
-        this set; the set to learn from is missing or incomplete on the train split.
+        this set; the set to learn from is missing or incomplete on the train split; another
+        run is writing this set now.
       EncoderError: no decoder, or the wrong checkpoint.
     """
     from . import learned_prompt as lp
@@ -214,11 +215,12 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         raise ConfigError(f"--split must be train, val or test; got {split!r}")
     recipe = (recipe or lp.HeadRecipe()).check() if prompt == "learned" else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with EmbeddingStore.open(store_path, "r+") as store:
+    check_mask_set_name(mask_set)
+    # one writer per set: a second run on this set (a resume, or --overwrite) is refused while this one writes
+    with EmbeddingStore.writer_lock(store_path, f"masks-{mask_set}"), EmbeddingStore.open(store_path, "r+") as store:
         if not store.has_images:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in; extract it "
                              "with --image-size")
-        check_mask_set_name(mask_set)
         decoder = create_mask_decoder(store.signature, checkpoint).to(dev)
         if decoder.high_res and not store.high_res_shapes:
             raise StoreError(f"store {store_path} keeps no high-resolution feature levels, and the {decoder.name} mask "

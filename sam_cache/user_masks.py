@@ -150,10 +150,11 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
     Raises:
       ConfigError: a bad source; a missing mask file (without ``allow_missing``); a mask whose size
         is not its image's.
-      StoreError: the store keeps no images, is read-only, or has masks of another signature.
+      StoreError: the store keeps no images, is read-only, or has masks of another signature; another
+        run is writing this set now.
     """
     check_mask_set_name(mask_set)
-    with EmbeddingStore.open(store_path, "r+") as store:
+    with EmbeddingStore.writer_lock(store_path, f"masks-{mask_set}"), EmbeddingStore.open(store_path, "r+") as store:
         if not store.has_images:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in")
         paths = mask_paths(store, source, mask_name)

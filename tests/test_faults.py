@@ -786,6 +786,37 @@ def test_a_second_creator_never_deletes_the_first_ones_store(tiny_store, sample_
     assert verify_store(store) == [] and EmbeddingStore.open(store).done.all()
 
 
+def test_a_store_being_written_is_refused_to_a_second_writer_and_freed_by_a_kill(tiny_store, sample_dir, tmp_path):
+    """Two extractions into one existing store (a resume beside a running one, or --overwrite under
+    it) were not kept apart: --overwrite deleted the rows of a live run. A running job holds the store
+    (extract) or its mask set (masks-SET); a second is refused, names the holder, and changes nothing;
+    a SIGKILL of the holder frees the store at once, and the rerun resumes."""
+    from sam_cache.user_masks import import_masks
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sam_cache import EmbeddingStore\n"
+         "with EmbeddingStore.writer_lock(sys.argv[1], 'extract'), EmbeddingStore.writer_lock(sys.argv[1], 'masks-gt'):\n"
+         "    print('held', flush=True)\n    time.sleep(600)\n", str(store)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for overwrite in (True, False):
+            with pytest.raises(StoreError, match=f"is being extracted by pid {holder.pid} on "):
+                extract_dataset(sample_dir, store, "tiny", image_size=64, num_workers=0, progress=False,
+                                overwrite=overwrite, **SPLIT_ARGS)
+        with pytest.raises(StoreError, match=r"is being written \(masks-gt\) by pid"):
+            import_masks(store, str(sample_dir), mask_set="gt", progress=False)
+        assert verify_store(store) == [] and EmbeddingStore.open(store).done.all()
+        assert "gt" not in EmbeddingStore.open(store).mask_sets
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    result = extract_dataset(sample_dir, store, "tiny", image_size=64, num_workers=0, progress=False, **SPLIT_ARGS)
+    assert result.written == 0 and result.already_done == len(EmbeddingStore.open(store))
+
+
 def test_tampered_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):
     """Issue 21.12: a class more or fewer, another backbone, a string store_signature, img_size 100000."""
     state = torch.load(tiny_run / "best.pt", weights_only=True)

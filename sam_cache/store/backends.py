@@ -8,16 +8,19 @@ Only :mod:`sam_cache.store` uses them.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 
 from .schema import StoreError
 
-__all__ = ["Backend", "ZarrBackend", "H5Backend", "open_backend", "store_format", "zarr_exists_error", "H5_META_COPY"]
+__all__ = ["Backend", "ZarrBackend", "H5Backend", "open_backend", "store_format", "zarr_exists_error", "H5_META_COPY",
+           "WRITER_LOCK", "writer_lock"]
 
 
 def store_format(path: str | Path) -> str:
@@ -76,6 +79,15 @@ class Backend:
 
 
 META_LOCK = ".samcache.lock"  # Zarr, local folders: the file that change_meta locks
+WRITER_LOCK = ".samcache.{job}.lock"  # Zarr, local folders: the file a writing job holds while it runs
+
+
+def _fcntl():
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    return fcntl
 
 
 class ZarrBackend(Backend):
@@ -103,10 +115,7 @@ class ZarrBackend(Backend):
     @contextlib.contextmanager
     def meta_lock(self):
         """An exclusive ``flock`` on ``META_LOCK`` in a local store's folder (URL stores: none)."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX
-            fcntl = None
+        fcntl = _fcntl()
         if "://" in self.path or fcntl is None:
             yield
             return
@@ -216,6 +225,45 @@ def h5_open_problem(path: str, mode: str, exc: OSError) -> str:
         return f"HDF5 store {path} cannot be opened for {'writing' if mode != 'r' else 'reading'}: permission denied ({text})"
     return (f"HDF5 store {path} cannot be opened ({text}). A process killed while writing HDF5 can damage the "
             "file; if so, remove it yourself (--overwrite deletes only a file it can read as a store) and extract again, or use a Zarr store, which survives a kill")
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, job: str):
+    """Hold the store at ``path`` for one writing job (``extract``, ``masks-SET``), refusing a second
+    job of that name while it runs: an exclusive, non-blocking ``flock`` on ``.samcache.JOB.lock``
+    in a local Zarr store's folder, held for the whole job. The kernel lets go when the process
+    ends, a SIGKILL included, so a killed job never leaves the store locked. The holder's pid, host
+    and start time are written in the file for the refusal's message. Nothing is held for an HDF5 file (HDF5 lets one writer
+    open it, by its own lock), a URL store, or a path that is not a folder yet (creation is
+    exclusive by itself).
+
+    Raises:
+      StoreError: another process holds the lock (it names that process); nothing was written.
+    """
+    path = str(path)
+    fcntl = _fcntl()
+    if "://" in path or fcntl is None or store_format(path) == "hdf5" or not os.path.isdir(path):
+        yield
+        return
+    with open(os.path.join(path, WRITER_LOCK.format(job=job)), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            what = "extracted" if job == "extract" else f"written ({job})"
+            raise StoreError(f"store {path} is being {what} by {holder}; two such runs at once would "
+                             "write the same rows. Wait for it to finish (or stop it), then rerun: it "
+                             "resumes") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                    f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def zarr_exists_error() -> type:

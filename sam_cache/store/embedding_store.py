@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import differences
 from . import lifecycle
-from .backends import H5Backend, open_backend
+from .backends import H5Backend, open_backend, writer_lock
 from .codec import (bytes_per_row, decode_embeddings, embedding_crc, encode_embeddings, high_res_crc,
                     high_res_dtype, image_crc, pool_to_grid, row_checksums)
 from .mask_sets import DEFAULT_MASK_SET, MaskSet, mask_array, mask_set_of
@@ -65,6 +65,7 @@ class EmbeddingStore:
     is_store = staticmethod(lifecycle.is_store)
     abandoned_creation = staticmethod(lifecycle.abandoned_creation)
     remove = staticmethod(lifecycle.remove)
+    writer_lock = staticmethod(writer_lock)
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "EmbeddingStore":
