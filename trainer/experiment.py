@@ -28,7 +28,8 @@ full set, instead of a handful of one-step epochs; ``runs.csv`` records the step
 
 Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction; ``paired.csv``
 gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
-and a 95 % t-interval, the test for "does SLCA change anything". A rerun resumes: rows already in
+and a 95 % t-interval, the test for "does SLCA change anything", in balanced accuracy and in AUC
+(what breast ultrasound CAD papers compare), each with its verdict and its own plot. A rerun resumes: rows already in
 ``runs.csv`` are kept, and a run cut off part way starts again. Each run folder keeps ``best.pt``
 (the test figures come from it) but not ``last.pt``, which only resuming that run would read: a
 study of a hundred runs would otherwise hold three copies of every model. ``study.json`` holds the resolved recipe (defaults included) and each
@@ -60,7 +61,7 @@ from .subset import stratified_subset
 from .train import resolve_device, train
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
-__all__ = ["StudyConfig", "METHODS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "linear_probe", "pooled_features",
+__all__ = ["StudyConfig", "METHODS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "PAIRED_METRICS", "linear_probe", "pooled_features",
            "mean_std", "paired_difference"]
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
@@ -349,8 +350,14 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
     return summarize_study(out)
 
 
-def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[dict]:
-    """``summary.csv``/``.md`` (mean ± std), ``paired.csv``/``.md`` (differences with 95 % intervals) and a plot."""
+PAIRED_METRICS = ("balanced_accuracy", "auc")  # the paired differences a study reports, each in its own table
+
+
+def summarize_study(out: str | Path, metrics: tuple[str, ...] = PAIRED_METRICS) -> list[dict]:
+    """Write a study's tables from its ``runs.csv``: ``summary.csv`` (mean ± std per method and
+    fraction), ``paired.csv`` (the paired differences with 95 % intervals and verdicts, one row per
+    pair, fraction and metric of ``metrics``), ``summary.md`` (both, a differences table per metric)
+    and a plot per metric (``fraction_METRIC.png``). Returns the summary rows."""
     out = Path(out)
     rows = read_rows(out / "runs.csv")
     fractions = sorted({float(r["fraction"]) for r in rows})
@@ -369,35 +376,39 @@ def summarize_study(out: str | Path, metric: str = "balanced_accuracy") -> list[
                 [r.get("val_balanced_accuracy") for r in sel])  # the selected epoch's; none for the probes
             summary.append(entry)
     paired = []
-    for a, b in study_pairs(methods):
-        for f in fractions:
-            va = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == a and float(r["fraction"]) == f}
-            vb = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == b and float(r["fraction"]) == f}
-            seeds = sorted(set(va) & set(vb))
-            if not seeds:
-                continue
-            d = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
-            paired.append({"a": a, "b": b, "fraction": f, "metric": metric, **d, "verdict": verdict(d)})
+    for metric in metrics:
+        for a, b in study_pairs(methods):
+            for f in fractions:
+                va = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == a and float(r["fraction"]) == f}
+                vb = {int(r["seed"]): float(r[metric]) for r in rows if r["method"] == b and float(r["fraction"]) == f}
+                seeds = sorted(set(va) & set(vb))
+                if not seeds:
+                    continue
+                d = paired_difference([va[s] for s in seeds], [vb[s] for s in seeds])
+                paired.append({"a": a, "b": b, "fraction": f, "metric": metric, **d, "verdict": verdict(d)})
     write_rows(summary, out / "summary.csv")
     write_rows(paired, out / "paired.csv")
-    (out / "summary.md").write_text(_markdown(summary, paired))
-    _plot(summary, methods, fractions, out / f"fraction_{metric}.png", metric)
+    (out / "summary.md").write_text(_markdown(summary, paired, metrics))
+    for metric in metrics:
+        _plot(summary, methods, fractions, out / f"fraction_{metric}.png", metric)
     return summary
 
 
-def _markdown(summary: list[dict], paired: list[dict]) -> str:
+def _markdown(summary: list[dict], paired: list[dict], metrics: tuple[str, ...]) -> str:
     lines = ["| method | fraction | seeds | steps | accuracy | balanced accuracy | macro-F1 | AUC | val balanced accuracy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         cells = [f"{e[f'{k}_mean']:.3f} ± {e[f'{k}_std']:.3f}" for k in METRIC_KEYS + ("val_balanced_accuracy",)]
         cells = [c if "nan" not in c else "—" for c in cells]
         lines.append(f"| {e['method']} | {e['fraction']:g} | {e['seeds']} | {e['steps']} | " + " | ".join(cells) + " |")
-    lines += ["", "| difference (balanced accuracy) | fraction | pairs | mean | 95 % interval | verdict |",
-              "|---|---|---|---|---|---|"]
-    for p in paired:
-        interval = "—" if not np.isfinite(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
-        lines.append(f"| {p['a']} − {p['b']} | {p['fraction']:g} | {p['n']} | {p['mean']:+.3f} | {interval} | "
-                     f"{p['verdict']} |")
+    names = {"balanced_accuracy": "balanced accuracy", "auc": "AUC", "macro_f1": "macro-F1"}
+    for metric in metrics:
+        lines += ["", f"| difference ({names.get(metric, metric)}) | fraction | pairs | mean | 95 % interval | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for p in (p for p in paired if p["metric"] == metric):
+            interval = "—" if not np.isfinite(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
+            lines.append(f"| {p['a']} − {p['b']} | {p['fraction']:g} | {p['n']} | {p['mean']:+.3f} | {interval} | "
+                         f"{p['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

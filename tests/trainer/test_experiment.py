@@ -34,12 +34,18 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     assert all(r["val_balanced_accuracy"] == "" for r in runs if r["method"] == "linear_probe")
     assert len(summary) == 4 * 2
     with open(tmp_path / "paired.csv") as f:
-        paired = {(r["a"], r["b"], r["fraction"]): r for r in csv.DictReader(f)}
-    full = paired[("slca", "backbone", "1.0")]
-    assert full["n"] == "3" and float(full["low"]) <= float(full["mean"]) <= float(full["high"])
+        paired = {(r["a"], r["b"], r["fraction"], r["metric"]): r for r in csv.DictReader(f)}
+    by_seed = {(r["method"], r["seed"]): r for r in runs if r["fraction"] == "1.0"}
+    for metric in ("balanced_accuracy", "auc"):  # each metric's difference is its own runs' difference
+        full = paired[("slca", "backbone", "1.0", metric)]
+        want = np.mean([float(by_seed["slca", s][metric]) - float(by_seed["backbone", s][metric]) for s in "012"])
+        assert full["n"] == "3" and float(full["mean"]) == pytest.approx(want)
+        assert float(full["low"]) <= float(full["mean"]) <= float(full["high"])
     table = (tmp_path / "summary.md").read_text()
     assert "| slca | 0.5 | 2 | 4 |" in table and "| slca − backbone | 1 | 3 |" in table
+    assert "| difference (balanced accuracy) |" in table and "| difference (AUC) |" in table
     assert (tmp_path / "fraction_balanced_accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "fraction_auc.png").stat().st_size > 1000
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 3 * 5  # the trained methods; each keeps best.pt, not the resume-only last.pt
     assert all((d / "best.pt").is_file() and not (d / "last.pt").exists() for d in run_dirs)
