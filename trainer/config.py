@@ -138,6 +138,10 @@ class TrainConfig:
                                                      "BatchNorm).")
     lr: float = opt(1e-3, low=0.0, sweep=True, help="AdamW peak learning rate.")
     weight_decay: float = opt(0.05, low=0.0, sweep=True, help="AdamW weight decay (not on biases, norms, gates).")
+    layer_decay: float = opt(1.0, low=0.0, high=1.0, sweep=True,
+                             help="Layer-wise learning-rate decay of the backbone (timm's, as in BEiT): each layer "
+                                  "below the classifier trains at this times the rate of the one above; 1 is off. "
+                                  "For a pretrained backbone, e.g. 0.75.")
     warmup_steps: int = opt(0, low=0, sweep=True, help="Linear learning-rate warmup, in steps, before cosine decay.")
     label_smoothing: float = opt(0.0, low=0.0, high=1.0, sweep=True, help="Cross-entropy label smoothing.")
     class_balance: str = opt("loss", choices=("none", "loss"), sweep=True,

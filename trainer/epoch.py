@@ -94,7 +94,10 @@ def train_one_epoch(loop: EpochLoop, epoch: int, progress: bool = False) -> dict
             advance()
     seconds = time.perf_counter() - t0
     seen, loss_total, right_total = (sum(v) for v in zip(*ctx.gather((seen, float(loss_sum), int(correct)))))
-    return {"lr": float(loop.optimizer.param_groups[0]["lr"]), "train_loss": loss_total / max(seen, 1),
+    # the run's own rate: the first group that no layer decay scales (not the stem's under --layer-decay)
+    lr = next((g["lr"] for g in loop.optimizer.param_groups if g.get("lr_scale", 1.0) == 1.0),
+              loop.optimizer.param_groups[0]["lr"])
+    return {"lr": float(lr), "train_loss": loss_total / max(seen, 1),
             "train_accuracy": right_total / max(seen, 1), "seconds": round(seconds, 3),
             "img_per_s": round(seen / max(seconds, 1e-9), 1), "data_order": digest.hexdigest()[:16]}
 

@@ -122,20 +122,29 @@ class Classifier(nn.Module):
                 logits = logits + add.to(logits.dtype)
         return logits
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
         """AdamW groups: timm's weight-decay split for the backbone, then each extra's groups.
 
         The backbone's ``no_weight_decay()`` names (Swin V2's ``logit_scale`` and ``cpb_mlp``,
         position tables) and every 1-D parameter go undecayed, as in timm's own optimizer
-        factory. Groups that an extra names (SLCA's, at its own learning rate) come after the
-        shared ones, the order the optimizer state of earlier runs' ``last.pt`` holds.
+        factory. With ``layer_decay`` below 1 the backbone's groups are timm's
+        ``param_groups_layer_decay`` (BEiT's layer-wise decay, the layers from the model's
+        ``group_matcher``): the classifier keeps ``lr`` and each layer below it ``layer_decay``
+        times the rate of the one above, so a pretrained stem moves least. Groups that an extra
+        names (SLCA's, at its own learning rate) come after the shared ones, the order the
+        optimizer state of earlier runs' ``last.pt`` holds; extras are not decayed by layer.
         """
-        from timm.optim import param_groups_weight_decay
+        from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-        skip = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else ()
-        groups = param_groups_weight_decay(self.backbone, weight_decay, no_weight_decay_list=tuple(skip))
+        skip = tuple(self.backbone.no_weight_decay()) if hasattr(self.backbone, "no_weight_decay") else ()
+        has_params = any(True for _ in self.backbone.parameters())
+        if layer_decay < 1.0 and has_params:
+            groups = param_groups_layer_decay(self.backbone, weight_decay, no_weight_decay_list=skip,
+                                              layer_decay=layer_decay)
+        else:
+            groups = param_groups_weight_decay(self.backbone, weight_decay, no_weight_decay_list=skip)
         for g in groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         for e in self.extras.values():
             groups += e.param_groups(lr, weight_decay)
         groups.sort(key=lambda g: "name" in g)  # stable

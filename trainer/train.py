@@ -194,7 +194,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {ctx.world} ranks, {cfg.batch_size} per rank, global batch {cfg.batch_size * ctx.world}")
     pipeline = BatchPipeline(model, cfg, device)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay))
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.weight_decay, cfg.layer_decay))
     bs = cfg.batch_size * ctx.world
     plan = plan_steps(len(rows.train), bs, ctx.world, cfg.epochs, cfg.min_steps,
                       state.steps_per_epoch if state is not None else None)

@@ -76,3 +76,23 @@ def test_extras_that_cannot_share_a_batch_are_refused(tiny_store):
 
     with pytest.raises(Exception, match="different embedding grids"):
         Classifier(backbone, 3, {"slca": gates, "four": NeedsFour(3)})
+
+
+def test_layer_decay_scales_the_backbone_by_depth_and_leaves_the_extras_alone():
+    """--layer-decay D: the classifier keeps lr, each layer below it D times the rate of the one
+    above (timm's groups); SLCA keeps its own multiplied rate; D = 1 gives the groups of before."""
+    cfg = TrainConfig(cache="s.zarr", out="r", img_size=32, backbone="resnet18")
+    model, _ = build_model(cfg, 3)
+    rate = {}
+    for g in model.param_groups(1e-3, 0.05, layer_decay=0.5):
+        for p in g["params"]:
+            rate[id(p)] = g["lr"]
+    bb = model.backbone
+    assert rate[id(bb.fc.weight)] == pytest.approx(1e-3)
+    assert rate[id(bb.conv1.weight)] < rate[id(bb.layer1[0].conv1.weight)] < rate[id(bb.layer4[1].conv2.weight)] < 1e-3
+    assert rate[id(bb.layer4[1].conv2.weight)] == pytest.approx(0.5e-3)  # one layer below the classifier
+    slca = next(g for g in model.param_groups(1e-3, 0.05, layer_decay=0.5) if g.get("name") == "slca")
+    assert slca["lr"] == pytest.approx(1e-3 * cfg.slca.lr_mult)
+    assert sum(len(g["params"]) for g in model.param_groups(1e-3, 0.05, 0.5)) == len(list(model.parameters()))
+    plain = model.param_groups(1e-3, 0.05, layer_decay=1.0)
+    assert {g["lr"] for g in plain if "name" not in g} == {1e-3}
