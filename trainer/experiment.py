@@ -9,7 +9,8 @@ backbone       the backbone alone (``--no-slca``)
 slca           backbone + SLCA gates
 fuse           backbone + fused embedding statistics (``--fuse``)
 fuse_slca      both
-focus          backbone with the SAM mask as a visual prompt (``--focus``; needs masks)
+focus          backbone with the SAM mask as a visual prompt, in the study's ``--focus`` mode
+               (``StudyConfig.focus``, default background; needs the store's default masks)
 focus_slca     focus + SLCA
 cache_head     no image backbone: a head on the cached embedding alone (``--backbone none``)
 focus-M-SET    focus (or ``focus_slca-M-SET``) in mode ``M`` with the store's mask set ``SET``,
@@ -70,7 +71,7 @@ METHODS: dict[str, dict | None] = {
     "slca": {"slca": True, "fuse": "none"},
     "fuse": {"slca": False, "fuse": "meanstd"},
     "fuse_slca": {"slca": True, "fuse": "meanstd"},  # the default recipe
-    "focus": {"slca": False, "fuse": "none", "focus": "background"},
+    "focus": {"slca": False, "fuse": "none", "focus": "background"},  # the mode is StudyConfig.focus's
     "focus_slca": {"slca": True, "fuse": "none", "focus": "background"},
     "cache_head": {"backbone": "none", "slca": False, "fuse": "none"},  # no image backbone: trainer/cache_head.py
     "linear_probe": None,
