@@ -245,7 +245,9 @@ def writer_lock(path: str | Path, job: str):
     if "://" in path or fcntl is None or store_format(path) == "hdf5" or not os.path.isdir(path):
         yield
         return
-    with open(os.path.join(path, WRITER_LOCK.format(job=job)), "a+") as f:
+    lock = os.path.join(path, WRITER_LOCK.format(job=job))
+    created = not os.path.exists(lock)
+    with open(lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -256,11 +258,17 @@ def writer_lock(path: str | Path, job: str):
                              "write the same rows. Wait for it to finish (or stop it), then rerun: it "
                              "resumes") from None
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                    f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
-            f.flush()
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                        f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
+                f.flush()
+            except OSError:  # a full disk: the job could not write anyway; leave no empty lock file behind
+                if created:
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock)
+                raise
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
