@@ -81,7 +81,8 @@ METHODS: dict[str, dict | None] = {
 PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("fuse_slca", "slca"),
          ("focus", "backbone"), ("focus_slca", "focus"), ("fuse", "linear_probe"), ("fuse_slca", "linear_probe"),
          ("slca", "linear_probe"), ("fuse_slca", "probe_meanstd"), ("cache_head", "backbone"),
-         ("fuse_slca", "cache_head"), ("cache_head", "probe_meanstd"))
+         ("fuse_slca", "cache_head"), ("cache_head", "probe_meanstd"), ("fuse_slca", "backbone"),
+         ("cache_head", "linear_probe"))
 
 
 def method_options(name: str) -> dict | None:
