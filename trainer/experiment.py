@@ -30,8 +30,8 @@ full set, instead of a handful of one-step epochs; ``runs.csv`` records the step
 Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction; ``paired.csv``
 gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
 and a 95 % t-interval, the test for "does SLCA change anything", in balanced accuracy and in AUC
-(what breast ultrasound CAD papers compare), each with its verdict and its own plot. A rerun resumes: rows already in
-``runs.csv`` are kept, and a run cut off part way starts again. Each run folder keeps ``best.pt``
+(what breast ultrasound CAD papers compare), each with its verdict and its own plot. A rerun
+resumes: rows already in ``runs.csv`` are kept, and a run cut off part way starts again. Each run folder keeps ``best.pt``
 (the test figures come from it) but not ``last.pt``, which only resuming that run would read: a
 study of a hundred runs would otherwise hold three copies of every model. ``study.json`` holds the resolved recipe (defaults included) and each
 invocation; resuming under another recipe (a default changed since, another ``--set``) is refused.

@@ -233,9 +233,9 @@ def writer_lock(path: str | Path, job: str):
     job of that name while it runs: an exclusive, non-blocking ``flock`` on ``.samcache.JOB.lock``
     in a local Zarr store's folder, held for the whole job. The kernel lets go when the process
     ends, a SIGKILL included, so a killed job never leaves the store locked. The holder's pid, host
-    and start time are written in the file for the refusal's message. Nothing is held for an HDF5 file (HDF5 lets one writer
-    open it, by its own lock), a URL store, or a path that is not a folder yet (creation is
-    exclusive by itself).
+    and start time are written in the file for the refusal's message. Nothing is held for an HDF5
+    file (HDF5 lets one writer open it, by its own lock), a URL store, or a path that is not a
+    folder yet (creation is exclusive by itself).
 
     Raises:
       StoreError: another process holds the lock (it names that process); nothing was written.
