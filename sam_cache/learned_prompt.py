@@ -39,7 +39,7 @@ from .errors import ConfigError
 from .preprocess import resized_shape
 from .store import EmbeddingStore, StoreError
 
-__all__ = ["LesionHead", "HeadRecipe", "train_head", "map_box", "learned_boxes"]
+__all__ = ["LesionHead", "HeadRecipe", "train_head", "map_box", "learned_boxes", "maps_to_boxes"]
 
 LEARNED_VERSION = 1
 
@@ -232,9 +232,19 @@ def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, emb
       boolean per row, False where the lesion map's peak is below ``presence`` (all True when
       ``presence`` is None).
     """
-    grid = store.grid
     maps = torch.sigmoid(head(embeddings))[:, 0].cpu().numpy()
     present = np.ones(len(rows), dtype=bool) if presence is None else maps.reshape(len(rows), -1).max(1) >= presence
+    return maps_to_boxes(store, maps, rows, frame, grow), present
+
+
+def maps_to_boxes(store: EmbeddingStore, maps: np.ndarray, rows: np.ndarray, frame: int, grow: float) -> np.ndarray:
+    """The box prompts of lesion maps already computed (:func:`learned_boxes` without the head).
+
+    Takes ``maps``, ``(len(rows), grid, grid)`` probabilities of ``rows`` of ``store``. Returns
+    ``(len(rows), 4)`` boxes XYXY in the encoder frame's pixels (``frame``), each the box of its
+    map's largest region (:func:`map_box`) grown by ``grow`` grid cells and kept inside the image.
+    """
+    grid = store.grid
     out = np.zeros((len(rows), 4), dtype=np.float32)
     for k, row in enumerate(rows):
         h, w = store.orig_size[row]
@@ -242,7 +252,7 @@ def learned_boxes(store: EmbeddingStore, head: LesionHead, rows: np.ndarray, emb
         vr, vc = (int(np.ceil(v * grid / 64)) for v in store.valid[row])
         box = map_box(maps[k], (vr, vc), grow) * (frame / grid)
         out[k] = [box[0], box[1], min(box[2], nw - 1), min(box[3], nh - 1)]
-    return out, present
+    return out
 
 
 def recipe_signature(recipe: HeadRecipe) -> dict:
