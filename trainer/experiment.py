@@ -62,7 +62,7 @@ from .subset import stratified_subset
 from .train import resolve_device, train
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
-__all__ = ["StudyConfig", "METHODS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "PAIRED_METRICS", "linear_probe", "pooled_features",
+__all__ = ["StudyConfig", "METHODS", "FOCUS_KINDS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "PAIRED_METRICS", "linear_probe", "pooled_features",
            "mean_std", "paired_difference"]
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
@@ -85,9 +85,15 @@ PAIRS = (("slca", "backbone"), ("fuse", "backbone"), ("fuse_slca", "fuse"), ("fu
          ("cache_head", "linear_probe"))
 
 
+# the prefix of a named focus method -> the method whose options it takes before its focus and mask set
+FOCUS_KINDS = {"focus": "focus", "focus_slca": "focus_slca", "focus_fuse_slca": "fuse_slca"}
+
+
 def method_options(name: str) -> dict | None:
     """The training options of a study method (None: a linear probe): a name of ``METHODS``, or
-    ``focus-MODE-SET`` / ``focus_slca-MODE-SET`` (a focus mode with a named mask set).
+    ``KIND-MODE-SET``: focus mode ``MODE`` with the store's mask set ``SET`` on the backbone alone
+    (``focus-``), with SLCA (``focus_slca-``) or on the default recipe, SLCA and fusion
+    (``focus_fuse_slca-``).
 
     Raises:
       ConfigError: an unknown method, focus mode or mask-set name.
@@ -99,21 +105,25 @@ def method_options(name: str) -> dict | None:
         return METHODS[name]
     kind, _, rest = name.partition("-")
     mode, _, mask_set = rest.partition("-")
-    if kind not in ("focus", "focus_slca") or mode not in MODES or not focus_mode(mode).needs_mask or not mask_set:
-        raise ConfigError(f"unknown study method {name!r}; known: {', '.join(METHODS)}, or focus-MODE-SET and "
-                          f"focus_slca-MODE-SET with MODE one of {', '.join(m for m in MODES if m != 'none')}")
-    return {**METHODS[kind], "focus": mode, "mask_set": mask_set}
+    if kind not in FOCUS_KINDS or mode not in MODES or not focus_mode(mode).needs_mask or not mask_set:
+        raise ConfigError(f"unknown study method {name!r}; known: {', '.join(METHODS)}, or KIND-MODE-SET with KIND "
+                          f"one of {', '.join(FOCUS_KINDS)} and MODE one of {', '.join(m for m in MODES if m != 'none')}")
+    return {**METHODS[FOCUS_KINDS[kind]], "focus": mode, "mask_set": mask_set}
 
 
 def study_pairs(methods) -> list[tuple[str, str]]:
     """The paired differences reported for these methods: ``PAIRS``, and each named focus method
-    against ``backbone`` (``focus_slca-...`` also against its ``focus-...``)."""
+    against ``backbone``; ``focus_slca-...`` also against its ``focus-...``, and
+    ``focus_fuse_slca-...`` against ``fuse_slca`` (the same recipe without focus)."""
     out = list(PAIRS)
     for m in methods:
         if m not in METHODS:
             out.append((m, "backbone"))
-            if m.startswith("focus_slca-"):
-                out.append((m, "focus-" + m.split("-", 1)[1]))
+            kind, _, rest = m.partition("-")
+            if kind == "focus_slca":
+                out.append((m, "focus-" + rest))
+            elif kind == "focus_fuse_slca":
+                out.append((m, "fuse_slca"))
     return out
 
 

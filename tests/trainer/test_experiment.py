@@ -110,7 +110,7 @@ def test_a_study_compares_focus_with_each_named_mask_set(tiny_store, tmp_path):
     import yaml
 
     from sam_cache import EmbeddingStore
-    from trainer.experiment import method_options
+    from trainer.experiment import method_options, study_pairs
 
     store = tmp_path / "s.zarr"
     shutil.copytree(tiny_store, store)
@@ -122,7 +122,10 @@ def test_a_study_compares_focus_with_each_named_mask_set(tiny_store, tmp_path):
             ms = s.prepare_masks({"decoder": None, "prompt": "file", "source": name}, mask_set=name)
             ms.write(np.arange(n), masks, np.ones(n, np.float32), np.zeros((n, 4), np.float32))
     assert method_options("focus-overlay-gt") == {"slca": False, "fuse": "none", "focus": "overlay", "mask_set": "gt"}
-    for bad in ("focus-nope-gt", "focus-overlay", "focus-none-gt", "slca-overlay-gt"):
+    assert method_options("focus_fuse_slca-overlay-learned-c3") == {"slca": True, "fuse": "meanstd", "focus": "overlay",
+                                                                    "mask_set": "learned-c3"}
+    assert ("focus_fuse_slca-crop-gt", "fuse_slca") in study_pairs(["fuse_slca", "focus_fuse_slca-crop-gt"])
+    for bad in ("focus-nope-gt", "focus-overlay", "focus-none-gt", "slca-overlay-gt", "fuse_slca-overlay-gt"):
         with pytest.raises(ConfigError, match="unknown study method"):
             method_options(bad)
     cfg = StudyConfig(fractions=(1.0,), seeds=(0, 1), methods=("backbone", "focus-overlay-gt", "focus-crop-other"),
