@@ -68,8 +68,9 @@ def run(store_path: str, head_set: str, gt_set: str, split: str, grows: list[flo
             emb = torch.from_numpy(store.read_rows(np.array([row]))).float()
             prob = torch.sigmoid(head(emb))[0, 0]
             orig = store.orig_size[row]
+            maps = prob[None].numpy()
             for g in grows:  # the head's map once per image, its box per growth
-                box = torch.from_numpy(lp.maps_to_boxes(store, prob[None].numpy(), np.array([row]), frame, g)[0])
+                box = torch.from_numpy(lp.maps_to_boxes(store, maps, np.array([row]), frame, g)[0])
                 cells = box * grid / frame
                 x0, y0, x1, y1 = (int(v) for v in cells.floor())
                 sub = prob[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]

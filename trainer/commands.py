@@ -85,8 +85,9 @@ class StudyOptions(Checked):
     extra_seeds: str = opt("", help="More seeds at some fractions: '0.1:5-9;1.0:5-9'.")
     methods: str = opt(",".join(_STUDY.methods),
                        help="Comma-separated: backbone, slca, fuse, fuse_slca, focus, focus_slca, cache_head, "
-                            "linear_probe, probe_meanstd, or focus-MODE-SET, focus_slca-MODE-SET, focus_fuse_slca-MODE-SET "
-                            "(focus mode MODE on the store's mask set SET, without, with SLCA, with SLCA and fusion).")
+                            "linear_probe, probe_meanstd, or focus-MODE-SET, focus_slca-MODE-SET, "
+                            "focus_fuse_slca-MODE-SET (focus mode MODE on the store's mask set SET, without, with "
+                            "SLCA, with SLCA and fusion).")
     focus: str = opt(_STUDY.focus, help="The focus mode of the focus methods.")
     sets: list[str] = opt(help="A recipe option by slca-train's name, NAME=VALUE (YAML); repeat it. Over the study's "
                                "CPU-sized defaults.", factory=list, flag="--set")

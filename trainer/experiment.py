@@ -31,8 +31,8 @@ Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction
 gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
 and a 95 % t-interval, the test for "does SLCA change anything", in balanced accuracy and in AUC
 (what breast ultrasound CAD papers compare), each with its verdict and its own plot. A rerun
-resumes: rows already in ``runs.csv`` are kept, and a run cut off part way starts again. Each run folder keeps ``best.pt``
-(the test figures come from it) but not ``last.pt``, which only resuming that run would read: a
+resumes: rows already in ``runs.csv`` are kept, and a run cut off part way starts again. Each run
+folder keeps ``best.pt`` (the test figures come from it) but not ``last.pt``, which only resuming that run would read: a
 study of a hundred runs would otherwise hold three copies of every model. ``study.json`` holds the resolved recipe (defaults included) and each
 invocation; resuming under another recipe (a default changed since, another ``--set``) is refused.
 """
@@ -62,8 +62,9 @@ from .subset import stratified_subset
 from .train import resolve_device, train
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
-__all__ = ["StudyConfig", "METHODS", "FOCUS_KINDS", "PAIRS", "method_options", "study_pairs", "run_study", "study_recipe", "record_study", "merge_studies", "summarize_study", "PAIRED_METRICS", "linear_probe", "pooled_features",
-           "mean_std", "paired_difference"]
+__all__ = ["StudyConfig", "METHODS", "FOCUS_KINDS", "PAIRS", "method_options", "study_pairs", "run_study",
+           "study_recipe", "record_study", "merge_studies", "summarize_study", "PAIRED_METRICS", "linear_probe",
+           "pooled_features", "mean_std", "paired_difference"]
 
 # method -> training options on top of the recipe (None: a linear probe, with its pooling)
 METHODS: dict[str, dict | None] = {
@@ -106,8 +107,9 @@ def method_options(name: str) -> dict | None:
     kind, _, rest = name.partition("-")
     mode, _, mask_set = rest.partition("-")
     if kind not in FOCUS_KINDS or mode not in MODES or not focus_mode(mode).needs_mask or not mask_set:
+        modes = ", ".join(m for m in MODES if m != "none")
         raise ConfigError(f"unknown study method {name!r}; known: {', '.join(METHODS)}, or KIND-MODE-SET with KIND "
-                          f"one of {', '.join(FOCUS_KINDS)} and MODE one of {', '.join(m for m in MODES if m != 'none')}")
+                          f"one of {', '.join(FOCUS_KINDS)} and MODE one of {modes}")
     return {**METHODS[FOCUS_KINDS[kind]], "focus": mode, "mask_set": mask_set}
 
 
