@@ -2,7 +2,7 @@
 
 MedFocusCLIP (arXiv 2501.03839) steers a classifier to the region a segmentation model finds. Here
 the mask is decoded from the cached embedding (``samcache masks``) and travels with the image as
-a fourth channel through the same crop and flip (:mod:`trainer.data`). Three ways to use it,
+a fourth channel through the same crop and flip (:mod:`trainer.data`). Four ways to use it,
 chosen because each is a different, cheap kind of prompt:
 
 - ``background``: the image outside the mask is dimmed to ``BACKGROUND_LEVEL`` of its intensity.
@@ -21,7 +21,7 @@ chosen because each is a different, cheap kind of prompt:
   keep the grey texture (speckle, margins, shadowing) visible on both sides, since that texture
   is what tells benign from malignant. The background is tinted too, not dimmed: MedFocusCLIP
   reports that a binary mask in place of the segmented image lost accuracy, and dimming hides
-  context when the mask misses. ``bench/focus_overlay.py`` draws what the classifier sees.
+  context when the mask misses. ``bench/mask_overlay.py`` draws what the classifier sees.
 
 An empty mask (the decoder found nothing) leaves the image as it is in every mode.
 
