@@ -813,8 +813,10 @@ def test_a_store_being_written_is_refused_to_a_second_writer_and_freed_by_a_kill
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert (store / ".samcache.extract.lock").exists()  # a killed holder leaves its file, not its lock
     result = extract_dataset(sample_dir, store, "tiny", image_size=64, num_workers=0, progress=False, **SPLIT_ARGS)
     assert result.written == 0 and result.already_done == len(EmbeddingStore.open(store))
+    assert not (store / ".samcache.extract.lock").exists()  # the rerun took it over and removed it
 
 
 def test_tampered_checkpoints_are_refused_in_one_line(tiny_run, tmp_path):

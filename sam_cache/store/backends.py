@@ -90,6 +90,51 @@ def _fcntl():
     return fcntl
 
 
+@contextlib.contextmanager
+def held_lock_file(lock: str, blocking: bool = True):
+    """Hold an exclusive ``flock`` on the file ``lock`` (created if absent) and yield the open
+    file; remove the file before letting go, so that a store holds no lock file once its jobs end
+    (zarr warns about every file in a group that is not part of the hierarchy). A process that was
+    waiting on the file just removed finds it gone, or another in its place, and locks again; so
+    two holders never overlap. A lock file left by a killed process is taken over and removed.
+
+    Raises:
+      BlockingIOError: ``blocking`` is False and another process holds the lock; the exception's
+        ``holder`` attribute is what that process wrote in the file ("" if nothing).
+    """
+    fcntl = _fcntl()
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as e:
+            f.seek(0)
+            e.holder = f.read().strip()
+            f.close()
+            raise
+        if _same_file(f, lock):
+            break
+        f.close()  # the holder before us removed this file as it let go: lock the new one
+    try:
+        yield f
+    finally:
+        if _same_file(f, lock):  # not a file of the same name in a folder made again meanwhile
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _same_file(f, path: str) -> bool:
+    """Whether the open file ``f`` is the file at ``path`` now."""
+    try:
+        on_disk = os.stat(path)
+    except OSError:
+        return False
+    here = os.fstat(f.fileno())
+    return (on_disk.st_ino, on_disk.st_dev) == (here.st_ino, here.st_dev)
+
+
 class ZarrBackend(Backend):
     def __init__(self, path: str, mode: str, attributes: dict | None = None):
         import zarr
@@ -119,12 +164,8 @@ class ZarrBackend(Backend):
         if "://" in self.path or fcntl is None:
             yield
             return
-        with open(os.path.join(self.path, META_LOCK), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with held_lock_file(os.path.join(self.path, META_LOCK)):
+            yield
 
     def set_meta(self, meta: dict) -> None:
         self.root.attrs["samcache"] = meta
@@ -231,8 +272,9 @@ def h5_open_problem(path: str, mode: str, exc: OSError) -> str:
 def writer_lock(path: str | Path, job: str):
     """Hold the store at ``path`` for one writing job (``extract``, ``masks-SET``), refusing a second
     job of that name while it runs: an exclusive, non-blocking ``flock`` on ``.samcache.JOB.lock``
-    in a local Zarr store's folder, held for the whole job. The kernel lets go when the process
-    ends, a SIGKILL included, so a killed job never leaves the store locked. The holder's pid, host
+    in a local Zarr store's folder, held for the whole job and removed when it ends. The kernel
+    lets go when the process ends, a SIGKILL included, so a killed job never leaves the store
+    locked (its file stays until the next job on the store takes it over and removes it). The holder's pid, host
     and start time are written in the file for the refusal's message. Nothing is held for an HDF5
     file (HDF5 lets one writer open it, by its own lock), a URL store, or a path that is not a
     folder yet (creation is exclusive by itself).
@@ -246,32 +288,23 @@ def writer_lock(path: str | Path, job: str):
         yield
         return
     lock = os.path.join(path, WRITER_LOCK.format(job=job))
-    created = not os.path.exists(lock)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    entered = False
+    try:
+        with held_lock_file(lock, blocking=False) as f:
+            entered = True
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            what = "extracted" if job == "extract" else f"written ({job})"
-            raise StoreError(f"store {path} is being {what} by {holder}; two such runs at once would "
-                             "write the same rows. Wait for it to finish (or stop it), then rerun: it "
-                             "resumes") from None
-        try:
-            try:
-                f.seek(0)
-                f.truncate()
-                f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                        f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
-                f.flush()
-            except OSError:  # a full disk: the job could not write anyway; leave no empty lock file behind
-                if created:
-                    with contextlib.suppress(OSError):
-                        os.unlink(lock)
-                raise
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                    f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}\n")
+            f.flush()  # a full disk raises here, and the lock file is removed on the way out
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError as e:
+        if entered:  # raised by the job itself, not by the lock
+            raise
+        what = "extracted" if job == "extract" else f"written ({job})"
+        raise StoreError(f"store {path} is being {what} by {e.holder or 'another process'}; two such runs "
+                         "at once would write the same rows. Wait for it to finish (or stop it), then "
+                         "rerun: it resumes") from None
 
 
 def zarr_exists_error() -> type:

@@ -227,6 +227,45 @@ def test_two_writers_adding_mask_sets_to_one_store_keep_both(tiny_store, tmp_pat
         assert s.mask_set("one").done.all() and s.mask_set("two").done.all()
 
 
+def test_lock_files_are_removed_when_their_jobs_end_and_never_let_two_holders_in(tiny_store, tmp_path):
+    """A store kept its lock files after every job, and zarr warned about each one whenever a user
+    listed the store. Now a lock file lives only while it is held; eight threads that each take the
+    attributes' lock forty times, while its file is removed and made again under them, never
+    overlap (a lost increment would show an overlap)."""
+    import threading
+    import warnings
+
+    import zarr
+
+    from sam_cache.store.backends import META_LOCK, held_lock_file
+
+    store = with_square_masks(tiny_store, tmp_path)  # a mask set written: the attributes' lock taken
+    with EmbeddingStore.writer_lock(store, "masks-x"):
+        assert (store / ".samcache.masks-x.lock").read_text().startswith("pid ")
+    assert not list(store.glob(".samcache*")), list(store.glob(".samcache*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "embeddings" in set(zarr.open_group(store, mode="r").keys())
+
+    counter, inside = tmp_path / "counter", []
+    counter.write_text("0")
+
+    def bump():
+        for _ in range(40):
+            with held_lock_file(str(store / META_LOCK)):
+                inside.append(1)
+                assert len(inside) == 1, "two holders at once"
+                counter.write_text(str(int(counter.read_text()) + 1))
+                inside.pop()
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counter.read_text() == "320" and not (store / META_LOCK).exists()
+
+
 def test_a_store_opened_read_only_refuses_every_write_and_names_itself(tiny_store, tmp_path):
     """Rows, done flags, attributes, mask sets and a kept head all pass one check; nothing changes."""
     store = with_square_masks(tiny_store, tmp_path)
