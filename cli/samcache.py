@@ -24,7 +24,6 @@ def extract(target: ExtractTarget, config: ExtractConfig) -> None:
     """Extract one 256x64x64 embedding per image into a store. A rerun resumes."""
     from sam_cache import extract_dataset
 
-    config.progress = config.progress and console.is_terminal  # no bar in a file or a pipe
     with user_errors():
         result = extract_dataset(Path(target.dataset), target.out, config=config)
     if result.rank != 0:  # under torchrun, rank 0 speaks for all
@@ -60,7 +59,7 @@ def convert(o: ConvertOptions) -> None:
     with user_errors():
         dtype = o.dtype or ("int8" if o.grid is None else None)
         r = convert_store(o.store, o.out, dtype, shard_size=o.shard_size, overwrite=o.overwrite,
-                          progress=o.progress and console.is_terminal, grid=o.grid)
+                          progress=o.progress, grid=o.grid)
     say(f"converted {r['rows']} rows into {o.out} ({r['done']} done in all): "
         f"{r['src_bytes'] / 2**20:.2f} -> {r['dst_bytes'] / 2**20:.2f} MiB of embedding per sample")
 
@@ -74,7 +73,7 @@ def masks(o: MasksOptions) -> None:
     from sam_cache.masks import decode_masks
     from sam_cache.user_masks import import_masks
 
-    progress = o.progress and console.is_terminal  # no bar in a file or a pipe
+    progress = o.progress
     with user_errors():
         if o.from_masks is not None:
             r = import_masks(o.store, o.from_masks, mask_name=o.mask_name, allow_missing=o.allow_missing,
@@ -181,18 +180,17 @@ def _size(n: int | None) -> str:
 
 def verify(o: VerifyOptions) -> None:
     """Check that every done sample is present, finite and of the right shape. Exit 1 if not."""
-    from rich.progress import Progress
     from rich.text import Text
 
     from sam_cache import EmbeddingStore, verify_store
+    from sam_cache.progress import progress
 
     store = o.store
     with user_errors():
         with EmbeddingStore.open(store) as s:
             n = int(s.done.sum())
-        with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
-            task = bar.add_task("verify", total=n)
-            problems = verify_store(store, progress=lambda k: bar.update(task, completed=k))
+        with progress("verify", n, unit="row", console=err_console) as bar:
+            problems = verify_store(store, progress=bar.set)
     if problems:
         for p in problems:
             err_console.print(Text(p, style="red"))

@@ -13,7 +13,7 @@ from .options import DEVICE_HELP, Checked, opt
 
 __all__ = ["ExtractTarget", "ConvertOptions", "MasksOptions", "ExportOptions", "InfoOptions", "VerifyOptions"]
 
-_PROGRESS = "Show a progress bar (never in a file or a pipe)."
+_PROGRESS = "Show progress: a bar on a terminal, a line every 30 s in a file or a pipe."
 
 
 @dataclass(kw_only=True)

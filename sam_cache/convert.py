@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import progress as show_progress
 from .store import EmbeddingStore, StoreError, contiguous_runs, pool_to_grid
 
 __all__ = ["convert_store"]
@@ -29,7 +30,7 @@ def convert_store(src: str | Path, dst: str | Path, dtype: str | None = None, sh
       shard_size: samples per Zarr shard of ``dst`` (default: ``src``'s).
       overwrite: delete an existing ``dst`` first (default: resume it).
       rows_per_read: rows converted per step.
-      progress: show a rich progress bar.
+      progress: show progress (:mod:`sam_cache.progress`).
       grid: a compact grid (32, 16 or 8; average pooling of the source's), default the source's.
 
     Returns:
@@ -77,11 +78,7 @@ def _create_like(s: EmbeddingStore, dst: str, dtype: str, shard_size: int | None
 
 
 def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int, progress: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("convert", total=len(rows))
+    with show_progress("convert", len(rows), enabled=progress, unit="row") as bar:
         for _, start, stop in contiguous_runs(rows):
             for a in range(start, stop, step):
                 b = min(a + step, stop)
@@ -90,4 +87,4 @@ def _copy_rows(s: EmbeddingStore, d: EmbeddingStore, rows: np.ndarray, step: int
                 d.write_rows(a, pool_to_grid(s.read_embeddings(a, b), d.grid), s.orig_size[a:b], s.valid[a:b],
                              s.window[a:b], images, high_res)
                 d.mark_done(np.arange(a, b))
-                bar.advance(task, b - a)
+                bar.advance(b - a)

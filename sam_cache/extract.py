@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from .readers import DatasetManifest, open_dataset
 from .encoders import Encoder, EncoderError, create_encoder
 from .fast_attention import use_fast_attention
+from .progress import progress as show_progress
 from .preprocess import ImageDecodeError, image_problem, load_frame, normalize_frames, resize_longest_side, pad_to_square, to_rgb_uint8, valid_grid
 from . import distributed
 from .errors import ConfigError
@@ -182,16 +183,6 @@ def _refuse_dataset_overlap(manifest: DatasetManifest, out: str) -> None:
                          "as a class or split folder; choose an output path outside it")
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def extract_dataset(dataset: str | Path | DatasetManifest, out: str | Path, encoder: str | Encoder | None = None,
                     config: ExtractConfig | None = None, **options) -> ExtractionResult:
     """Run a frozen encoder over a dataset and store one embedding per image.
@@ -314,8 +305,7 @@ def _extract_rows(manifest, out: str, encoder: Encoder, c: ExtractConfig, ctx, d
     t0 = time.perf_counter()
     finished = False
     try:
-        with _progress(progress and ctx.is_main) as bar:
-            task = bar.add_task(f"extract {encoder.name}", total=len(pending), rate=0.0)
+        with show_progress(f"extract {encoder.name}", len(pending), enabled=progress and ctx.is_main, unit="img") as bar:
             for batch in loader:
                 ok = np.array([e == "" for e in batch["error"]])
                 indices = batch["index"].numpy()
@@ -353,8 +343,7 @@ def _extract_rows(manifest, out: str, encoder: Encoder, c: ExtractConfig, ctx, d
                     writer.submit((ready, indices[ok], emb, batch["orig"][sel].numpy(), valid,
                                    batch["window"][sel].numpy(), images, high_res))
                     result.written += int(ok.sum())
-                elapsed = time.perf_counter() - t0
-                bar.update(task, advance=len(indices), rate=result.written / max(elapsed, 1e-9))
+                bar.advance(len(indices))
         writer.close()  # raises a write error (a full disk, say): those rows are not marked done
         finished = True
     finally:

@@ -79,7 +79,7 @@ class ExtractConfig(ReadingConfig):
                          help="SAM ViT attention: sdpa (fused, dense relative-position bias), flex (relative "
                               "position inside the kernel), stock, or auto (sdpa on CUDA).")
     compile: bool = opt(False, flag="--compile", help="torch.compile the encoder.")
-    progress: bool = opt(True, flag="--progress/--no-progress", help="Show a progress bar.")
+    progress: bool = opt(True, flag="--progress/--no-progress", help="Show progress: a bar on a terminal, a line every 30 s in a file or a pipe.")
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .preprocess import resized_shape
+from .progress import progress as show_progress
 from .store import EmbeddingStore, StoreError
 
 __all__ = ["LesionHead", "HeadRecipe", "train_head", "map_box", "learned_boxes", "maps_to_boxes"]
@@ -152,10 +153,7 @@ def train_head(store: EmbeddingStore, source: str, recipe: HeadRecipe, device: t
     order = np.random.default_rng(recipe.seed)
     # the train embeddings are read once (float16 in memory) when they fit in 4 GiB, else batch by batch
     held = store.read_rows(rows).astype(np.float16) if len(rows) * store.bytes_per_row <= 4 * 2**30 else None
-    from rich.progress import Progress
-
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("learning the prompt", total=recipe.epochs)
+    with show_progress("learning the prompt", recipe.epochs, enabled=progress, unit="epoch") as bar:
         for _ in range(recipe.epochs):
             perm = order.permutation(len(rows))
             for start in range(0, len(rows), recipe.batch_size):
@@ -166,7 +164,7 @@ def train_head(store: EmbeddingStore, source: str, recipe: HeadRecipe, device: t
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            bar.advance(task)
+            bar.advance()
     return head.eval()
 
 

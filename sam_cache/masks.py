@@ -55,6 +55,7 @@ from .encoders import EncoderError, decoder_builder, file_sha256
 from .mask_decoder import MaskDecoder
 from .errors import ConfigError
 from .preprocess import resized_shape
+from .progress import progress as show_progress
 from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
 
 __all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "logits_to_stored_mask", "whole_image_boxes",
@@ -246,11 +247,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         scope = store.done & (store.splits == split if split else True)  # the rows this run is for
         todo = np.flatnonzero(scope & ~done_before)
         ious, empty = [], 0
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("masks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      disable=not progress) as bar:
-            task = bar.add_task("masks", total=len(todo))
+        with show_progress(f"masks {mask_set}", len(todo), enabled=progress, unit="img") as bar:
             for start in range(0, len(todo), batch_size):
                 rows = todo[start:start + batch_size]
                 emb = torch.from_numpy(store.read_rows(rows)).float().to(dev)
@@ -277,7 +274,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                 empty += int((masks.reshape(len(rows), -1).max(1) == 0).sum())
                 ious += iou[present].tolist()  # an undecoded (empty) mask has no predicted IoU
                 ms.write(rows, masks, iou, used)
-                bar.advance(task, len(rows))
+                bar.advance(len(rows))
         return {"written": int(len(todo)), "already_done": int((done_before & scope).sum()), "total": int(scope.sum()),
                 "mean_iou": float(np.mean(ious)) if ious else float("nan"), "empty": empty}
 

@@ -35,6 +35,7 @@ from PIL import Image
 
 from .errors import ConfigError
 from .preprocess import pad_to_square, resized_shape
+from .progress import progress as show_progress
 from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
 
 __all__ = ["import_masks", "mask_to_frame", "mask_paths"]
@@ -171,10 +172,7 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
         done_before = ms.done
         todo = rows[~done_before[rows]]
         r, empty = store.image_size, 0
-        from rich.progress import Progress
-
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("masks from files", total=len(todo))
+        with show_progress("masks from files", len(todo), enabled=progress, unit="img") as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 masks = np.zeros((len(chunk), 1, r, r), dtype=np.uint8)
@@ -189,6 +187,6 @@ def import_masks(store_path: str | Path, source: str, mask_name: str = "{stem}{s
                     masks[k, 0] = mask_to_frame(m, r)
                 empty += int((masks.reshape(len(chunk), -1).max(1) == 0).sum())
                 ms.write(chunk, masks, np.ones(len(chunk), np.float32), boxes)
-                bar.advance(task, len(chunk))
+                bar.advance(len(chunk))
         return {"written": int(len(todo)), "already_done": int(done_before[rows].sum()), "total": int(len(rows)),
                 "empty": empty, "missing": len(missing)}

@@ -6,7 +6,6 @@ happens within an epoch, on the objects an :class:`EpochLoop` holds for the whol
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from sam_cache.progress import progress as show_progress
 
 from .config import TrainConfig
 from .data import PairedCache
@@ -73,7 +74,8 @@ def train_one_epoch(loop: EpochLoop, epoch: int, progress: bool = False) -> dict
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    with _progress_bar(progress, f"epoch {epoch + 1}/{cfg.epochs}", plan.steps_per_epoch) as advance:
+    with show_progress(f"epoch {epoch + 1}/{cfg.epochs}", plan.steps_per_epoch, enabled=progress,
+                       transient=True) as bar:
         for k in range(plan.steps_per_epoch):
             p, j = divmod(epoch * plan.steps_per_epoch + k, plan.steps_per_pass)
             if j == 0 or loop.order is None:
@@ -91,7 +93,7 @@ def train_one_epoch(loop: EpochLoop, epoch: int, progress: bool = False) -> dict
             seen += len(y)
             if (k + 1) % cfg.log_interval == 0 or k + 1 == plan.steps_per_epoch:
                 _check_finite(ctx, finite, epoch, k, cfg)  # the one host sync of an interval
-            advance()
+            bar.advance()
     seconds = time.perf_counter() - t0
     seen, loss_total, right_total = (sum(v) for v in zip(*ctx.gather((seen, float(loss_sum), int(correct)))))
     # the run's own rate: the first group that no layer decay scales (not the stem's under --layer-decay)
@@ -113,15 +115,3 @@ def _check_finite(ctx, finite: torch.Tensor, epoch: int, step: int, cfg: TrainCo
     if not ctx.all_finite(torch.where(finite, 0.0, float("nan"))):
         raise TrainError(f"loss is not finite in epoch {epoch + 1}, by step {step + 1}: lower --lr, "
                          f"or check the store with `samcache verify {cfg.cache}`")
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, title: str, total: int):
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(title, total=total)
-        yield lambda: bar.advance(task)

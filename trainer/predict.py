@@ -33,6 +33,7 @@ from sam_cache.readers import open_dataset, sample_sources
 from sam_cache.extract_config import ReadingConfig
 
 from sam_cache.outputs import OutputError, atomic_write, refuse_overlap
+from sam_cache.progress import progress as show_progress
 
 from .data import PairedCache
 from .errors import TrainError
@@ -138,9 +139,9 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
                 f"{names}: no metrics")
         pipeline = BatchPipeline(model, cfg, dev)
         with PairedCache(s, rows, dev, "auto", embeddings=model.needs_embeddings, masks=cfg.focus_masks) as c, \
-                _bar(progress, len(rows)) as advance:
+                show_progress("predict", len(rows), enabled=progress, transient=True) as bar:
             _, probs, _ = predict(model, pipeline, c, rows, batch_size or cfg.batch_size,
-                                  cfg.amp and dev.type == "cuda", on_batch=advance)
+                                  cfg.amp and dev.type == "cuda", on_batch=bar.advance)
         ids = s.ids[rows]
         sources = sample_sources(s.meta.get("dataset", {}), s.ids[rows])  # the reader says where
         labels = np.array([names.index(s.class_names[v]) for v in s.labels[rows]]) if labelled else s.labels[rows]
@@ -193,23 +194,3 @@ def _is_predictions(path: Path) -> bool:
         except (OSError, ValueError, AttributeError):
             return False
     return False
-
-
-class _bar:
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          transient=True)
-        self.p.__enter__()
-        task = self.p.add_task("predict", total=self.total)
-        return lambda n: self.p.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)

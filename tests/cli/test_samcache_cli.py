@@ -44,15 +44,17 @@ def test_verify_finds_a_damaged_row(tiny_store, tmp_path):
         in result.output
 
 
-def test_extract_exit_status_says_something_was_skipped(sample_dir, tmp_path):
+def test_extract_exit_status_says_something_was_skipped_and_a_file_gets_progress_lines(sample_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(sample_dir, data)
     (data / "synthetic-normal" / "broken.png").write_text("this is not a png")
     result = runner.invoke(app, ["extract", "--dataset", str(data), "--out", str(tmp_path / "s.zarr"), "--encoder",
-                                 "tiny", "--image-size", "0", "--workers", "0", "--no-progress", "--val-fraction",
+                                 "tiny", "--image-size", "0", "--workers", "0", "--val-fraction",
                                  "0.2", "--test-fraction", "0.2"])
     assert result.exit_code == EXIT_SKIPPED
     assert "skipped 1 image(s)" in result.output and "broken.png" in result.output
+    # the output is not a terminal: plain progress lines, from the start to the end
+    assert "extract tiny: 0/16\n" in result.output and "extract tiny: 16/16 (100 %), " in result.output
 
 
 def test_mismatch_is_one_clear_message(sample_dir, tiny_store):
