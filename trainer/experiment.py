@@ -335,8 +335,8 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
         if not (src / "runs.csv").exists():
             raise ConfigError(f"{src / 'runs.csv'}: not found; is {src} a study folder?")
         info = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else {}
-        stores = {i.get("store") for i in info.get("invocations", [info]) if i.get("store")}
-        record["merged_from"].append({"study": str(src), "stores": sorted(stores), **info})
+        known = {m["study"] for m in record["merged_from"]}
+        record["merged_from"] += [m for m in _provenance(src, info) if m["study"] not in known]
         every = {st for m in record["merged_from"] for st in m["stores"]}
         if len(every) > 1:
             raise ConfigError(f"the studies were run on different stores: {sorted(every)}")
@@ -362,6 +362,16 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
     write_rows(rows, out / "runs.csv")
     (out / "study.json").write_text(json.dumps(record, indent=2))
     return summarize_study(out)
+
+
+def _provenance(src: Path, info: dict) -> list[dict]:
+    """What a merged ``study.json`` keeps of a source: its folder, stores and invocations. Not its
+    recipe, which the merge checks against the others and keeps once; a merged source gives its
+    own sources, so a merge of merges stays flat (a folder named twice is kept once)."""
+    if "merged_from" in info:
+        return [{k: v for k, v in m.items() if k != "recipe"} for m in info["merged_from"]]
+    stores = {i.get("store") for i in info.get("invocations", [info]) if i.get("store")}
+    return [{"study": str(src), "stores": sorted(stores), **{k: v for k, v in info.items() if k != "recipe"}}]
 
 
 PAIRED_METRICS = ("balanced_accuracy", "auc")  # the paired differences a study reports, each in its own table

@@ -70,6 +70,12 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     assert len(merged) == len(summary)
     for name in ("summary.md", "paired.csv"):
         assert (tmp_path / "merged" / name).read_text() == (tmp_path / name).read_text()
+    # its record keeps the recipe once, and a merge of merges lists the first sources, flat
+    merge_studies([tmp_path / "merged", tmp_path / "a"], tmp_path / "merged3")
+    kept = json.loads((tmp_path / "merged3" / "study.json").read_text())
+    assert [m["study"] for m in kept["merged_from"]] == [str(tmp_path / h) for h in "ab"]
+    assert kept["recipe"]["lr"] == 1e-3 and not any("recipe" in m for m in kept["merged_from"])
+    assert all(len(m["invocations"]) == 2 for m in kept["merged_from"])
     # a run trained with another recipe is refused, by name
     cfg_file = next((tmp_path / "b" / "runs").glob("slca-*/config.yaml"))
     cfg_file.write_text(cfg_file.read_text().replace("lr: 0.001", "lr: 0.002"))
