@@ -247,14 +247,15 @@ def test_lock_files_are_removed_when_their_jobs_end_and_never_let_two_holders_in
         warnings.simplefilter("error")
         assert "embeddings" in set(zarr.open_group(store, mode="r").keys())
 
-    counter, inside = tmp_path / "counter", []
+    counter, inside, overlaps = tmp_path / "counter", [], []
     counter.write_text("0")
 
     def bump():
         for _ in range(40):
             with held_lock_file(str(store / META_LOCK)):
                 inside.append(1)
-                assert len(inside) == 1, "two holders at once"
+                if len(inside) > 1:  # an assert here would end only its own thread, not fail the test
+                    overlaps.append(len(inside))
                 counter.write_text(str(int(counter.read_text()) + 1))
                 inside.pop()
 
@@ -263,6 +264,7 @@ def test_lock_files_are_removed_when_their_jobs_end_and_never_let_two_holders_in
         t.start()
     for t in threads:
         t.join()
+    assert overlaps == [], "two holders at once"
     assert counter.read_text() == "320" and not (store / META_LOCK).exists()
 
 
