@@ -135,7 +135,8 @@ def study_command(o: StudyOptions) -> None:
     paired differences and 95 % intervals (the protocol is trainer/experiment.py's)."""
     from pathlib import Path
 
-    from trainer.experiment import merge_studies, run_study
+    from trainer.experiment import run_study
+    from trainer.study_merge import merge_studies
 
     with user_errors():
         if o.merge:

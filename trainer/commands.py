@@ -74,7 +74,7 @@ class PredictOptions(Checked):
 
 @dataclass(kw_only=True)
 class StudyOptions(Checked):
-    """``slca-train study``: :func:`trainer.experiment.run_study`, or :func:`~trainer.experiment.merge_studies`
+    """``slca-train study``: :func:`trainer.experiment.run_study`, or :func:`~trainer.study_merge.merge_studies`
     with ``--merge``; :meth:`study_config` parses the text forms into a :class:`StudyConfig`."""
 
     cache: str | None = opt(None, help="The store (made by samcache extract, with images).")

@@ -91,7 +91,8 @@ def test_the_heads_embedding_view_follows_the_crop_and_flip():
 
 
 def test_the_cache_only_head_is_a_study_method_paired_with_the_backbone(tiny_store, tmp_path):
-    from trainer.experiment import StudyConfig, merge_studies, run_study
+    from trainer.experiment import StudyConfig, run_study
+    from trainer.study_merge import merge_studies
 
     recipe = {"backbone": "resnet10t", "img_size": 32, "epochs": 1, "min_steps": 2, "batch_size": 4}
     cfg = StudyConfig(fractions=(1.0,), seeds=(0, 1), methods=("backbone", "cache_head"), train=recipe)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.errors import ConfigError
-from trainer.experiment import StudyConfig, merge_studies, pooled_features, run_study
+from trainer.experiment import StudyConfig, pooled_features, run_study
+from trainer.study_merge import merge_studies
 from trainer.stats import paired_difference, verdict
 from trainer.records import write_rows
 

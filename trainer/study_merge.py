@@ -1,0 +1,92 @@
+"""Joining studies: one study from several runs on the same store with the same recipe (say, in two
+processes side by side, or one fraction at a time), checked and summarized as if run at once."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .config import TrainConfig
+from .experiment import _PER_RUN, method_options, summarize_study
+from .records import read_rows, write_rows
+
+__all__ = ["merge_studies"]
+
+
+def _run_recipes(study: Path) -> dict[str, dict]:
+    """``{run folder: its recipe}`` from each trained run's ``config.yaml`` (per-run options dropped)."""
+    out = {}
+    for cfg in sorted((study / "runs").glob("*/config.yaml")):
+        flat = TrainConfig.load(cfg).flat()
+        method = _RUN_FOLDER.match(cfg.parent.name)
+        own = set(method_options(method["method"]) or ()) if method else set()  # what the method sets itself
+        if "backbone" in own:  # a cache-only head: the backbone's own options do not apply to it
+            own |= {"pretrained", "pretrained_path", "backbone_kwargs"}
+        out[str(cfg.parent)] = {k: v for k, v in flat.items() if k not in _PER_RUN and k not in own}
+    return out
+
+
+_RUN_FOLDER = re.compile(r"(?P<method>.+)-f[0-9.]+-s\d+$")
+
+
+def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
+    """One study from several studies run on the same store with the same recipe (say, in two processes
+    side by side): their ``runs.csv`` rows joined into ``out``, then summarized.
+
+    The recipe check reads every trained run's ``config.yaml``, so it covers studies from before
+    ``study.json`` recorded the recipe.
+
+    Returns:
+      The summary rows (see :func:`summarize_study`).
+
+    Raises:
+      ConfigError: a source has no ``runs.csv``, two trained runs had different recipes (the message
+        names the runs and options), the sources' stores differ, or a (method, fraction, seed) is
+        in two sources with different results.
+    """
+    from .errors import ConfigError
+
+    out = Path(out)
+    rows, seen, recipes, record = [], {}, {}, {"merged_from": []}
+    for src in map(Path, sources):
+        if not (src / "runs.csv").exists():
+            raise ConfigError(f"{src / 'runs.csv'}: not found; is {src} a study folder?")
+        info = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else {}
+        known = {m["study"] for m in record["merged_from"]}
+        record["merged_from"] += [m for m in _provenance(src, info) if m["study"] not in known]
+        every = {st for m in record["merged_from"] for st in m["stores"]}
+        if len(every) > 1:
+            raise ConfigError(f"the studies were run on different stores: {sorted(every)}")
+        recipes.update(_run_recipes(src))
+        for r in read_rows(src / "runs.csv"):
+            key = (r["method"], float(r["fraction"]), int(r["seed"]))
+            if key in seen:
+                if seen[key]["balanced_accuracy"] != r["balanced_accuracy"]:
+                    raise ConfigError(f"{src / 'runs.csv'}: {key} is also in {seen[key]['_from']} with another result")
+                continue
+            seen[key] = {**r, "_from": str(src)}
+            rows.append(r)
+    if recipes:
+        # the reference: a run with the fullest recipe (a method's own options are left out of its runs')
+        first, ref = max(recipes.items(), key=lambda kv: len(kv[1]))
+        for run, recipe in recipes.items():
+            diff = sorted(k for k in set(ref) & set(recipe) if ref.get(k) != recipe.get(k))
+            if diff:
+                raise ConfigError(f"{run} and {first} were trained with different recipes: "
+                                  + ", ".join(f"{k} ({ref.get(k)!r} vs {recipe.get(k)!r})" for k in diff))
+        record["recipe"] = json.loads(json.dumps(ref))
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, out / "runs.csv")
+    (out / "study.json").write_text(json.dumps(record, indent=2))
+    return summarize_study(out)
+
+
+def _provenance(src: Path, info: dict) -> list[dict]:
+    """What a merged ``study.json`` keeps of a source: its folder, stores and invocations. Not its
+    recipe, which the merge checks against the others and keeps once; a merged source gives its
+    own sources, so a merge of merges stays flat (a folder named twice is kept once)."""
+    if "merged_from" in info:
+        return [{k: v for k, v in m.items() if k != "recipe"} for m in info["merged_from"]]
+    stores = {i.get("store") for i in info.get("invocations", [info]) if i.get("store")}
+    return [{"study": str(src), "stores": sorted(stores), **{k: v for k, v in info.items() if k != "recipe"}}]
