@@ -73,18 +73,17 @@ def masks(o: MasksOptions) -> None:
     from sam_cache.masks import decode_masks
     from sam_cache.user_masks import import_masks
 
-    progress = o.progress
     with user_errors():
         if o.from_masks is not None:
             r = import_masks(o.store, o.from_masks, mask_name=o.mask_name, allow_missing=o.allow_missing,
-                             overwrite=o.overwrite, batch_size=o.batch_size, progress=progress, mask_set=o.mask_set)
+                             overwrite=o.overwrite, batch_size=o.batch_size, progress=o.progress, mask_set=o.mask_set)
         else:
             from sam_cache.learned_prompt import HeadRecipe
 
             recipe = HeadRecipe(epochs=o.learn_epochs, seed=o.learn_seed, grow=o.learn_grow, context=o.learn_context,
                                 presence=o.learn_presence)
             r = decode_masks(o.store, prompt=o.prompt, boxes=o.boxes, checkpoint=o.checkpoint, threshold=o.threshold,
-                             batch_size=o.batch_size, device=o.device, overwrite=o.overwrite, progress=progress,
+                             batch_size=o.batch_size, device=o.device, overwrite=o.overwrite, progress=o.progress,
                              split=o.split, mask_set=o.mask_set, learn_from=o.learn_from, recipe=recipe,
                              head_from=o.head_from)
     quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] and "mean_iou" in r \

@@ -194,14 +194,15 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, train_pos: np.ndarray
 
 
 # options that a study sets per run (method, subset, seed, paths); the rest is the study's recipe
-_PER_RUN = ("cache", "out", "slca", "fuse", "focus", "mask_set", "train_fraction", "seed", "subset_seed", "device")
+PER_RUN_OPTIONS = ("cache", "out", "slca", "fuse", "focus", "mask_set", "train_fraction", "seed", "subset_seed",
+                   "device")
 
 
 def study_recipe(cfg: StudyConfig) -> dict:
     """The resolved recipe every run of ``cfg`` shares: ``{flat option name: value}``, defaults
     included, without the options the study sets per run (method, fraction, seed, paths)."""
     flat = cfg.options("backbone", "", 1.0, 0, Path(".")).flat()
-    return {k: v for k, v in flat.items() if k not in _PER_RUN}
+    return {k: v for k, v in flat.items() if k not in PER_RUN_OPTIONS}
 
 
 def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from .config import TrainConfig
-from .experiment import _PER_RUN, method_options, summarize_study
+from .experiment import PER_RUN_OPTIONS, method_options, summarize_study
 from .records import read_rows, write_rows
 
 __all__ = ["merge_studies"]
@@ -23,7 +23,7 @@ def _run_recipes(study: Path) -> dict[str, dict]:
         own = set(method_options(method["method"]) or ()) if method else set()  # what the method sets itself
         if "backbone" in own:  # a cache-only head: the backbone's own options do not apply to it
             own |= {"pretrained", "pretrained_path", "backbone_kwargs"}
-        out[str(cfg.parent)] = {k: v for k, v in flat.items() if k not in _PER_RUN and k not in own}
+        out[str(cfg.parent)] = {k: v for k, v in flat.items() if k not in PER_RUN_OPTIONS and k not in own}
     return out
 
 
