@@ -7,9 +7,9 @@
 Every variant changes the base recipe in one place and trains on the same seeds (same subset,
 order, crops and initialization). Only validation metrics are read: the selected epoch's, and the
 last epoch's (which no selection touched). The test split is never scored here, so choosing on
-these numbers does not tune on test. Writes ``OUT/levers.csv`` (a rerun resumes) and prints,
-per variant, the mean ± std over seeds and the paired difference to the base with a 95 %
-t-interval.
+these numbers does not tune on test. Writes ``OUT/levers.csv`` and prints, per variant, the
+mean ± std over seeds and the paired difference to the base with a 95 % t-interval. A rerun
+resumes: finished rows are kept, and a run cut off part way continues from its last epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import yaml
 warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
 
 from sam_cache import EmbeddingStore  # noqa: E402
-from trainer import TrainConfig, train  # noqa: E402
+from trainer import TrainConfig  # noqa: E402
+from trainer.train import train_or_resume  # noqa: E402
 from trainer.data import PairedCache  # noqa: E402
 from trainer.experiment import StudyConfig  # noqa: E402
 from trainer.stats import mean_std, paired_difference  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> None:
                                              "device": a.device, "out": str(out / "runs" / f"{name}-s{seed}"),
                                              "train_fraction": None if a.fraction >= 1 else a.fraction})
                 t0 = time.perf_counter()
-                result = train(cfg, overwrite=True, log=lambda _: None, cache=cache)
+                result = train_or_resume(cfg, note=print, log=lambda _: None, cache=cache)
                 last = read_rows(out / "runs" / f"{name}-s{seed}" / "metrics.csv")[-1]
                 ledger.record({"variant": name, "seed": seed, "val_best_balanced_accuracy": result["val_best"]["balanced_accuracy"],
                              "val_last_balanced_accuracy": float(last["val_balanced_accuracy"]),

@@ -30,11 +30,14 @@ full set, instead of a handful of one-step epochs; ``runs.csv`` records the step
 Statistics: ``summary.csv`` gives mean ± std over seeds per method and fraction; ``paired.csv``
 gives, per fraction, the per-seed difference of two methods (e.g. SLCA − backbone) with its mean
 and a 95 % t-interval, the test for "does SLCA change anything", in balanced accuracy and in AUC
-(what breast ultrasound CAD papers compare), each with its verdict and its own plot. A rerun
-resumes: rows already in ``runs.csv`` are kept, and a run cut off part way starts again. Each run
-folder keeps ``best.pt`` (the test figures come from it) but not ``last.pt``, which only resuming that run would read: a
-study of a hundred runs would otherwise hold three copies of every model. ``study.json`` holds the resolved recipe (defaults included) and each
-invocation; resuming under another recipe (a default changed since, another ``--set``) is refused.
+(what breast ultrasound CAD papers compare), each with its verdict and its own plot.
+
+A rerun resumes: rows already in ``runs.csv`` are kept, and a run cut off part way continues from
+its last finished epoch (its ``seconds`` then count the rerun's part only). Each finished run's
+folder keeps ``best.pt`` (the test figures come from it) but not ``last.pt``, which only resuming
+it would read: a study of a hundred runs would otherwise hold three copies of every model.
+``study.json`` holds the resolved recipe (defaults included) and each invocation; resuming under
+another recipe (a default changed since, another ``--set``) is refused.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from .metrics import classification_metrics
 from .records import RunLedger, read_rows, write_rows
 from .stats import mean_std, paired_difference, verdict
 from .subset import stratified_subset
-from .train import resolve_device, train
+from .train import resolve_device, train_or_resume
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
 __all__ = ["StudyConfig", "METHODS", "FOCUS_KINDS", "PAIRS", "method_options", "study_pairs", "run_study",
@@ -279,7 +282,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                     else:
                         tcfg = cfg.options(method, str(store), fraction, seed, out / "runs" / f"{method}-f{fraction}-s{seed}")
                         shared = by_set[tcfg.mask_set] if method not in METHODS else cache
-                        result = train(tcfg, overwrite=True, log=lambda _: None, cache=shared)
+                        result = train_or_resume(tcfg, note=log, log=lambda _: None, cache=shared)
                         (Path(tcfg.out) / "last.pt").unlink(missing_ok=True)  # only a run's resume reads it
                         m, best_epoch, steps = result["test"], result["best_epoch"], result["steps"]
                         val = result["val_best"]["balanced_accuracy"]

@@ -47,7 +47,7 @@ from .step import BatchPipeline
 from .subset import split_rows
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
-__all__ = ["train", "TrainError", "resolve_device", "METRIC_KEYS"]
+__all__ = ["train", "train_or_resume", "TrainError", "resolve_device", "METRIC_KEYS"]
 
 RUN_FILES = "config.yaml metrics.csv metrics.json last.pt best.pt curves.png confusion.png attention.png"
 
@@ -123,6 +123,44 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     with distributed.context("cuda" if want_cuda else "cpu") as ctx, contextlib.ExitStack() as stack:
         return _train(cfg, ctx, stack, resume, overwrite, log if ctx.is_main else (lambda s: None), on_epoch, cache,
                       progress and ctx.is_main)
+
+
+def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None, **kwargs) -> dict:
+    """Train ``cfg`` for a driver of many runs (a study, the lever runner): continue the run that
+    was cut off part way in ``cfg.out``, or run it from the start.
+
+    A run folder whose ``last.pt`` holds the same recipe (and, given ``cache``, was trained on the
+    same store) is resumed from its last finished epoch, so a stopped half-hour run loses at most
+    one epoch; one that cannot be (no ``last.pt``, another recipe or store, an unreadable file) is
+    started again and its files replaced, and ``note`` is told which and why.
+
+    Arguments:
+      cfg: the recipe; its ``out`` is the run folder, which the driver owns.
+      note: where the one line on resuming or starting again goes (default: this module's logger).
+      kwargs: passed to :func:`train` (``log``, ``cache``, ``on_epoch``, ``progress``).
+
+    Returns:
+      What :func:`train` returns.
+
+    Raises:
+      What :func:`train` raises, except for a run folder already there.
+    """
+    note = note or _LOG.info
+    out = Path(cfg.out)
+    if not (out / "last.pt").exists():
+        return train(cfg, overwrite=True, **kwargs)
+    try:
+        state = load_checkpoint(out / "last.pt")
+        _check_resume(cfg, state, out)
+        if kwargs.get("cache") is not None:
+            _check_resumed_store(kwargs["cache"].store, state, out)
+    except TrainError as exc:
+        note(f"{out}: starting again, its last.pt cannot be resumed: {exc}")
+        return train(cfg, overwrite=True, **kwargs)
+    done = state.epoch + 1
+    note(f"{out}: resuming after epoch {done} of {cfg.epochs}" if done < cfg.epochs else
+         f"{out}: its {done} epochs had run; scoring its best.pt")
+    return train(cfg, resume=True, **kwargs)
 
 
 def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -> dict:

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from cli.slca_train import app
 from sam_cache import EmbeddingStore, extract_dataset
 from trainer import TrainConfig, TrainError, build_model, train
+from trainer.train import train_or_resume
 
 RUN_FILES = {"config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt", "curves.png", "confusion.png",
              "attention.png"}
@@ -192,6 +193,29 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_store, tmp_
     a, b = _csv(tmp_path / "full" / "metrics.csv"), _csv(tmp_path / "cut" / "metrics.csv")
     assert [float(r["train_loss"]) for r in a] == pytest.approx([float(r["train_loss"]) for r in b], rel=1e-5)
     assert resumed["test"]["confusion"] == full["test"]["confusion"]
+
+
+def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(tiny_store, tmp_path):
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_store, tmp_path / "cut"), log=lambda s: None, on_epoch=stop_after_first)
+    first = _csv(tmp_path / "cut" / "metrics.csv")
+    notes, epochs = [], []
+    result = train_or_resume(_cfg(tiny_store, tmp_path / "cut"), note=notes.append, log=lambda s: None,
+                             on_epoch=lambda row: epochs.append(row["epoch"]))
+    assert epochs == [2] and notes == [f"{tmp_path / 'cut'}: resuming after epoch 1 of 2"]
+    rows = _csv(tmp_path / "cut" / "metrics.csv")
+    assert rows[0] == first[0] and len(rows) == 2 and result["epochs_run"] == 2
+
+    # another recipe in the same folder cannot continue that run: it starts again, and says why
+    notes, epochs = [], []
+    train_or_resume(_cfg(tiny_store, tmp_path / "cut", lr=0.01), note=notes.append, log=lambda s: None,
+                    on_epoch=lambda row: epochs.append(row["epoch"]))
+    assert epochs == [1, 2] and len(notes) == 1 and "starting again" in notes[0] and "in lr" in notes[0]
+    assert float(_csv(tmp_path / "cut" / "metrics.csv")[0]["lr"]) != float(first[0]["lr"])
 
 
 def test_nan_loss_is_a_clear_error(tiny_store, tmp_path):
