@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from sam_cache.outputs import atomic_write
+
 from .config import TrainConfig
 from .experiment import PER_RUN_OPTIONS, method_options, summarize_study
 from .records import read_rows, write_rows
@@ -42,12 +44,14 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
 
     Raises:
       ConfigError: a source has no ``runs.csv``, two trained runs had different recipes (the message
-        names the runs and options), the sources' stores differ, or a (method, fraction, seed) is
-        in two sources with different results.
+        names the runs and options), the sources' stores differ, a (method, fraction, seed) is
+        in two sources with different results, or ``out`` holds a study that is not a merge (its
+        rows would be replaced: an earlier merge is the only study a merge writes over).
     """
     from .errors import ConfigError
 
     out = Path(out)
+    _refuse_a_study(out)
     rows, seen, recipes, record = [], {}, {}, {"merged_from": []}
     for src in map(Path, sources):
         if not (src / "runs.csv").exists():
@@ -78,8 +82,23 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
         record["recipe"] = json.loads(json.dumps(ref))
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / "runs.csv")
-    (out / "study.json").write_text(json.dumps(record, indent=2))
+    atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(record, indent=2)))
     return summarize_study(out)
+
+
+def _refuse_a_study(out: Path) -> None:
+    """A merge is derived from its sources and may be written again; a study's own ``runs.csv`` is not."""
+    from .errors import ConfigError
+
+    if not (out / "runs.csv").exists():
+        return
+    try:
+        merged = "merged_from" in json.loads((out / "study.json").read_text())
+    except (OSError, ValueError):
+        merged = False
+    if not merged:
+        raise ConfigError(f"--out {out} holds a study (runs.csv) that is not a merge: merging into it would replace "
+                          "its rows; give the merge a folder of its own")
 
 
 def _provenance(src: Path, info: dict) -> list[dict]:

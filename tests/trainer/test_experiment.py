@@ -77,6 +77,12 @@ def test_study_end_to_end_with_paired_differences_and_resume(tiny_store, tmp_pat
     assert [m["study"] for m in kept["merged_from"]] == [str(tmp_path / h) for h in "ab"]
     assert kept["recipe"]["lr"] == 1e-3 and not any("recipe" in m for m in kept["merged_from"])
     assert all(len(m["invocations"]) == 2 for m in kept["merged_from"])
+    # a merge may be written again, a study's own rows are never replaced by one
+    merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "merged3")
+    before = (tmp_path / "a" / "runs.csv").read_text()
+    with pytest.raises(ConfigError, match=r"--out .*a holds a study \(runs.csv\) that is not a merge"):
+        merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "a")
+    assert (tmp_path / "a" / "runs.csv").read_text() == before
     # a run trained with another recipe is refused, by name
     cfg_file = next((tmp_path / "b" / "runs").glob("slca-*/config.yaml"))
     cfg_file.write_text(cfg_file.read_text().replace("lr: 0.001", "lr: 0.002"))
