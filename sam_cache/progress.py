@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def _clock(seconds: float) -> str:
@@ -25,14 +25,13 @@ def _clock(seconds: float) -> str:
 
 
 class Bar:
-    """The handle :func:`progress` yields: count work done with :meth:`advance` or :meth:`set`."""
+    """The handle :func:`progress` yields: count work done with :meth:`advance` or :meth:`set`.
+    This base shows nothing (progress disabled, or a transient bar in a file)."""
 
-    def __init__(self, label: str, total: int, unit: str, draw, write, interval: float):
+    def __init__(self, label: str, total: int, unit: str = ""):
         self.label, self.total, self.unit = label, int(total), unit
         self.completed = 0
-        self._draw, self._write, self._interval = draw, write, interval
-        self._t0 = self._last = time.perf_counter()
-        self._said = -1  # the count the last line showed
+        self._t0 = time.perf_counter()
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` more units done."""
@@ -41,15 +40,39 @@ class Bar:
     def set(self, completed: int) -> None:
         """Set the count of units done to ``completed``."""
         self.completed = int(completed)
-        now = time.perf_counter()
-        if self._draw is not None:
-            self._draw(self.completed, self.rate(now))
-        elif self._write is not None and (now - self._last >= self._interval or self.completed >= self.total):
-            self._line(now)
+        self._show(time.perf_counter())
 
     def rate(self, now: float | None = None) -> float:
         """Units a second since the bar opened."""
         return self.completed / max((now or time.perf_counter()) - self._t0, 1e-9)
+
+    def _show(self, now: float) -> None:
+        pass
+
+
+class _LiveBar(Bar):
+    """A rich bar on a terminal, drawn by ``draw(completed, rate)``."""
+
+    def __init__(self, label: str, total: int, unit: str, draw: Callable[[int, float], None]):
+        super().__init__(label, total, unit)
+        self._draw = draw
+
+    def _show(self, now: float) -> None:
+        self._draw(self.completed, self.rate(now))
+
+
+class _LineBar(Bar):
+    """Plain lines through ``write``: one now, one at most every ``interval`` seconds, one at the end."""
+
+    def __init__(self, label: str, total: int, unit: str, write: Callable[[str], None], interval: float):
+        super().__init__(label, total, unit)
+        self._write, self._interval = write, interval
+        self._said = -1  # the count the last line showed
+        self._line(self._t0)  # the start: the job is running, and how much it has to do
+
+    def _show(self, now: float) -> None:
+        if now - self._last >= self._interval or self.completed >= self.total:
+            self._line(now)
 
     def _line(self, now: float) -> None:
         self._last, self._said = now, self.completed
@@ -64,8 +87,9 @@ class Bar:
                 text += f", eta {_clock((self.total - self.completed) / rate)}"
         self._write(text)
 
-    def _close(self) -> None:
-        if self._write is not None and self._said != self.completed:
+    def close(self) -> None:
+        """The end line, unless the last line already showed this count."""
+        if self._said != self.completed:
             self._line(time.perf_counter())
 
 
@@ -92,19 +116,18 @@ def progress(label: str, total: int, *, enabled: bool = True, unit: str = "", tr
 
     console = console or Console()
     if not enabled or (transient and not console.is_terminal):
-        yield Bar(label, total, unit, None, None, interval)
+        yield Bar(label, total, unit)
         return
     if not console.is_terminal:
         def write(text: str) -> None:
             console.file.write(text + "\n")
             console.file.flush()
 
-        bar = Bar(label, total, unit, None, write, interval)
-        bar._line(bar._t0)  # the start: the job is running, and how much it has to do
+        bar = _LineBar(label, total, unit, write, interval)
         try:
             yield bar
         finally:
-            bar._close()
+            bar.close()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -114,4 +137,4 @@ def progress(label: str, total: int, *, enabled: bool = True, unit: str = "", tr
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=transient) as live:
         task = live.add_task(label, total=total, rate=0.0)
-        yield Bar(label, total, unit, lambda done, rate: live.update(task, completed=done, rate=rate), None, interval)
+        yield _LiveBar(label, total, unit, lambda done, rate: live.update(task, completed=done, rate=rate))
