@@ -35,7 +35,7 @@ def _train(ctx: typer.Context, config: Optional[str], resume: bool, overwrite: b
             err_console.print("[bold red]error:[/] --cache and --out are required (slca-train --help)")
             raise typer.Exit(2)
         cfg = TrainConfig.from_dict(flags, source="options")
-        train(cfg, resume=resume, overwrite=overwrite, log=say, progress=console.is_terminal)
+        train(cfg, resume=resume, overwrite=overwrite, log=say, progress=True)
 
 
 def _train_signature() -> inspect.Signature:
@@ -118,7 +118,7 @@ def predict_command(o: PredictOptions, reading: ReadingConfig) -> None:
 
     with user_errors():
         r = predict_data(o.checkpoint, o.data, o.out, store=o.store, encoder_checkpoint=o.encoder_checkpoint,
-                         device=o.device, batch_size=o.batch_size, progress=console.is_terminal, log=say,
+                         device=o.device, batch_size=o.batch_size, progress=True, log=say,
                          overwrite=o.overwrite, allow_partial=o.allow_partial, results_format=o.results_format,
                          topk=o.topk, reading=reading)
     say(f"wrote {r['rows']} predictions to {r['out']}")

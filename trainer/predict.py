@@ -64,7 +64,8 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         their sha256 must be the training store's.
       device: default CUDA when available.
       batch_size: default the run's.
-      progress: progress bars for extraction and prediction.
+      progress: show progress: extraction's bar on a terminal or its lines in a file (see
+        :mod:`sam_cache.progress`), and prediction's bar on a terminal only.
       log: where the one-off lines go (default: this module's logger, at INFO).
       overwrite: replace an existing ``out`` that is not a predictions file (refused otherwise; a
         rerun replaces its own predictions).

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
       on_epoch: called with each epoch's metrics row.
       cache: a :class:`PairedCache` already loaded (sweeps and studies load a store once for all
         runs); by default the run loads its own from ``cfg.cache``.
-      progress: show a progress bar within each epoch (use it on a terminal only).
+      progress: a progress bar within each epoch, on a terminal (in a file or a pipe it writes nothing).
 
     Returns:
       The content of ``metrics.json``: test metrics of the best checkpoint, best epoch, cache mode.

@@ -46,6 +46,8 @@ def test_predict_new_unlabelled_images(run, sample_dir, tmp_path):
                                  "--out", str(tmp_path / "p.csv"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "wrote 3 predictions" in result.output and "labelled:" not in result.output
+    # the extraction of the new images shows progress in a file too (a start and an end line)
+    assert ": 0/3\n" in result.output and ": 3/3 (100 %)" in result.output
     rows = _rows(tmp_path / "p.csv")
     names = json.loads((run / "metrics.json").read_text())["class_names"]
     assert [r["id"] for r in rows] == ["scan0.png", "scan1.png", "scan2.png"]
