@@ -18,7 +18,8 @@ and the swept flags::
 Outputs in the sweep folder: ``trials.csv`` (one row per finished trial, rewritten as trials
 finish), ``trials/NNNN/`` (each trial's run folder), ``best.yaml`` (the best trial's full
 recipe, which ``slca-train --config best.yaml`` reruns as is) and, for Optuna, ``optuna.db``.
-An interrupted sweep resumes: finished trials are kept and not run again.
+An interrupted sweep resumes: finished trials are kept and not run again, and a grid trial cut off
+part way continues from its last epoch (an Optuna trial, whose pruner saw its epochs, starts over).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .errors import ConfigError, TrainError
 from sam_cache.outputs import atomic_write
 
 from .records import RunLedger
-from .train import resolve_device, train
+from .train import resolve_device, train, train_or_resume
 
 _LOG = logging.getLogger(__name__)  # the default of ``log``: silent unless logging is configured (timm's habit)
 __all__ = ["SweepSpace", "load_space", "run_sweep"]
@@ -167,7 +168,10 @@ def run_sweep(cache: str | Path, space: SweepSpace, out: str | Path, device: str
         cfg = TrainConfig.from_dict({"device": str(dev), **space.base, **params, "cache": str(cache),
                                      "out": str(out / "trials" / f"{number:04d}")})
         t0 = time.perf_counter()
-        result = train(cfg, overwrite=True, log=lambda s: None, cache=cache_obj, on_epoch=report)
+        if report is None:  # a grid trial cut off part way continues; a pruned search's trial starts over
+            result = train_or_resume(cfg, note=log, log=lambda s: None, cache=cache_obj)
+        else:
+            result = train(cfg, overwrite=True, log=lambda s: None, cache=cache_obj, on_epoch=report)
         row = {"trial": number, "status": "complete", **{k: json.dumps(v) if isinstance(v, list) else v
                                                          for k, v in params.items()},
                **{f"val_{k}": result["val_best"][k] for k in METRIC_KEYS}, "val_loss": result["val_best_loss"],

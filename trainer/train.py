@@ -159,7 +159,7 @@ def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None,
         return train(cfg, overwrite=True, **kwargs)
     done = state.epoch + 1
     note(f"{out}: resuming after epoch {done} of {cfg.epochs}" if done < cfg.epochs else
-         f"{out}: its {done} epochs had run; scoring its best.pt")
+         f"{out}: it had finished ({done} of {cfg.epochs} epochs); scoring its best.pt")
     return train(cfg, resume=True, **kwargs)
 
 

@@ -40,9 +40,11 @@ def test_grid_sweep_of_eight_trials_reads_the_store_once_and_resumes(tiny_store,
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows[:5])
-    again = []
-    run_sweep(tiny_store, space, tmp_path / "sweep", device="cpu", on_trial=again.append, log=lambda s: None)
+    again, said = [], []
+    run_sweep(tiny_store, space, tmp_path / "sweep", device="cpu", on_trial=again.append, log=said.append)
     assert [r["trial"] for r in again] == [5, 6, 7]
+    # their folders hold finished runs (cut off before the ledger row): scored again, not retrained
+    assert sum("it had finished (1 of 1 epochs); scoring its best.pt" in line for line in said) == 3
     assert len(_rows(tmp_path / "sweep" / "trials.csv")) == 8
 
 
