@@ -10,6 +10,7 @@ from pathlib import Path
 from sam_cache.outputs import atomic_write
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .experiment import PER_RUN_OPTIONS, method_options, summarize_study
 from .records import read_rows, write_rows
 
@@ -48,8 +49,6 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
         in two sources with different results, or ``out`` holds a study that is not a merge (its
         rows would be replaced: an earlier merge is the only study a merge writes over).
     """
-    from .errors import ConfigError
-
     out = Path(out)
     _refuse_a_study(out)
     rows, seen, recipes, record = [], {}, {}, {"merged_from": []}
@@ -88,8 +87,6 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
 
 def _refuse_a_study(out: Path) -> None:
     """A merge is derived from its sources and may be written again; a study's own ``runs.csv`` is not."""
-    from .errors import ConfigError
-
     if not (out / "runs.csv").exists():
         return
     try:
