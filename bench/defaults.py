@@ -49,6 +49,33 @@ def _parse(text: str) -> tuple[str, dict]:
     return name.strip(), parse_sets(rest.split())
 
 
+PER_RUN = ("out", "cache", "device", "seed", "subset_seed")  # what differs between a folder's runs by design
+
+
+def _recipe(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.flat().items() if k not in PER_RUN}
+
+
+def _check_base(out: Path, config) -> None:
+    """Refuse to add rows to ``out`` when its base was trained on another recipe than this base
+    (a default changed since, or other ``--set`` values): new variants would be compared with a
+    base they do not share. Reads the ``recipe`` that ``levers.yaml`` records (written before the
+    first run since 2026-12-07) and each ``runs/base-sN/config.yaml``; names what differs."""
+    want = _recipe(config("base", 0))
+    sources = [(path, TrainConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path)))
+               for path in sorted((out / "runs").glob("base-s*/config.yaml"))]
+    recorded = out / "levers.yaml"
+    if recorded.exists() and "recipe" in (yaml.safe_load(recorded.read_text()) or {}):
+        sources.append((recorded, yaml.safe_load(recorded.read_text())["recipe"]))
+    for path, have in sources:
+        have = _recipe(have) if isinstance(have, TrainConfig) else have
+        differ = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+        if differ:
+            raise SystemExit(f"{path}: this folder's base ran on another recipe ("
+                             + ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
+                             + "); pass --set to match it, or use another --out")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True)
@@ -65,7 +92,16 @@ def main() -> None:
     variants = {"base": {}, **variants}
     seeds = list(parse_seeds(a.seeds))
     out = Path(a.out)
+
+    def config(name: str, seed: int) -> TrainConfig:
+        return TrainConfig.from_dict({**base, **variants[name], "cache": a.store, "seed": seed, "subset_seed": seed,
+                                      "device": a.device, "out": str(out / "runs" / f"{name}-s{seed}"),
+                                      "train_fraction": None if a.fraction >= 1 else a.fraction})
+
+    _check_base(out, config)
     out.mkdir(parents=True, exist_ok=True)
+    record = {"base": base, "variants": variants, "recipe": _recipe(config("base", 0))}
+    (out / "levers.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     ledger = RunLedger(out / "levers.csv", {"variant": str, "seed": int})
     rows = ledger.rows
     dev = torch.device(a.device)
@@ -74,11 +110,8 @@ def main() -> None:
             for name, opts in variants.items():
                 if ledger.done(name, seed):
                     continue
-                cfg = TrainConfig.from_dict({**base, **opts, "cache": a.store, "seed": seed, "subset_seed": seed,
-                                             "device": a.device, "out": str(out / "runs" / f"{name}-s{seed}"),
-                                             "train_fraction": None if a.fraction >= 1 else a.fraction})
                 t0 = time.perf_counter()
-                result = train_or_resume(cfg, note=print, log=lambda _: None, cache=cache)
+                result = train_or_resume(config(name, seed), note=print, log=lambda _: None, cache=cache)
                 last = read_rows(out / "runs" / f"{name}-s{seed}" / "metrics.csv")[-1]
                 ledger.record({"variant": name, "seed": seed, "val_best_balanced_accuracy": result["val_best"]["balanced_accuracy"],
                              "val_last_balanced_accuracy": float(last["val_balanced_accuracy"]),
@@ -86,7 +119,6 @@ def main() -> None:
                              "steps": result["steps"], "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"{name:>15} seed {seed}  val best {rows[-1]['val_best_balanced_accuracy']:.3f}  "
                       f"last {rows[-1]['val_last_balanced_accuracy']:.3f}", flush=True)
-    (out / "levers.yaml").write_text(yaml.safe_dump({"base": base, "variants": variants}, sort_keys=False))
     print(f"| variant | changes | val bal. acc. (selected epoch) | last epoch | Δ last epoch vs base, 95 % interval |")
     print("|---|---|---|---|---|")
     by = lambda v, k: {int(r["seed"]): float(r[k]) for r in rows if r["variant"] == v}  # noqa: E731
