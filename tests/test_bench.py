@@ -37,6 +37,22 @@ def test_train_bench_writes_its_ratios(tmp_path):
     assert r["cache_mode"] == "host"
 
 
+def test_lever_runner_refuses_a_folder_whose_base_ran_on_another_recipe(tiny_store, tmp_path):
+    """bench/defaults.py compares each variant with the base runs in its folder: rows added on another
+    base recipe (other --set values, or a default changed since) are refused, naming what differs."""
+    cmd = [sys.executable, str(ROOT / "bench" / "defaults.py"), "--store", str(tiny_store), "--out", str(tmp_path),
+           "--seeds", "0", "--variant", "lr_low: lr=3e-4", "--set", "backbone=resnet10t", "img_size=32", "epochs=1",
+           "batch_size=4", "min_steps=0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "recipe" in (tmp_path / "levers.yaml").read_text()
+    other = subprocess.run(cmd + ["fuse=meanstd"], capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "fuse: 'none' there, 'meanstd' now" in other.stderr, other.stderr[-2000:]
+    assert "fuse: none" in (tmp_path / "runs" / "base-s0" / "config.yaml").read_text()  # nothing retrained
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the same base: resumes, trains nothing
+    assert again.returncode == 0 and "lr_low seed 0" not in again.stdout, again.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_stored_form_bench_compares_float16_with_int8(tiny_store, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "stored_form.py"), "--store", str(tiny_store),
@@ -59,7 +75,7 @@ def test_gate_strength_measures_how_far_trained_gates_moved(tiny_store, tmp_path
     base = dict(cache=str(tiny_store), epochs=1, batch_size=4, img_size=32, device="cpu")
     train(TrainConfig(out=str(tmp_path / "slca"), lr=0.05, **base), log=lambda s: None)  # TrainConfig(...) as users write it
     moved = gate_strength(tmp_path / "slca", rows=3)
-    assert list(moved) == ["layer1", "layer2", "layer3", "layer4"]
+    assert list(moved) == ["stages.0", "stages.1", "stages.2", "stages.3"]  # the default backbone: TinyViT
     assert all(0 < m <= x for m, x in moved.values())  # a trained gate is no longer exactly 1
     train(TrainConfig(out=str(tmp_path / "plain"), slca=False, **base), log=lambda s: None)
     with pytest.raises(ValueError, match="without SLCA"):
