@@ -293,8 +293,8 @@ def test_bad_images_are_skipped_by_name_and_the_rest_is_stored(sample_dir, tmp_p
 # --- training does not go ahead on wrong data -----------------------------------------------------
 
 def _cfg(store, out, **kw):
-    return TrainConfig.from_dict({"cache": str(store), "out": str(out), "epochs": 1, "batch_size": 4, "img_size": 32,
-                                  "device": "cpu", **kw})
+    return TrainConfig.from_dict({"cache": str(store), "out": str(out), "backbone": "resnet18", "epochs": 1, "batch_size": 4,
+                                  "img_size": 32, "device": "cpu", **kw})
 
 
 def test_an_incomplete_store_is_refused_unless_asked_and_absent_classes_are_named(tiny_store, tmp_path):

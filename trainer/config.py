@@ -37,6 +37,9 @@ GATES = ("scaled", "residual")
 FUSIONS = ("none", "mean", "meanstd")
 from .focus import MODES as FOCUS_MODES, focus_mode  # noqa: E402  (the registered focus modes, live)
 from .cache_head import HEADS  # noqa: E402  (the one list of cache-only heads)
+from .litemedsam_weights import LITEMEDSAM, TIMM_MODEL  # noqa: E402  (the default backbone and its weights)
+
+AUTO_WEIGHTS = "auto"  # --pretrained-path's default: LiteMedSAM's weights for TinyViT, none for other backbones
 
 
 @dataclass
@@ -92,8 +95,10 @@ class TrainConfig:
     cache: str = opt(help="Store made by `samcache extract` (with --image-size).")
     out: str = opt(help="Run folder (config, metrics, checkpoints, figures).")
     # model
-    backbone: str = opt("resnet18", sweep=True,
+    backbone: str = opt(TIMM_MODEL, sweep=True,
                         help="timm model name with feature_info; tagged, hf-hub: and local-dir: names work too; "
+                             "the default is TinyViT with LiteMedSAM's weights (see --pretrained-path), chosen on "
+                             "validation over three datasets (bench/RESULTS.md); "
                              "none: no image backbone, a head on the cached embedding alone (--head; SLCA and "
                              "fusion off).")
     head: str = opt("attention", choices=HEADS, sweep=True,
@@ -101,14 +106,18 @@ class TrainConfig:
     backbone_kwargs: dict = opt(factory=dict, help="JSON of extra timm model arguments.")
     pretrained: bool = opt(False, flag="--pretrained", help="Load timm's default weights for the backbone (from timm's "
                                                            "cache or hub; honours HF_HUB_OFFLINE).")
-    pretrained_path: str | None = opt(None, help="Local backbone weights file (implies --pretrained); loaded "
-                                                 "strictly, but for the classifier.")
+    pretrained_path: str | None = opt(AUTO_WEIGHTS, help="Local backbone weights file, or litemedsam (LiteMedSAM's "
+                                                         "TinyViT encoder, packaged; for tiny_vit_5m_224); implies "
+                                                         "--pretrained; loaded strictly, but for the classifier. auto: "
+                                                         "litemedsam for tiny_vit_5m_224 unless --pretrained asks for "
+                                                         "timm's weights, none for any other backbone; none: no file.")
     pretrained_partial: bool = opt(False, flag="--pretrained-partial",
                                    help="Load the keys of --pretrained-path that fit and skip the rest, on purpose.")
     slca: SLCAConfig = field(default_factory=SLCAConfig)
-    fuse: str = opt("meanstd", choices=FUSIONS, sweep=True,
+    fuse: str = opt("none", choices=FUSIONS, sweep=True,
                     help="Join statistics of the cached embedding (over the image crop) to the head: mean (256) or "
-                         "mean and std (512) per channel; none leaves them out.")
+                         "mean and std (512) per channel; none leaves them out. With ResNet-18 from scratch, "
+                         "meanstd helps on little data.")
     focus: str = opt("none", choices=FOCUS_MODES, sweep=True,
                      help="Use the store's mask (`samcache masks`) as a visual prompt: tint it onto the image "
                           "(overlay, MedFocusCLIP's), darken the background, crop to the mask's box, or add it as a "
@@ -172,6 +181,10 @@ class TrainConfig:
         validate_fields(self)
         if self.train_fraction is not None and self.shots is not None:
             raise ConfigError("train_fraction and shots: pass one of them, not both")
+        if self.pretrained_path == AUTO_WEIGHTS:  # resolved here, so config.yaml records what was loaded
+            self.pretrained_path = LITEMEDSAM if self.backbone == TIMM_MODEL and not self.pretrained else None
+        elif self.pretrained_path in ("none", ""):
+            self.pretrained_path = None
         if self.pretrained_path is not None:
             self.pretrained = True
         if self.backbone == "none":  # a head on the cache alone: nothing for SLCA to gate or fusion to add to

@@ -73,7 +73,7 @@ METHODS: dict[str, dict | None] = {
     "backbone": {"slca": False, "fuse": "none"},
     "slca": {"slca": True, "fuse": "none"},
     "fuse": {"slca": False, "fuse": "meanstd"},
-    "fuse_slca": {"slca": True, "fuse": "meanstd"},  # the default recipe
+    "fuse_slca": {"slca": True, "fuse": "meanstd"},  # slca-train's default recipe until 2026-12-07
     "focus": {"slca": False, "fuse": "none", "focus": "background"},  # the mode is StudyConfig.focus's
     "focus_slca": {"slca": True, "fuse": "none", "focus": "background"},
     "cache_head": {"backbone": "none", "slca": False, "fuse": "none"},  # no image backbone: trainer/cache_head.py
@@ -95,8 +95,7 @@ FOCUS_KINDS = {"focus": "focus", "focus_slca": "focus_slca", "focus_fuse_slca": 
 def method_options(name: str) -> dict | None:
     """The training options of a study method (None: a linear probe): a name of ``METHODS``, or
     ``KIND-MODE-SET``: focus mode ``MODE`` with the store's mask set ``SET`` on the backbone alone
-    (``focus-``), with SLCA (``focus_slca-``) or on the default recipe, SLCA and fusion
-    (``focus_fuse_slca-``).
+    (``focus-``), with SLCA (``focus_slca-``) or with SLCA and fusion (``focus_fuse_slca-``).
 
     Raises:
       ConfigError: an unknown method, focus mode or mask-set name.

@@ -18,7 +18,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 
 
 def _cfg(store, out, **kw):
-    base = dict(cache=str(store), out=str(out), epochs=2, batch_size=4, img_size=32, device="cpu")
+    base = dict(cache=str(store), out=str(out), backbone="resnet18", epochs=2, batch_size=4, img_size=32, device="cpu")
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -32,7 +32,7 @@ def _csv(path):
 def slca_run(tiny_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "slca"
     result = runner.invoke(app, ["--cache", str(tiny_store), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-                                 "--img-size", "32", "--device", "cpu"])
+                                 "--img-size", "32", "--device", "cpu", "--backbone", "resnet18", "--fuse", "meanstd"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -72,7 +72,8 @@ def test_eval_reproduces_the_test_metrics(slca_run, tiny_store):
 def test_no_slca_trains_the_same_backbone_on_the_same_data_order(slca_run, tiny_store, tmp_path):
     out, _ = slca_run
     result = runner.invoke(app, ["--cache", str(tiny_store), "--out", str(tmp_path / "plain"), "--epochs", "2",
-                                 "--batch-size", "4", "--img-size", "32", "--device", "cpu", "--no-slca"])
+                                 "--batch-size", "4", "--img-size", "32", "--device", "cpu", "--no-slca",
+                                 "--backbone", "resnet18"])
     assert result.exit_code == 0, result.output
     assert "no SLCA" in result.output
     plain, slca = _csv(tmp_path / "plain" / "metrics.csv"), _csv(out / "metrics.csv")

@@ -21,8 +21,8 @@ runner = CliRunner(env={"COLUMNS": "200"})
 
 
 def _cfg(store, out, **kw):
-    return TrainConfig.from_dict({"cache": str(store), "out": str(out), "epochs": 1, "batch_size": 4, "img_size": 32,
-                                  "device": "cpu", **kw})
+    return TrainConfig.from_dict({"cache": str(store), "out": str(out), "backbone": "resnet18", "epochs": 1, "batch_size": 4,
+                                  "img_size": 32, "device": "cpu", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_export_is_a_plain_timm_state_dict(run, tiny_store, tmp_path):
 
 
 def test_export_keeps_slca_weights_apart(tiny_store, tmp_path):
-    train(_cfg(tiny_store, tmp_path / "slca", slca=True), log=lambda s: None)  # the default: SLCA and fusion
+    train(_cfg(tiny_store, tmp_path / "slca", slca=True, fuse="meanstd"), log=lambda s: None)  # SLCA and fusion
     from trainer.export import export_checkpoint
 
     info = export_checkpoint(tmp_path / "slca" / "best.pt", tmp_path / "x.pth")
@@ -218,6 +218,24 @@ def test_litemedsam_weights_map_onto_timm_tiny_vit():
         for block in lite.image_encoder.layers[1].blocks:
             tokens = block(tokens)
     assert torch.allclose(ours.reshape(1, -1, 128), tokens, atol=1e-4)
+
+
+def test_the_default_backbone_is_litemedsams_tiny_vit_and_no_other_backbone_inherits_its_weights(tmp_path):
+    """The default recipe (chosen on validation, bench/RESULTS.md) is TinyViT with LiteMedSAM's weights
+    and SLCA, without fusion; ``auto`` gives those weights to tiny_vit_5m_224 only, and what was
+    loaded is what config.yaml records."""
+    from trainer.model import build_model
+
+    default = TrainConfig(cache="s.zarr", out=str(tmp_path / "r"))
+    assert (default.backbone, default.pretrained_path, default.pretrained) == ("tiny_vit_5m_224", "litemedsam", True)
+    assert default.slca.enabled and default.fuse == "none"
+    assert TrainConfig.from_dict(default.to_dict()).pretrained_path == "litemedsam"  # config.yaml's reading back
+    for kw in ({"backbone": "resnet18"}, {"backbone": "none"}, {"pretrained_path": "none"}, {"pretrained": True}):
+        cfg = TrainConfig(cache="s.zarr", out="r", **kw)  # other backbones, from scratch, timm's weights
+        assert cfg.pretrained_path is None, kw
+    assert TrainConfig(cache="s.zarr", out="r", backbone="resnet18").pretrained is False
+    model, weights = build_model(TrainConfig(cache="s.zarr", out="r", img_size=64), 3)
+    assert weights["source"] == "litemedsam" and type(model.backbone).__name__ == "TinyVit"
 
 
 def test_a_store_for_other_tools(tiny_store, tmp_path):
