@@ -101,7 +101,8 @@ def eval_command(o: EvalOptions) -> None:
     from trainer.metrics import format_metrics
 
     with user_errors():
-        m = evaluate_checkpoint(o.checkpoint, o.cache, o.split, o.device, allow_partial=o.allow_partial)
+        m = evaluate_checkpoint(o.checkpoint, o.cache, o.split, o.device, allow_partial=o.allow_partial,
+                                threads=o.threads)
     if o.as_json:
         print(json.dumps(m, indent=2))
         return
@@ -120,7 +121,7 @@ def predict_command(o: PredictOptions, reading: ReadingConfig) -> None:
         r = predict_data(o.checkpoint, o.data, o.out, store=o.store, encoder_checkpoint=o.encoder_checkpoint,
                          device=o.device, batch_size=o.batch_size, progress=True, log=say,
                          overwrite=o.overwrite, allow_partial=o.allow_partial, results_format=o.results_format,
-                         topk=o.topk, reading=reading)
+                         topk=o.topk, reading=reading, threads=o.threads)
     say(f"wrote {r['rows']} predictions to {r['out']}")
     m = r["metrics"]
     if m is not None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sam_cache.store import EmbeddingStore, StoreMismatchError
+from sam_cache.threads import cpu_threads
 
 from .checkpoint import RunCheckpoint, load_checkpoint
 from .config import TrainConfig
@@ -74,7 +75,7 @@ def check_encoder_side(store: EmbeddingStore, state: RunCheckpoint, checkpoint: 
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None, split: str = "test",
-                        device: str | None = None, allow_partial: bool = False) -> dict:
+                        device: str | None = None, allow_partial: bool = False, threads: int = 0) -> dict:
     """Evaluate a saved model on a split of a store.
 
     Arguments:
@@ -84,6 +85,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None,
       split: ``train``, ``val``, ``test`` or ``all``.
       device: default CUDA when available.
       allow_partial: evaluate the done rows of a store whose extraction has not finished.
+      threads: CPU threads (0: torch's default); a fixed count repeats the metrics on one machine.
 
     Returns:
       :func:`~trainer.metrics.classification_metrics` plus ``loss``, ``split``, ``store`` and ``checkpoint``.
@@ -105,7 +107,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path | None = None,
             raise TrainError(f"store {path} has no done samples in split {split!r}")
         dev = next(model.parameters()).device
         with PairedCache(store, rows, dev, cfg.residency, embeddings=model.needs_embeddings,
-                         masks=cfg.focus_masks) as c:
+                         masks=cfg.focus_masks) as c, cpu_threads(threads):
             y, p, loss = predict(model, BatchPipeline(model, cfg, dev), c, rows, cfg.batch_size,
                                  cfg.amp and dev.type == "cuda")
     out = classification_metrics(y, p)

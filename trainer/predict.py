@@ -34,6 +34,7 @@ from sam_cache.extract_config import ReadingConfig
 
 from sam_cache.outputs import OutputError, atomic_write, refuse_overlap
 from sam_cache.progress import progress as show_progress
+from sam_cache.threads import cpu_threads
 
 from .data import PairedCache
 from .errors import TrainError
@@ -52,7 +53,8 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
                  encoder_checkpoint: str | Path | None = None, device: str | None = None,
                  batch_size: int | None = None, progress: bool = False,
                  log: Callable[[str], None] | None = None, overwrite: bool = False, allow_partial: bool = False,
-                 reading: ReadingConfig | None = None, results_format: str | None = None, topk: int = 1) -> dict:
+                 reading: ReadingConfig | None = None, results_format: str | None = None, topk: int = 1,
+                 threads: int = 0) -> dict:
     """Predict every sample of ``data`` with the model of ``checkpoint``; write ``out`` (CSV or JSON).
 
     Arguments:
@@ -74,6 +76,8 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
       reading: how a dataset is read (CSV columns, NIfTI slicing); default ``ReadingConfig()``.
       results_format: ``csv`` or ``json``; default from ``out``'s suffix (``.json``: JSON, else CSV).
       topk: how many ranked classes each sample lists (1: the predicted class only).
+      threads: CPU threads for the extraction and the model (0: torch's default); a fixed count
+        repeats the probabilities to the last digit on one machine (:mod:`sam_cache.threads`).
 
     Returns:
       ``{"rows", "out", "store", "metrics", "format"}``; ``metrics`` is None without labels.
@@ -116,7 +120,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
         result = extract_dataset(manifest, store_path, sig["encoder"], checkpoint=encoder_checkpoint,
                                  random_weights=bool(sig["random_weights"]), image_size=sig["image_size"],
                                  window=sig["preprocessing"]["window"], progress=progress,
-                                 num_workers=min(4, os.cpu_count() or 1))
+                                 num_workers=min(4, os.cpu_count() or 1), threads=threads)
         if result.skipped:
             log(f"warning: {len(result.skipped)} image(s) could not be read and get no prediction "
                 f"(first: {result.skipped[0]['source']}: {result.skipped[0]['error']})")
@@ -140,7 +144,7 @@ def predict_data(checkpoint: str | Path, data: str | Path, out: str | Path, stor
                 f"{names}: no metrics")
         pipeline = BatchPipeline(model, cfg, dev)
         with PairedCache(s, rows, dev, "auto", embeddings=model.needs_embeddings, masks=cfg.focus_masks) as c, \
-                show_progress("predict", len(rows), enabled=progress, transient=True) as bar:
+                show_progress("predict", len(rows), enabled=progress, transient=True) as bar, cpu_threads(threads):
             _, probs, _ = predict(model, pipeline, c, rows, batch_size or cfg.batch_size,
                                   cfg.amp and dev.type == "cuda", on_batch=bar.advance)
         ids = s.ids[rows]

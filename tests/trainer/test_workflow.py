@@ -119,6 +119,26 @@ def test_predict_and_eval_on_an_external_labelled_store(run, tiny_store, sample_
         evaluate_checkpoint(run / "best.pt", other, "test", "cpu")
 
 
+def test_predict_and_eval_run_the_model_on_the_threads_given_and_restore_them(run, tiny_store, tmp_path, monkeypatch):
+    """--threads, as on training and extraction: the forward passes run on that many CPU threads,
+    and the caller's count is back afterwards."""
+    import trainer.evaluate
+    import trainer.predict
+
+    seen, real = [], trainer.predict.predict
+    monkeypatch.setattr(trainer.predict, "predict", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    monkeypatch.setattr(trainer.evaluate, "predict", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    result = runner.invoke(app, ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(tiny_store),
+                                 "--out", str(tmp_path / "p.csv"), "--device", "cpu", "--threads", str(want)])
+    assert result.exit_code == 0, result.output
+    ev = runner.invoke(app, ["eval", "--checkpoint", str(run / "best.pt"), "--json", "--device", "cpu",
+                             "--threads", str(want)])
+    assert ev.exit_code == 0, ev.output
+    assert seen == [want, want] and torch.get_num_threads() == before
+
+
 def test_export_is_a_plain_timm_state_dict(run, tiny_store, tmp_path):
     import timm
 
