@@ -56,19 +56,19 @@ def _recipe(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.flat().items() if k not in PER_RUN}
 
 
-def _check_base(out: Path, config) -> None:
-    """Refuse to add rows to ``out`` when its base was trained on another recipe than this base
+def _check_base(out: Path, want: dict) -> None:
+    """Refuse to add rows to ``out`` when its base was trained on another recipe than ``want``
     (a default changed since, or other ``--set`` values): new variants would be compared with a
     base they do not share. Reads the ``recipe`` that ``levers.yaml`` records (written before the
     first run since 2026-12-07) and each ``runs/base-sN/config.yaml``; names what differs."""
-    want = _recipe(config("base", 0))
-    sources = [(path, TrainConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path)))
+    sources = [(path, _recipe(TrainConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path))))
                for path in sorted((out / "runs").glob("base-s*/config.yaml"))]
     recorded = out / "levers.yaml"
-    if recorded.exists() and "recipe" in (yaml.safe_load(recorded.read_text()) or {}):
-        sources.append((recorded, yaml.safe_load(recorded.read_text())["recipe"]))
+    if recorded.exists():
+        recipe = (yaml.safe_load(recorded.read_text()) or {}).get("recipe")
+        if recipe is not None:
+            sources.append((recorded, recipe))
     for path, have in sources:
-        have = _recipe(have) if isinstance(have, TrainConfig) else have
         differ = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
         if differ:
             raise SystemExit(f"{path}: this folder's base ran on another recipe ("
@@ -98,9 +98,10 @@ def main() -> None:
                                       "device": a.device, "out": str(out / "runs" / f"{name}-s{seed}"),
                                       "train_fraction": None if a.fraction >= 1 else a.fraction})
 
-    _check_base(out, config)
+    recipe = _recipe(config("base", 0))
+    _check_base(out, recipe)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"base": base, "variants": variants, "recipe": _recipe(config("base", 0))}
+    record = {"base": base, "variants": variants, "recipe": recipe}
     (out / "levers.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     ledger = RunLedger(out / "levers.csv", {"variant": str, "seed": int})
     rows = ledger.rows

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from sam_cache.options import DEVICE_HELP, Checked, opt
 
 from .errors import ConfigError
-
-THREADS_HELP = ("CPU threads torch uses (0: its default, one per core); a fixed count repeats the results to the "
-                "last digit on one machine, whatever its load.")
 from .experiment import StudyConfig
 
 __all__ = ["TrainRun", "SweepOptions", "EvalOptions", "PredictOptions", "StudyOptions", "ExportOptions"]
+
+THREADS_HELP = ("CPU threads torch uses (0: its default, one per core); a fixed count repeats the results to the "
+                "last digit on one machine, whatever its load.")
 
 _STUDY = StudyConfig()  # the protocol's defaults, shown in --help
 

@@ -126,8 +126,13 @@ def test_predict_and_eval_run_the_model_on_the_threads_given_and_restore_them(ru
     import trainer.predict
 
     seen, real = [], trainer.predict.predict
-    monkeypatch.setattr(trainer.predict, "predict", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
-    monkeypatch.setattr(trainer.evaluate, "predict", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+
+    def spy(*args, **kwargs):  # the model's forward passes, as each command calls them
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.predict, "predict", spy)
+    monkeypatch.setattr(trainer.evaluate, "predict", spy)
     before = torch.get_num_threads()
     want = 1 if before > 1 else 2
     result = runner.invoke(app, ["predict", "--checkpoint", str(run / "best.pt"), "--data", str(tiny_store),
