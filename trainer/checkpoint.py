@@ -42,6 +42,8 @@ class RunCheckpoint:
       epoch: the 0-based epoch the weights are from.
       masks_signature: the signature of the mask set a focus run read, else None.
       weights: where the backbone's starting weights came from (information).
+      elapsed: wall-clock seconds the run had taken by the end of ``epoch``, the parts before a
+        resume included (information; None in files written before it was recorded).
       optimizer, scheduler, history, best, steps_per_epoch: the resume state (``last.pt`` only).
     """
 
@@ -52,6 +54,7 @@ class RunCheckpoint:
     epoch: int | None = None
     masks_signature: dict | None = None
     weights: dict | None = None
+    elapsed: float | None = None
     optimizer: dict | None = None
     scheduler: dict | None = None
     history: list | None = None

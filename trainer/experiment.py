@@ -33,9 +33,10 @@ and a 95 % t-interval, the test for "does SLCA change anything", in balanced acc
 (what breast ultrasound CAD papers compare), each with its verdict and its own plot.
 
 A rerun resumes: rows already in ``runs.csv`` are kept, and a run cut off part way continues from
-its last finished epoch (its ``seconds`` then count the rerun's part only). Each finished run's
-folder keeps ``best.pt`` (the test figures come from it) but not ``last.pt``, which only resuming
-it would read: a study of a hundred runs would otherwise hold three copies of every model.
+its last finished epoch (its ``seconds``, the run's wall time to its test scoring, then count both
+parts, less what the cut-off part spent after its last saved epoch). Each finished run's folder
+keeps ``best.pt`` (the test figures come from it) but not ``last.pt``, which only resuming it would
+read: a study of a hundred runs would otherwise hold three copies of every model.
 ``study.json`` holds the resolved recipe (defaults included) and each invocation; resuming under
 another recipe (a default changed since, another ``--set``) is refused.
 """
@@ -278,6 +279,7 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                         m = linear_probe(np.stack([f[int(r)] for r in both]), s.labels[both],
                                          np.arange(len(subset)), np.arange(len(subset), len(both)), seed)
                         best_epoch, steps, val = "", "", ""
+                        seconds = time.perf_counter() - t0
                     else:
                         tcfg = cfg.options(method, str(store), fraction, seed, out / "runs" / f"{method}-f{fraction}-s{seed}")
                         shared = by_set[tcfg.mask_set] if method not in METHODS else cache
@@ -285,9 +287,10 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
                         (Path(tcfg.out) / "last.pt").unlink(missing_ok=True)  # only a run's resume reads it
                         m, best_epoch, steps = result["test"], result["best_epoch"], result["steps"]
                         val = result["val_best"]["balanced_accuracy"]
+                        seconds = result["seconds"]  # the run's own count, an earlier part before a resume included
                     row = {"method": method, "fraction": fraction, "seed": seed, "train_samples": len(subset),
                            **{k: m[k] for k in METRIC_KEYS}, "val_balanced_accuracy": val, "best_epoch": best_epoch, "steps": steps,
-                           "seconds": round(time.perf_counter() - t0, 1)}
+                           "seconds": round(seconds, 1)}
                     ledger.record(row)
                     log(f"{method:>13}  fraction {fraction:<5} seed {seed}  n={len(subset):<4} "
                         f"bal.acc {m['balanced_accuracy']:.3f}  AUC {_fmt(m['auc'])}  {row['seconds']:.0f} s")

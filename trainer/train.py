@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -110,7 +111,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
       progress: a progress bar within each epoch, on a terminal (in a file or a pipe it writes nothing).
 
     Returns:
-      The content of ``metrics.json``: test metrics of the best checkpoint, best epoch, cache mode.
+      The content of ``metrics.json``: test metrics of the best checkpoint, best epoch, cache mode,
+      and ``seconds``, the run's wall time up to its test scoring, counting the parts before a resume.
 
     Raises:
       TrainError: an existing run folder (without resume/overwrite), a changed recipe on resume,
@@ -164,6 +166,7 @@ def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None,
 
 
 def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -> dict:
+    t0 = time.perf_counter()
     out = Path(cfg.out)
     main = ctx.is_main
     stack.enter_context(cpu_threads(cfg.threads))
@@ -245,12 +248,14 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             f"the {len(rows.train)} train samples), {plan.total} in all (--min-steps {cfg.min_steps})")
 
     # resume
-    start, history, best = 0, [], None
+    start, history, best, before = 0, [], None, 0.0
     if state is not None:
         model.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         start, history, best = state.epoch + 1, state.history, state.best
+        # the earlier parts' wall time; a file without it gives its epochs' training seconds only
+        before = state.elapsed if state.elapsed is not None else sum(h.get("seconds", 0.0) for h in history)
         if history and history[0]["epoch"] == 0:  # a run of samcache <= 0.2 counted epochs from 0 in its rows
             history = [{**h, "epoch": h["epoch"] + 1} for h in history]
         log(f"resumed from {out / 'last.pt'} at epoch {start + 1} of {cfg.epochs}")
@@ -279,6 +284,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             since_best += 1
         ckpt = RunCheckpoint(model=model.state_dict(), config=cfg.to_dict(), class_names=class_names,
                              store_signature=store.signature, epoch=epoch, weights=weights,
+                             elapsed=before + time.perf_counter() - t0,
                              masks_signature=store.mask_set(cfg.mask_set).signature if masks else None,
                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), history=history,
                              best=best, steps_per_epoch=plan.steps_per_epoch)
@@ -312,7 +318,8 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
               "val_best_loss": best_row["val_loss"],
               "class_names": class_names, "cache_mode": cache.mode, "slca": cfg.slca.enabled, "fuse": cfg.fuse,
               "focus": cfg.focus, "backbone": cfg.backbone, "weights": weights, "train_samples": int(len(rows.train)),
-              "device": str(device), "world_size": ctx.world}
+              "device": str(device), "world_size": ctx.world,
+              "seconds": round(before + time.perf_counter() - t0, 1)}
     if not main:
         return result
     write_file(out / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=2)))

@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -204,12 +205,19 @@ def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(ti
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_store, tmp_path / "cut"), log=lambda s: None, on_epoch=stop_after_first)
     first = _csv(tmp_path / "cut" / "metrics.csv")
+    # the cut-off part's wall time travels in last.pt; say it took 1000 s
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert 0 < state["elapsed"] < 1000
+    torch.save({**state, "elapsed": 1000.0}, tmp_path / "cut" / "last.pt")
     notes, epochs = [], []
+    t0 = time.perf_counter()
     result = train_or_resume(_cfg(tiny_store, tmp_path / "cut"), note=notes.append, log=lambda s: None,
                              on_epoch=lambda row: epochs.append(row["epoch"]))
     assert epochs == [2] and notes == [f"{tmp_path / 'cut'}: resuming after epoch 1 of 2"]
     rows = _csv(tmp_path / "cut" / "metrics.csv")
     assert rows[0] == first[0] and len(rows) == 2 and result["epochs_run"] == 2
+    assert 1000 < result["seconds"] <= 1000 + time.perf_counter() - t0 + 0.1  # both parts, rounded to 0.1 s
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["seconds"] == result["seconds"]
 
     # another recipe in the same folder cannot continue that run: it starts again, and says why
     notes, epochs = [], []
