@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from .encoders import list_encoders
 from .errors import ConfigError
-from .options import DEVICE_HELP, Option, opt, options, validate_fields
+from .options import DEVICE_HELP, THREADS_HELP, Option, opt, options, validate_fields
 from .preprocess import parse_window
 from .readers import DatasetOptions
 
@@ -65,8 +65,7 @@ class ExtractConfig(ReadingConfig):
     batch_size: int = opt(8, low=1, help="Images per encoder batch.")
     num_workers: int = opt(2, low=0, flag="--workers", help="DataLoader processes that decode and resize.")
     device: str | None = opt(None, help=DEVICE_HELP)
-    threads: int = opt(0, low=0, help="CPU threads torch uses (0: its default, one per core); a fixed count gives "
-                                      "the same embeddings on every run on this machine, whatever the load.")
+    threads: int = opt(0, low=0, help=THREADS_HELP + "the embeddings exactly on this machine, whatever the load.")
     overwrite: bool = opt(False, flag="--overwrite", help="Delete an existing store (only a samcache store) and start "
                                                          "over (default: resume).")
     shard_size: int = opt(16, low=1, help="Samples per Zarr shard file.")

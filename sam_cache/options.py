@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["opt", "Option", "options", "validate_fields", "Checked", "DEVICE_HELP"]
+__all__ = ["opt", "Option", "options", "validate_fields", "Checked", "DEVICE_HELP", "THREADS_HELP"]
 
 #: the help of every --device option (extract, masks, train, sweep, eval, predict, study)
 DEVICE_HELP = "cuda, cpu, ...; default: cuda when available."
+# --threads, every command's start; each adds what a fixed count repeats for it
+THREADS_HELP = "CPU threads torch uses (0: its default, one per core); a fixed count repeats "
 
 
 def opt(default=dataclasses.MISSING, *, help: str, choices: tuple | None = None, low=None, high=None,

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sam_cache.options import DEVICE_HELP, Checked, opt
+from sam_cache.options import DEVICE_HELP, THREADS_HELP, Checked, opt
 
 from .errors import ConfigError
 from .experiment import StudyConfig
 
 __all__ = ["TrainRun", "SweepOptions", "EvalOptions", "PredictOptions", "StudyOptions", "ExportOptions"]
 
-THREADS_HELP = ("CPU threads torch uses (0: its default, one per core); a fixed count repeats the results to the "
-                "last digit on one machine, whatever its load.")
+EVAL_THREADS_HELP = THREADS_HELP + "the results to the last digit on this machine, whatever the load."
 
 _STUDY = StudyConfig()  # the protocol's defaults, shown in --help
 
@@ -53,7 +52,7 @@ class EvalOptions(Checked):
     device: str | None = opt(None, help=DEVICE_HELP)
     as_json: bool = opt(False, help="Print JSON for scripts.", flag="--json")
     allow_partial: bool = opt(False, help="Use the done rows of an unfinished store.", flag="--allow-partial")
-    threads: int = opt(0, low=0, help=THREADS_HELP)
+    threads: int = opt(0, low=0, help=EVAL_THREADS_HELP)
 
 
 @dataclass(kw_only=True)
@@ -74,7 +73,7 @@ class PredictOptions(Checked):
     device: str | None = opt(None, help=DEVICE_HELP)
     overwrite: bool = opt(False, help="Replace an existing OUT.", flag="--overwrite")
     allow_partial: bool = opt(False, help="Predict the done rows of an unfinished store.", flag="--allow-partial")
-    threads: int = opt(0, low=0, help=THREADS_HELP)
+    threads: int = opt(0, low=0, help=EVAL_THREADS_HELP)
 
 
 @dataclass(kw_only=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from sam_cache.errors import ConfigError
-from sam_cache.options import DEVICE_HELP, Option, opt, validate_fields
+from sam_cache.options import DEVICE_HELP, THREADS_HELP, Option, opt, validate_fields
 from sam_cache.options import options as _options
 from sam_cache.store import StoreError, check_mask_set_name
 
@@ -160,9 +160,8 @@ class TrainConfig:
     select_metric: str = opt("balanced_accuracy", choices=METRIC_KEYS, help="Validation metric that picks best.pt.")
     # machinery
     device: str | None = opt(None, help=DEVICE_HELP)
-    threads: int = opt(0, low=0, help="CPU threads torch uses (0: its default, one per core); a fixed count repeats "
-                                      "a seed's CPU run exactly on this machine, whatever the load (the README's "
-                                      "demo uses 1).")
+    threads: int = opt(0, low=0, help=THREADS_HELP + "a seed's CPU run exactly on this machine, whatever the load "
+                                                     "(the README's demo uses 1).")
     amp: bool = opt(True, flag="--amp/--no-amp", help="bf16 autocast on CUDA.")
     channels_last: bool = opt(True, flag="--channels-last/--no-channels-last", help="channels_last layout on CUDA.")
     sync_bn: bool = opt(False, flag="--sync-bn", help="Under torchrun on CUDA: SyncBatchNorm.")
