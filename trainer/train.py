@@ -160,8 +160,11 @@ def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None,
         note(f"{out}: starting again, its last.pt cannot be resumed: {exc}")
         return train(cfg, overwrite=True, **kwargs)
     done = state.epoch + 1
-    note(f"{out}: resuming after epoch {done} of {cfg.epochs}" if done < cfg.epochs else
-         f"{out}: it had finished ({done} of {cfg.epochs} epochs); scoring its best.pt")
+    if _stopped_early(cfg, state):
+        note(f"{out}: it had stopped early (after epoch {done} of {cfg.epochs}); scoring its best.pt")
+    else:
+        note(f"{out}: resuming after epoch {done} of {cfg.epochs}" if done < cfg.epochs else
+             f"{out}: it had finished ({done} of {cfg.epochs} epochs); scoring its best.pt")
     return train(cfg, resume=True, **kwargs)
 
 
@@ -267,6 +270,9 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
 
     # training loop
     since_best = 0 if best is None else start - 1 - best["epoch"]
+    if state is not None and _stopped_early(cfg, state):  # it stopped early, then was cut off before scoring
+        log(f"early stop: it had stopped after epoch {start}, with no val improvement in {cfg.patience} epochs")
+        start = cfg.epochs
     loop = EpochLoop(cfg, net, pipeline, cache, rows.train, plan, optimizer, scheduler, loss_fn, ctx, device, shards, amp)
     for epoch in range(start, cfg.epochs):
         trained = train_one_epoch(loop, epoch, progress)
@@ -380,6 +386,11 @@ def _check_resume(cfg: TrainConfig, state: RunCheckpoint, out: Path) -> None:
                          f"{', '.join(changed)} (only --epochs may change, to extend a run)")
     if cfg.epochs < state.epoch + 1:
         raise TrainError(f"cannot resume {out} with --epochs {cfg.epochs}: it has run {state.epoch + 1} already")
+
+
+def _stopped_early(cfg: TrainConfig, state: RunCheckpoint) -> bool:
+    """Whether the run in ``state`` had met ``--patience`` (it stopped; a resume trains no more)."""
+    return cfg.patience is not None and state.best is not None and state.epoch - state.best["epoch"] >= cfg.patience
 
 
 def _check_resumed_store(store: EmbeddingStore, state: RunCheckpoint, out: Path) -> None:

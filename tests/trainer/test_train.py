@@ -227,6 +227,24 @@ def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(ti
     assert float(_csv(tmp_path / "cut" / "metrics.csv")[0]["lr"]) != float(first[0]["lr"])
 
 
+
+def test_a_run_that_stopped_early_and_was_cut_off_before_scoring_trains_no_more(tiny_store, tmp_path):
+    def stop_after_second(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_store, tmp_path / "r", epochs=5, patience=1), log=lambda s: None, on_epoch=stop_after_second)
+    # its last.pt says epoch 2 did not beat epoch 1: the run had met --patience 1 and stopped there
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    torch.save({**state, "best": {"epoch": 0, "score": [2.0, 0.0]}}, tmp_path / "r" / "last.pt")
+    notes, epochs, lines = [], [], []
+    result = train_or_resume(_cfg(tiny_store, tmp_path / "r", epochs=5, patience=1), note=notes.append,
+                             log=lines.append, on_epoch=lambda row: epochs.append(row["epoch"]))
+    assert epochs == [] and result["epochs_run"] == 2 and len(_csv(tmp_path / "r" / "metrics.csv")) == 2
+    assert notes == [f"{tmp_path / 'r'}: it had stopped early (after epoch 2 of 5); scoring its best.pt"]
+    assert any(ln.startswith("early stop: it had stopped after epoch 2") for ln in lines)
+
 def test_nan_loss_is_a_clear_error(tiny_store, tmp_path):
     bad = tmp_path / "nan.zarr"
     shutil.copytree(tiny_store, bad)
