@@ -94,7 +94,9 @@ class StudyOptions(Checked):
                             "SLCA, with SLCA and fusion).")
     focus: str = opt(_STUDY.focus, help="The focus mode of the focus methods.")
     sets: list[str] = opt(help="A recipe option by slca-train's name, NAME=VALUE (YAML); repeat it. Over the study's "
-                               "CPU-sized defaults.", factory=list, flag="--set")
+                               "CPU-sized recipe, " + ", ".join(f"{k}={v}" for k, v in _STUDY.train.items()) +
+                               " (not slca-train's default backbone: --set backbone=tiny_vit_5m_224 studies that).",
+                          factory=list, flag="--set")
     device: str | None = opt(None, help=DEVICE_HELP)
     merge: list[str] = opt(help="Join these study folders into --out instead of training (repeat it).",
                            factory=list)
