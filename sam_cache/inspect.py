@@ -27,7 +27,8 @@ def summarize_store(path: str | Path) -> dict:
       ``{"path", "format", "samples", "done", "embedding_shape", "dtype", "encoder",
       "checkpoint_sha256", "random_weights", "class_names", "labels", "label_counts"
       (per split, per class), "skipped", "suspect", "image_size", "preprocessing", "manifest_sha256",
-      "schema_version", "package_version", "created", "disk_bytes", "checksums", "high_res", "masks", "mask_sets"}``
+      "schema_version", "package_version", "created", "disk_bytes", "checksums", "content_digest", "high_res", "masks",
+      "mask_sets"}`` (``content_digest``: :meth:`EmbeddingStore.content_digest`)
       (``high_res``: the shapes of a SAM 2 store's high-resolution levels, else empty);
       ``masks`` is None, or the default mask set's signature with ``done`` and ``mean_iou``;
       ``mask_sets``: the same for every set, by name.
@@ -66,6 +67,7 @@ def summarize_store(path: str | Path) -> dict:
             "created": meta["created"],
             "disk_bytes": _disk_bytes(str(path)),
             "checksums": store.has_checksums,
+            "content_digest": store.content_digest(),
             "high_res": [list(level) for level in store.high_res_shapes or []],
             "masks": _masks(store),
             "mask_sets": {name: _masks(store, name) for name in store.mask_sets},

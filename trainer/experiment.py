@@ -208,9 +208,10 @@ def study_recipe(cfg: StudyConfig) -> dict:
     return {k: v for k, v in flat.items() if k not in PER_RUN_OPTIONS}
 
 
-def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:
-    """Write or extend ``out/study.json``: the resolved recipe once, and each invocation's store,
-    fractions, seeds and methods appended (a resumed study keeps the record of earlier ones).
+def record_study(out: Path, store: str | Path, cfg: StudyConfig, digest: str | None = None) -> None:
+    """Write or extend ``out/study.json``: the resolved recipe once, and each invocation's store (its
+    path and ``digest``, :meth:`EmbeddingStore.content_digest`), fractions, seeds and methods appended (a
+    resumed study keeps the record of earlier ones).
 
     Raises:
       ConfigError: ``out`` holds a study run with another recipe (say, a default changed since):
@@ -229,7 +230,8 @@ def record_study(out: Path, store: str | Path, cfg: StudyConfig) -> None:
                           + ", ".join(f"{k} (was {old.get(k)!r}, now {recipe.get(k)!r})" for k in diff)
                           + "; use another --out, or --set the old values")
     invocations = prev.get("invocations") or ([{k: prev[k] for k in prev if k != "recipe"}] if prev else [])
-    invocations.append({"store": str(store), "fractions": list(cfg.fractions), "seeds": list(cfg.seeds),
+    invocations.append({"store": str(store), "store_digest": digest, "fractions": list(cfg.fractions),
+                        "seeds": list(cfg.seeds),
                         "extra_seeds": {str(k): list(v) for k, v in cfg.extra_seeds.items()},
                         "methods": list(cfg.methods), "focus": cfg.focus, "train": cfg.train,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -246,7 +248,9 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
     log = log or _LOG.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    record_study(out, store, cfg)
+    with EmbeddingStore.open(store) as s:
+        digest = s.content_digest()
+    record_study(out, store, cfg, digest)
     dev = resolve_device(device)
     ledger = RunLedger(out / "runs.csv", {"method": str, "fraction": float, "seed": int})
     masks = "default" if any(m in METHODS and METHODS[m] and "focus" in METHODS[m] for m in cfg.methods) else None

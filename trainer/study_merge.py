@@ -45,7 +45,8 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
 
     Raises:
       ConfigError: a source has no ``runs.csv``, two trained runs had different recipes (the message
-        names the runs and options), the sources' stores differ, a (method, fraction, seed) is
+        names the runs and options), the sources' stores differ (by path where a study did not record
+        the store's content digest, else by digest), a (method, fraction, seed) is
         in two sources with different results, or ``out`` holds a study that is not a merge (its
         rows would be replaced: an earlier merge is the only study a merge writes over).
     """
@@ -58,9 +59,7 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
         info = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else {}
         known = {m["study"] for m in record["merged_from"]}
         record["merged_from"] += [m for m in _provenance(src, info) if m["study"] not in known]
-        every = {st for m in record["merged_from"] for st in m["stores"]}
-        if len(every) > 1:
-            raise ConfigError(f"the studies were run on different stores: {sorted(every)}")
+        _check_one_store(record["merged_from"])
         recipes.update(_run_recipes(src))
         for r in read_rows(src / "runs.csv"):
             key = (r["method"], float(r["fraction"]), int(r["seed"]))
@@ -83,6 +82,24 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
     write_rows(rows, out / "runs.csv")
     atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(record, indent=2)))
     return summarize_study(out)
+
+
+def _check_one_store(sources: list[dict]) -> None:
+    """The sources ran on one store: one content digest where every invocation recorded one (a store
+    at another path with the same digest holds the same rows), else one path and no two digests (the
+    same path extracted again with other bytes is another store)."""
+    runs = [(m["study"], i) for m in sources for i in (m.get("invocations") or [m])]
+    digests: dict[str, list[str]] = {}
+    for study, inv in runs:
+        if inv.get("store_digest"):
+            digests.setdefault(inv["store_digest"], []).append(f"{study} ({inv.get('store')})")
+    if len(digests) > 1:
+        raise ConfigError("the studies were run on stores that hold different rows (content digests "
+                          + "; ".join(f"{d}: {', '.join(sorted(set(w)))}" for d, w in sorted(digests.items()))
+                          + "), so their seeds are not paired; was a store extracted again?")
+    paths = {st for m in sources for st in m["stores"]}
+    if len(paths) > 1 and not (digests and all(inv.get("store_digest") for _, inv in runs)):
+        raise ConfigError(f"the studies were run on different stores: {sorted(paths)}")
 
 
 def _refuse_a_study(out: Path) -> None:

@@ -7,6 +7,8 @@ formats :mod:`~sam_cache.store.backends`', creation and removal
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +258,19 @@ class EmbeddingStore:
     def recorded_checksums(self, start: int, stop: int) -> np.ndarray | None:
         """The checksums written with rows ``start:stop``, or None for a schema 1 store."""
         return np.asarray(self._b["checksums"][start:stop]) if self.has_checksums else None
+
+    def content_digest(self) -> str | None:
+        """sha256 (16 hex digits) of what the rows hold: their recorded checksums, ids, labels, splits
+        and done flags. Two stores with one digest hold the same bytes for the same samples (a store
+        extracted again gives the same digest only if its encoder gave the same bytes). None for a
+        schema 1 store, which records no checksums."""
+        if not self.has_checksums:
+            return None
+        h = hashlib.sha256(np.ascontiguousarray(self.recorded_checksums(0, len(self)), dtype="<u4").tobytes())
+        for part in (self.labels.astype("<i8"), np.asarray(self.done, dtype=bool)):
+            h.update(np.ascontiguousarray(part).tobytes())
+        h.update(json.dumps([list(self.ids), list(map(str, self.splits))]).encode())
+        return h.hexdigest()[:16]
 
     def read_rows(self, indices: np.ndarray, name: str = "embeddings", verify: bool = True) -> np.ndarray:
         """Rows ``indices`` (sorted, unique) of ``embeddings``, ``images`` or a mask set's masks

@@ -32,6 +32,7 @@ def test_a_schema_1_store_opens_and_reads(old_store):
         assert s.signature["grid"] == 64  # the field that schema 1 did not record reads as its only value
     summary = summarize_store(old_store)
     assert summary["done"] == 3 and summary["package_version"] == "0.1.0" and summary["checksums"] is False
+    assert summary["content_digest"] is None  # no checksums to digest
     problems = verify_store(old_store)
     assert len(problems) == 1 and "schema 1 and no checksums" in problems[0]
 

@@ -150,3 +150,34 @@ def test_a_study_compares_focus_with_each_named_mask_set(tiny_store, tmp_path):
     with open(tmp_path / "study" / "paired.csv") as f:
         pairs = {(r["a"], r["b"]) for r in csv.DictReader(f)}
     assert {("focus-overlay-gt", "backbone"), ("focus-crop-other", "backbone")} <= pairs
+
+
+def test_a_merge_pairs_studies_by_the_store_s_content_not_its_path(tiny_store, tmp_path):
+    from sam_cache import EmbeddingStore, summarize_store
+
+    probe = StudyConfig(fractions=(1.0,), seeds=(0,), methods=("linear_probe",), train=RECIPE)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    digest = summarize_store(tiny_store)["content_digest"]
+    assert len(digest) == 16 and summarize_store(copy)["content_digest"] == digest
+    run_study(tiny_store, tmp_path / "a", probe, device="cpu", log=lambda s: None)
+    run_study(copy, tmp_path / "b", StudyConfig(fractions=(1.0,), seeds=(1,), methods=("linear_probe",),
+                                                train=RECIPE), device="cpu", log=lambda s: None)
+    assert json.loads((tmp_path / "a" / "study.json").read_text())["invocations"][0]["store_digest"] == digest
+    # the same rows at another path: one store, so the seeds pair
+    assert len(merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")) == 1
+    # the copy extracted again with other bytes in one row: another store, whatever its path
+    with EmbeddingStore.open(copy, "r+") as s:
+        rows = s.read_embeddings(0, 1)
+        s.write_rows(0, rows + 1, s.orig_size[:1], s.valid[:1], s.window[:1], s.read_images(0, 1))
+    assert summarize_store(copy)["content_digest"] != digest
+    run_study(copy, tmp_path / "c", StudyConfig(fractions=(1.0,), seeds=(2,), methods=("linear_probe",),
+                                                train=RECIPE), device="cpu", log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"hold different rows \(content digests .*was a store extracted again"):
+        merge_studies([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")
+    # a study that recorded no digest (made before digests) is checked by path, as before
+    old = json.loads((tmp_path / "b" / "study.json").read_text())
+    old["invocations"][0].pop("store_digest")
+    (tmp_path / "b" / "study.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="run on different stores"):
+        merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "ab2")
