@@ -248,15 +248,13 @@ def run_study(store: str | Path, out: str | Path, cfg: StudyConfig, device: str 
     log = log or _LOG.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with EmbeddingStore.open(store) as s:
-        digest = s.content_digest()
-    record_study(out, store, cfg, digest)
     dev = resolve_device(device)
     ledger = RunLedger(out / "runs.csv", {"method": str, "fraction": float, "seed": int})
     masks = "default" if any(m in METHODS and METHODS[m] and "focus" in METHODS[m] for m in cfg.methods) else None
     named = sorted({method_options(m)["mask_set"] for m in cfg.methods if m not in METHODS})
 
     with EmbeddingStore.open(store) as s, contextlib.ExitStack() as stack:
+        record_study(out, store, cfg, s.content_digest())  # before the cache loads: a changed recipe is refused first
         cache = stack.enter_context(PairedCache(s, np.flatnonzero(s.done), dev, "auto", embeddings=True, masks=masks))
         log(f"cache: {cache.describe()}")
         # a named mask set's methods share a cache of images and that set's masks (and embeddings for SLCA)

@@ -160,7 +160,7 @@ def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None,
         note(f"{out}: starting again, its last.pt cannot be resumed: {exc}")
         return train(cfg, overwrite=True, **kwargs)
     done = state.epoch + 1
-    if _stopped_early(cfg, state):
+    if state.best is not None and _patience_met(cfg, state.epoch - state.best["epoch"]):
         note(f"{out}: it had stopped early (after epoch {done} of {cfg.epochs}); scoring its best.pt")
     else:
         note(f"{out}: resuming after epoch {done} of {cfg.epochs}" if done < cfg.epochs else
@@ -270,7 +270,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
 
     # training loop
     since_best = 0 if best is None else start - 1 - best["epoch"]
-    if state is not None and _stopped_early(cfg, state):  # it stopped early, then was cut off before scoring
+    if _patience_met(cfg, since_best):  # it had stopped early, then was cut off before scoring
         log(f"early stop: it had stopped after epoch {start}, with no val improvement in {cfg.patience} epochs")
         start = cfg.epochs
     loop = EpochLoop(cfg, net, pipeline, cache, rows.train, plan, optimizer, scheduler, loss_fn, ctx, device, shards, amp)
@@ -308,7 +308,7 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
             f"{row['img_per_s']:.0f} img/s{'  *' if improved else ''}")
         if on_epoch is not None:
             on_epoch(row)
-        if cfg.patience is not None and since_best >= cfg.patience:
+        if _patience_met(cfg, since_best):
             log(f"early stop: no val improvement in {cfg.patience} epochs")
             break
     cache.end_epoch()
@@ -388,9 +388,10 @@ def _check_resume(cfg: TrainConfig, state: RunCheckpoint, out: Path) -> None:
         raise TrainError(f"cannot resume {out} with --epochs {cfg.epochs}: it has run {state.epoch + 1} already")
 
 
-def _stopped_early(cfg: TrainConfig, state: RunCheckpoint) -> bool:
-    """Whether the run in ``state`` had met ``--patience`` (it stopped; a resume trains no more)."""
-    return cfg.patience is not None and state.best is not None and state.epoch - state.best["epoch"] >= cfg.patience
+def _patience_met(cfg: TrainConfig, since_best: int) -> bool:
+    """Whether ``since_best`` epochs without val improvement meet ``--patience``: the run stops (and
+    a resumed one trains no more)."""
+    return cfg.patience is not None and since_best >= cfg.patience
 
 
 def _check_resumed_store(store: EmbeddingStore, state: RunCheckpoint, out: Path) -> None:

@@ -227,7 +227,6 @@ def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(ti
     assert float(_csv(tmp_path / "cut" / "metrics.csv")[0]["lr"]) != float(first[0]["lr"])
 
 
-
 def test_a_run_that_stopped_early_and_was_cut_off_before_scoring_trains_no_more(tiny_store, tmp_path):
     def stop_after_second(row):
         if row["epoch"] == 2:
@@ -244,6 +243,7 @@ def test_a_run_that_stopped_early_and_was_cut_off_before_scoring_trains_no_more(
     assert epochs == [] and result["epochs_run"] == 2 and len(_csv(tmp_path / "r" / "metrics.csv")) == 2
     assert notes == [f"{tmp_path / 'r'}: it had stopped early (after epoch 2 of 5); scoring its best.pt"]
     assert any(ln.startswith("early stop: it had stopped after epoch 2") for ln in lines)
+
 
 def test_nan_loss_is_a_clear_error(tiny_store, tmp_path):
     bad = tmp_path / "nan.zarr"
