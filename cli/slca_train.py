@@ -141,7 +141,7 @@ def study_command(o: StudyOptions) -> None:
 
     with user_errors():
         if o.merge:
-            merge_studies(o.merge, o.out)
+            merge_studies(o.merge, o.out, note=lambda line: say(f"note: {line}"))
         else:
             if o.cache is None:
                 err_console.print("[bold red]error:[/] --cache is required (or --merge)")

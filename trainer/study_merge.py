@@ -4,7 +4,9 @@ processes side by side, or one fraction at a time), checked and summarized as if
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from sam_cache.outputs import atomic_write
@@ -13,6 +15,8 @@ from .config import TrainConfig
 from .errors import ConfigError
 from .experiment import PER_RUN_OPTIONS, method_options, summarize_study
 from .records import read_rows, write_rows
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = ["merge_studies"]
 
@@ -33,12 +37,19 @@ def _run_recipes(study: Path) -> dict[str, dict]:
 _RUN_FOLDER = re.compile(r"(?P<method>.+)-f[0-9.]+-s\d+$")
 
 
-def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
+def merge_studies(sources: list[str | Path], out: str | Path, note: Callable[[str], None] | None = None) -> list[dict]:
     """One study from several studies run on the same store with the same recipe (say, in two processes
     side by side): their ``runs.csv`` rows joined into ``out``, then summarized.
 
     The recipe check reads every trained run's ``config.yaml``, so it covers studies from before
-    ``study.json`` recorded the recipe.
+    ``study.json`` recorded the recipe. Where a source recorded no content digest, the store is checked
+    by its path alone (a store extracted again at that path passes); ``note`` is told which studies,
+    and the merged ``study.json`` records ``store_check``: ``"content digest"`` or ``"path"``.
+
+    Arguments:
+      sources: the study folders.
+      out: the merge's folder (new, or an earlier merge).
+      note: where the line on a path-only store check goes (default: this module's logger, WARNING).
 
     Returns:
       The summary rows (see :func:`summarize_study`).
@@ -59,7 +70,7 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
         info = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else {}
         known = {m["study"] for m in record["merged_from"]}
         record["merged_from"] += [m for m in _provenance(src, info) if m["study"] not in known]
-        _check_one_store(record["merged_from"])
+        record["store_check"] = _check_one_store(record["merged_from"])
         recipes.update(_run_recipes(src))
         for r in read_rows(src / "runs.csv"):
             key = (r["method"], float(r["fraction"]), int(r["seed"]))
@@ -78,17 +89,27 @@ def merge_studies(sources: list[str | Path], out: str | Path) -> list[dict]:
                 raise ConfigError(f"{run} and {first} were trained with different recipes: "
                                   + ", ".join(f"{k} ({ref.get(k)!r} vs {recipe.get(k)!r})" for k in diff))
         record["recipe"] = json.loads(json.dumps(ref))
+    if record["store_check"] == "path":
+        bare = sorted({study for study, inv in _invocations(record["merged_from"]) if not inv.get("store_digest")})
+        (note or _LOG.warning)(f"no content digest of the store recorded in {', '.join(bare)}, so only the store's "
+                               "path says the studies share one; a store extracted again at that path would pass "
+                               "(compare a probe's rows in both to be sure)")
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / "runs.csv")
     atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(record, indent=2)))
     return summarize_study(out)
 
 
-def _check_one_store(sources: list[dict]) -> None:
+def _invocations(sources: list[dict]) -> list[tuple[str, dict]]:
+    return [(m["study"], i) for m in sources for i in (m.get("invocations") or [m])]
+
+
+def _check_one_store(sources: list[dict]) -> str:
     """The sources ran on one store: one content digest where every invocation recorded one (a store
     at another path with the same digest holds the same rows), else one path and no two digests (the
-    same path extracted again with other bytes is another store)."""
-    runs = [(m["study"], i) for m in sources for i in (m.get("invocations") or [m])]
+    same path extracted again with other bytes is another store). Returns how it was checked:
+    ``"content digest"`` or ``"path"``."""
+    runs = _invocations(sources)
     digests: dict[str, list[str]] = {}
     for study, inv in runs:
         if inv.get("store_digest"):
@@ -97,9 +118,11 @@ def _check_one_store(sources: list[dict]) -> None:
         raise ConfigError("the studies were run on stores that hold different rows (content digests "
                           + "; ".join(f"{d}: {', '.join(sorted(set(w)))}" for d, w in sorted(digests.items()))
                           + "), so their seeds are not paired; was a store extracted again?")
+    by_digest = bool(digests) and all(inv.get("store_digest") for _, inv in runs)
     paths = {st for m in sources for st in m["stores"]}
-    if len(paths) > 1 and not (digests and all(inv.get("store_digest") for _, inv in runs)):
+    if len(paths) > 1 and not by_digest:
         raise ConfigError(f"the studies were run on different stores: {sorted(paths)}")
+    return "content digest" if by_digest else "path"
 
 
 def _refuse_a_study(out: Path) -> None:

@@ -181,3 +181,14 @@ def test_a_merge_pairs_studies_by_the_store_s_content_not_its_path(tiny_store, t
     (tmp_path / "b" / "study.json").write_text(json.dumps(old))
     with pytest.raises(ConfigError, match="run on different stores"):
         merge_studies([tmp_path / "a", tmp_path / "b"], tmp_path / "ab2")
+    # ... and at the same path it merges, but says that only the path was checked
+    assert json.loads((tmp_path / "ab" / "study.json").read_text())["store_check"] == "content digest"
+    run_study(tiny_store, tmp_path / "d", StudyConfig(fractions=(1.0,), seeds=(3,), methods=("linear_probe",),
+                                                      train=RECIPE), device="cpu", log=lambda s: None)
+    bare = json.loads((tmp_path / "d" / "study.json").read_text())
+    bare["invocations"][0].pop("store_digest")
+    (tmp_path / "d" / "study.json").write_text(json.dumps(bare))
+    said = []
+    merge_studies([tmp_path / "a", tmp_path / "d"], tmp_path / "ad", note=said.append)
+    assert len(said) == 1 and said[0].startswith(f"no content digest of the store recorded in {tmp_path / 'd'}, so")
+    assert json.loads((tmp_path / "ad" / "study.json").read_text())["store_check"] == "path"
