@@ -163,7 +163,8 @@ def test_each_mask_source_resumes_after_sigkill_equal_to_an_uninterrupted_run(ti
             import_masks(store, str(tmp_path / "m"), progress=False, mask_set="gt")
         args += ["--prompt", "learned", "--learn-from", "gt", "--learn-epochs", "2", "--mask-set", "learned"]
         mask_set = "learned"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # one thread: with torch's default (one per core) a loaded machine moved a predicted IoU in its 6th digit
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-c", _SLOW, "masks"]
     assert subprocess.run(cmd + [str(full)] + args, cwd=ROOT, env=env, capture_output=True).returncode == 0
     proc = subprocess.Popen(cmd + [str(killed)] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
