@@ -85,7 +85,7 @@ def masks(o: MasksOptions) -> None:
             r = decode_masks(o.store, prompt=o.prompt, boxes=o.boxes, checkpoint=o.checkpoint, threshold=o.threshold,
                              batch_size=o.batch_size, device=o.device, overwrite=o.overwrite, progress=o.progress,
                              split=o.split, mask_set=o.mask_set, learn_from=o.learn_from, recipe=recipe,
-                             head_from=o.head_from)
+                             head_from=o.head_from, threads=o.threads)
     quality = f"; mean predicted IoU {r['mean_iou']:.3f}, {r['empty']} empty" if r["written"] and "mean_iou" in r \
         else (f"; {r['empty']} empty" if r["written"] else "")
     where = o.store if o.mask_set == "default" else f"{o.store}, mask set {o.mask_set}"

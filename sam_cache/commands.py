@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .options import DEVICE_HELP, Checked, opt
+from .options import DEVICE_HELP, THREADS_HELP, Checked, opt
 
 __all__ = ["ExtractTarget", "ConvertOptions", "MasksOptions", "ExportOptions", "InfoOptions", "VerifyOptions"]
 
@@ -55,6 +55,8 @@ class MasksOptions(Checked):
     device: str | None = opt(None, help=DEVICE_HELP)
     overwrite: bool = opt(False, help="Replace masks made differently (embeddings are kept).", flag="--overwrite")
     progress: bool = opt(True, help=_PROGRESS)
+    threads: int = opt(0, low=0, help=THREADS_HELP + "the predicted IoUs and a learned head exactly on this machine, "
+                                                     "whatever the load (not used by --from-masks).")
     from_masks: str | None = opt(None, help="Your own masks instead of a decoder: csv:COLUMN of the dataset's CSV, "
                                             "or a folder mirroring the dataset.")
     mask_name: str = opt("{stem}{suffix}", help="With a folder for --from-masks: a mask's file name from its image's "

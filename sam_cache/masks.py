@@ -57,6 +57,7 @@ from .errors import ConfigError
 from .preprocess import resized_shape
 from .progress import progress as show_progress
 from .store import DEFAULT_MASK_SET, EmbeddingStore, StoreError, check_mask_set_name
+from .threads import cpu_threads
 
 __all__ = ["MaskDecoder", "create_mask_decoder", "decode_masks", "logits_to_stored_mask", "whole_image_boxes",
            "candidate_boxes", "PROMPTS"]
@@ -163,7 +164,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
                  checkpoint: str | Path | None = None, threshold: float = 0.0, batch_size: int = 16,
                  device: str | None = None, overwrite: bool = False, progress: bool = True,
                  split: str | None = None, mask_set: str = DEFAULT_MASK_SET, learn_from: str | None = None,
-                 recipe: "HeadRecipe | None" = None, head_from: str | None = None) -> dict:
+                 recipe: "HeadRecipe | None" = None, head_from: str | None = None, threads: int = 0) -> dict:
     """Decode one mask per done sample of a store and store it in a mask set; resumable.
 
     Arguments:
@@ -186,6 +187,9 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         set of another store (the training data's) whose kept head is used as it is, not trained
         again: masks for new images (``slca-train predict``'s store) from the head of training.
         That store's encoder side (encoder, weights, preprocessing, grid) must be this one's.
+      threads: CPU threads for the lesion head and the decoder (0: torch's default); a fixed count
+        repeats the predicted IoUs and a learned head to the last digit on one machine
+        (:mod:`sam_cache.threads`).
 
     Returns:
       ``{"written", "already_done", "total", "mean_iou", "empty"}`` (``empty``: masks with no pixel;
@@ -198,6 +202,7 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
         this set; the set to learn from is missing or incomplete on the train split; another
         run is writing this set now.
       EncoderError: no decoder, or the wrong checkpoint.
+      ValueError: ``threads`` below 0 (nothing is written).
     """
     from . import learned_prompt as lp
 
@@ -218,7 +223,8 @@ def decode_masks(store_path: str | Path, prompt: str = "candidates", boxes: str 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_mask_set_name(mask_set)
     # one writer per set: a second run on this set (a resume, or --overwrite) is refused while this one writes
-    with EmbeddingStore.writer_lock(store_path, f"masks-{mask_set}"), EmbeddingStore.open(store_path, "r+") as store:
+    with EmbeddingStore.writer_lock(store_path, f"masks-{mask_set}"), EmbeddingStore.open(store_path, "r+") as store, \
+            cpu_threads(threads):
         if not store.has_images:
             raise StoreError(f"store {store_path} keeps no images, so masks have no frame to live in; extract it "
                              "with --image-size")

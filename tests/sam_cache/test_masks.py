@@ -120,6 +120,29 @@ def test_masks_are_stored_reported_and_refused_when_made_differently(tiny_store,
         assert s.meta["masks"]["prompt"] == "candidates" and s.done.all()  # embeddings untouched
 
 
+def test_masks_decode_on_the_threads_given_and_restore_them(tiny_store, tmp_path, monkeypatch):
+    """--threads, as on extract, train, eval and predict: each mask is decoded on that many CPU
+    threads, the caller's count is back afterwards, and a negative count is refused."""
+    import sam_cache.masks
+
+    store = tmp_path / "m.zarr"
+    shutil.copytree(tiny_store, store)
+    seen, real = [], sam_cache.masks._pick
+
+    def spy(*args, **kwargs):  # called once per decoded mask
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sam_cache.masks, "_pick", spy)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    result = runner.invoke(app, ["masks", str(store), "--prompt", "box", "--no-progress", "--threads", str(want)])
+    assert result.exit_code == 0, result.output
+    assert seen == [want] * 15 and torch.get_num_threads() == before
+    refused = runner.invoke(app, ["masks", str(store), "--prompt", "box", "--threads", "-1"])
+    assert refused.exit_code != 0 and "threads" in refused.output
+
+
 def test_candidate_boxes_stay_inside_the_image_box():
     c = candidate_boxes(np.array([0, 0, 100, 60], dtype=np.float32))
     assert c.shape == (13, 4) and (c[:, :2] >= 0).all() and (c[:, 2] <= 100).all() and (c[:, 3] <= 60).all()
