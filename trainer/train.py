@@ -120,11 +120,16 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         loss that is not finite, or a run folder that cannot be written.
       StoreError, BackboneError: the store or the backbone cannot be used.
     """
+    return _start(cfg, resume, overwrite, log, on_epoch, cache, progress)
+
+
+def _start(cfg, resume=False, overwrite=False, log=None, on_epoch=None, cache=None, progress=False, state=None):
+    """:func:`train`, with ``state``: ``last.pt`` when the caller has read and checked it already."""
     log = log or _LOG.info
     want_cuda = resolve_device(cfg.device).type == "cuda"
     with distributed.context("cuda" if want_cuda else "cpu") as ctx, contextlib.ExitStack() as stack:
         return _train(cfg, ctx, stack, resume, overwrite, log if ctx.is_main else (lambda s: None), on_epoch, cache,
-                      progress and ctx.is_main)
+                      progress and ctx.is_main, state)
 
 
 def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None, **kwargs) -> dict:
@@ -165,10 +170,10 @@ def train_or_resume(cfg: TrainConfig, note: Callable[[str], None] | None = None,
     else:
         note(f"{out}: resuming after epoch {done} of {cfg.epochs}" if done < cfg.epochs else
              f"{out}: it had finished ({done} of {cfg.epochs} epochs); scoring its best.pt")
-    return train(cfg, resume=True, **kwargs)
+    return _start(cfg, resume=True, state=state, **kwargs)  # last.pt read once
 
 
-def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -> dict:
+def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress, state) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     main = ctx.is_main
@@ -177,8 +182,8 @@ def _train(cfg, ctx, stack, resume, overwrite, log, on_epoch, cache, progress) -
         raise TrainError(f"run folder {out} has a run already; pass --resume to continue it or --overwrite")
     if resume and not (out / "last.pt").exists():
         raise TrainError(f"cannot resume: {out / 'last.pt'} does not exist")
-    state = load_checkpoint(out / "last.pt") if resume else None
-    if state is not None:
+    if resume and state is None:
+        state = load_checkpoint(out / "last.pt")
         _check_resume(cfg, state, out)
     try:
         refuse_overlap(out, {"--cache": cfg.cache})

@@ -1,7 +1,9 @@
 import csv
+import importlib
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,7 +199,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_store, tmp_
     assert resumed["test"]["confusion"] == full["test"]["confusion"]
 
 
-def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(tiny_store, tmp_path):
+def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(tiny_store, tmp_path, monkeypatch):
     def stop_after_first(row):
         if row["epoch"] == 1:
             raise KeyboardInterrupt
@@ -209,11 +211,16 @@ def test_a_driver_continues_a_cut_off_run_and_restarts_one_it_cannot_continue(ti
     state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
     assert 0 < state["elapsed"] < 1000
     torch.save({**state, "elapsed": 1000.0}, tmp_path / "cut" / "last.pt")
-    notes, epochs = [], []
+    notes, epochs, read = [], [], []
+    module = importlib.import_module("trainer.train")  # the package's name ``train`` is the function
+    real_load = module.load_checkpoint
+    monkeypatch.setattr(module, "load_checkpoint", lambda path, **kw: (read.append(Path(path).name),
+                                                                              real_load(path, **kw))[1])
     t0 = time.perf_counter()
     result = train_or_resume(_cfg(tiny_store, tmp_path / "cut"), note=notes.append, log=lambda s: None,
                              on_epoch=lambda row: epochs.append(row["epoch"]))
     assert epochs == [2] and notes == [f"{tmp_path / 'cut'}: resuming after epoch 1 of 2"]
+    assert read == ["last.pt", "best.pt"]  # last.pt is read once, to check it and to resume from it
     rows = _csv(tmp_path / "cut" / "metrics.csv")
     assert rows[0] == first[0] and len(rows) == 2 and result["epochs_run"] == 2
     assert 1000 < result["seconds"] <= 1000 + time.perf_counter() - t0 + 0.1  # both parts, rounded to 0.1 s
