@@ -70,7 +70,8 @@ def merge_studies(sources: list[str | Path], out: str | Path, note: Callable[[st
         info = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else {}
         known = {m["study"] for m in record["merged_from"]}
         record["merged_from"] += [m for m in _provenance(src, info) if m["study"] not in known]
-        record["store_check"] = _check_one_store(record["merged_from"])
+        bare = _check_one_store(record["merged_from"])  # the studies checked by path only
+        record["store_check"] = "path" if bare else "content digest"
         recipes.update(_run_recipes(src))
         for r in read_rows(src / "runs.csv"):
             key = (r["method"], float(r["fraction"]), int(r["seed"]))
@@ -89,8 +90,7 @@ def merge_studies(sources: list[str | Path], out: str | Path, note: Callable[[st
                 raise ConfigError(f"{run} and {first} were trained with different recipes: "
                                   + ", ".join(f"{k} ({ref.get(k)!r} vs {recipe.get(k)!r})" for k in diff))
         record["recipe"] = json.loads(json.dumps(ref))
-    if record["store_check"] == "path":
-        bare = sorted({study for study, inv in _invocations(record["merged_from"]) if not inv.get("store_digest")})
+    if bare:
         (note or _LOG.warning)(f"no content digest of the store recorded in {', '.join(bare)}, so only the store's "
                                "path says the studies share one; a store extracted again at that path would pass "
                                "(compare a probe's rows in both to be sure)")
@@ -100,16 +100,12 @@ def merge_studies(sources: list[str | Path], out: str | Path, note: Callable[[st
     return summarize_study(out)
 
 
-def _invocations(sources: list[dict]) -> list[tuple[str, dict]]:
-    return [(m["study"], i) for m in sources for i in (m.get("invocations") or [m])]
-
-
-def _check_one_store(sources: list[dict]) -> str:
+def _check_one_store(sources: list[dict]) -> list[str]:
     """The sources ran on one store: one content digest where every invocation recorded one (a store
     at another path with the same digest holds the same rows), else one path and no two digests (the
-    same path extracted again with other bytes is another store). Returns how it was checked:
-    ``"content digest"`` or ``"path"``."""
-    runs = _invocations(sources)
+    same path extracted again with other bytes is another store). Returns the studies with an
+    invocation that recorded no digest, sorted: empty where the digest checked them all."""
+    runs = [(m["study"], inv) for m in sources for inv in (m.get("invocations") or [m])]
     digests: dict[str, list[str]] = {}
     for study, inv in runs:
         if inv.get("store_digest"):
@@ -118,11 +114,11 @@ def _check_one_store(sources: list[dict]) -> str:
         raise ConfigError("the studies were run on stores that hold different rows (content digests "
                           + "; ".join(f"{d}: {', '.join(sorted(set(w)))}" for d, w in sorted(digests.items()))
                           + "), so their seeds are not paired; was a store extracted again?")
-    by_digest = bool(digests) and all(inv.get("store_digest") for _, inv in runs)
+    bare = sorted({study for study, inv in runs if not inv.get("store_digest")})
     paths = {st for m in sources for st in m["stores"]}
-    if len(paths) > 1 and not by_digest:
+    if len(paths) > 1 and bare:
         raise ConfigError(f"the studies were run on different stores: {sorted(paths)}")
-    return "content digest" if by_digest else "path"
+    return bare
 
 
 def _refuse_a_study(out: Path) -> None:
