@@ -55,13 +55,15 @@ def merge_studies(sources: list[str | Path], out: str | Path, note: Callable[[st
       The summary rows (see :func:`summarize_study`).
 
     Raises:
-      ConfigError: a source has no ``runs.csv``, two trained runs had different recipes (the message
+      ConfigError: no source, a source has no ``runs.csv``, two trained runs had different recipes (the message
         names the runs and options), the sources' stores differ (by path where a study did not record
         the store's content digest, else by digest), a (method, fraction, seed) is
         in two sources with different results, or ``out`` holds a study that is not a merge (its
         rows would be replaced: an earlier merge is the only study a merge writes over).
     """
     out = Path(out)
+    if not sources:
+        raise ConfigError("no study to merge: give one or more study folders")
     _refuse_a_study(out)
     rows, seen, recipes, record = [], {}, {}, {"merged_from": []}
     for src in map(Path, sources):

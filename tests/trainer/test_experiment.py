@@ -192,3 +192,9 @@ def test_a_merge_pairs_studies_by_the_store_s_content_not_its_path(tiny_store, t
     merge_studies([tmp_path / "a", tmp_path / "d"], tmp_path / "ad", note=said.append)
     assert len(said) == 1 and said[0].startswith(f"no content digest of the store recorded in {tmp_path / 'd'}, so")
     assert json.loads((tmp_path / "ad" / "study.json").read_text())["store_check"] == "path"
+
+
+def test_a_merge_of_no_study_is_refused_and_writes_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="no study to merge"):
+        merge_studies([], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
