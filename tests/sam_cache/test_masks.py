@@ -175,7 +175,9 @@ def test_each_mask_source_resumes_after_sigkill_equal_to_an_uninterrupted_run(ti
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
     shutil.copytree(tiny_store, full)
     shutil.copytree(tiny_store, killed)
-    args, mask_set = ["--batch-size", "1", "--no-progress"], "default"
+    # one thread (--threads, not the environment): with torch's default, one per core, a loaded machine
+    # moved a predicted IoU in its 6th digit
+    args, mask_set = ["--batch-size", "1", "--threads", "1", "--no-progress"], "default"
     if source in ("file", "learned"):
         _user_mask_folder(tiny_store, tmp_path / "m")
     if source == "file":
@@ -186,8 +188,8 @@ def test_each_mask_source_resumes_after_sigkill_equal_to_an_uninterrupted_run(ti
             import_masks(store, str(tmp_path / "m"), progress=False, mask_set="gt")
         args += ["--prompt", "learned", "--learn-from", "gt", "--learn-epochs", "2", "--mask-set", "learned"]
         mask_set = "learned"
-    # one thread: with torch's default (one per core) a loaded machine moved a predicted IoU in its 6th digit
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("OMP_NUM_THREADS", None)
     cmd = [sys.executable, "-c", _SLOW, "masks"]
     assert subprocess.run(cmd + [str(full)] + args, cwd=ROOT, env=env, capture_output=True).returncode == 0
     proc = subprocess.Popen(cmd + [str(killed)] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
