@@ -33,7 +33,6 @@ Preprocessing choices (see :mod:`sam_cache.preprocess`):
 from __future__ import annotations
 
 import hashlib
-import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import SamcacheError
+from .torch_files import TorchFileError, load_weights_only
 from .preprocess import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -193,15 +193,19 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Accepts a bare state dict or one wrapped under ``"model"`` or ``"state_dict"``.
 
     Raises:
-      EncoderError: the file does not exist or is not a torch checkpoint of tensors.
+      EncoderError: the file does not exist, is empty, is not a torch file, holds Python objects
+        besides tensors (never unpickled: see :func:`sam_cache.torch_files.load_weights_only`),
+        or holds something other than a dict.
     """
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"checkpoint {path} does not exist (weights are never downloaded; pass a local file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise EncoderError(f"checkpoint {path} is not a readable torch state dict: {exc}") from exc
+        state = load_weights_only(path)
+    except TorchFileError as exc:
+        hint = (": save its state dict alone from a copy you trust (torch.save(obj['model'], 'weights.pt'))"
+                if exc.python_object else "")
+        raise EncoderError(f"checkpoint {path} {exc}{hint}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -9,13 +9,13 @@ numpy scalars, dataclasses or other objects into a checkpoint.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from sam_cache.outputs import OutputError, atomic_write, describe_os_error
+from sam_cache.outputs import OutputError, atomic_write
+from sam_cache.torch_files import TorchFileError, load_weights_only
 
 from .errors import TrainError
 
@@ -115,20 +115,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> RunCheckpoint:
 
     Raises:
       TrainError: the file is missing, empty, not a torch file, holds objects other than tensors
-        and plain values (it may try to run code: it is never unpickled), or is not a run's
+        and plain values (it may try to run code: it is never unpickled; the message names the
+        object's class), or is not a run's
         checkpoint (see :meth:`RunCheckpoint.from_dict`).
     """
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise TrainError(f"checkpoint {path} is empty")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise TrainError(f"checkpoint {path} holds objects that are not tensors or plain values, so it was not "
-                         f"loaded (a samcache checkpoint never does): {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # torch.load raises many kinds (KeyError, RuntimeError, EOFError...) for a non-checkpoint
-        raise TrainError(f"checkpoint {path} is not a readable torch checkpoint: {describe_os_error(exc)}") from None
+        state = load_weights_only(path, map_location=map_location)
+    except TorchFileError as exc:
+        raise TrainError(f"checkpoint {path} {exc}") from None
     return RunCheckpoint.from_dict(state, path)
 
