@@ -6,7 +6,8 @@
   and ``local-dir:`` names work as they do in timm, and so does timm's offline behaviour
   (``HF_HUB_OFFLINE=1``: only what is cached).
 - ``pretrained_path=FILE``: a local weights file (a state dict, or one under ``state_dict`` or
-  ``model``; read by timm's ``load_state_dict``), loaded strictly: every key must fit the model
+  ``model``, as timm's ``load_state_dict`` picks it; read with ``weights_only=True``, so a file
+  with a pickled object is refused, never run; ``.safetensors`` files too), loaded strictly: every key must fit the model
   but the classifier's, which a new class count re-initializes. Weights of another model (a
   ResNet-34 file for a ResNet-18) are refused, naming the keys that do not fit;
   ``partial=True`` (``--pretrained-partial``) loads the keys that fit on purpose and records
@@ -26,6 +27,8 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+
+from sam_cache.torch_files import TorchFileError, load_weights_only
 
 from .errors import BackboneError
 from .litemedsam_weights import LITEMEDSAM, TIMM_MODEL, litemedsam_tiny_vit_state_dict
@@ -143,10 +146,18 @@ def _prefixes(value) -> tuple[str, ...]:
 
 def _load_file(model: nn.Module, path: Path, name: str, in_chans: int, partial: bool) -> dict:
     """Load a weights file into ``model`` strictly but for the classifier (see the module)."""
-    from timm.models import load_state_dict
+    from timm.models import clean_state_dict, load_state_dict
 
     try:
-        state = load_state_dict(str(path), use_ema=False)
+        if path.suffix == ".safetensors":  # no pickle inside: nothing in it can run
+            state = load_state_dict(str(path), use_ema=False)
+        else:  # read here, not by timm: timm 1.0.16, the lowest we allow, unpickles by default
+            state = load_weights_only(path)
+            if isinstance(state, dict):  # timm's choice of key (use_ema=False), and its "module." stripping
+                key = next((k for k in ("state_dict", "model") if k in state), None)
+                state = clean_state_dict(state[key] if key else state)
+    except TorchFileError as exc:
+        raise BackboneError(f"pretrained weights {path} {exc}") from None
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BackboneError(f"pretrained weights {path} cannot be read: {first}") from None

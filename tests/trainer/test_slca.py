@@ -91,6 +91,26 @@ def test_bad_designs_are_refused():
         create_backbone("resnet18", 3, 64, pretrained_path="/nonexistent/r18.pth")
 
 
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['SAMCACHE_PWNED']}",))
+
+
+def test_pretrained_weights_with_a_payload_are_refused_and_never_run(tmp_path, monkeypatch):
+    """Read with weights_only=True by samcache itself (timm 1.0.16, our lowest, would unpickle)."""
+    monkeypatch.setenv("SAMCACHE_PWNED", str(tmp_path / "pwned"))
+    state = dict(_backbone("resnet18").state_dict(), extra=_Payload())
+    torch.save(state, tmp_path / "evil.pth")
+    with pytest.raises(BackboneError, match=r"evil\.pth holds a Python object \(\w+\.system\)"):
+        create_backbone("resnet18", 3, 64, pretrained_path=tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists(), "a pretrained weights file ran its payload"
+    (tmp_path / "notes.pth").write_text("# not weights")
+    with pytest.raises(BackboneError, match=r"notes\.pth is not a torch file"):
+        create_backbone("resnet18", 3, 64, pretrained_path=tmp_path / "notes.pth")
+
+
 def test_pretrained_backbone_loads_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     source = _backbone("resnet18")
@@ -102,6 +122,11 @@ def test_pretrained_backbone_loads_from_a_local_file(tmp_path):
 
     assert weights == {"source": str(tmp_path / "r18.pth"), "sha256": file_sha256(tmp_path / "r18.pth")}
     assert create_backbone("resnet18", 3, 64)[1] == {"source": "random", "sha256": None}
+    # a training checkpoint: the weights under "state_dict" (or "model"), saved from DataParallel
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "ckpt.pth")
+    model, _ = create_backbone("resnet18", 5, 64, pretrained_path=tmp_path / "ckpt.pth")
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
 
 
 def test_pretrained_weights_of_another_model_are_refused_by_name_unless_partial(tmp_path):
