@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam_cache.torch_files import TorchFileError, load_weights_only
+
 from .errors import BackboneError
 
 __all__ = ["CLIPBackbone", "create_clip_backbone", "PROMPT"]
@@ -67,7 +69,9 @@ def create_clip_backbone(name: str, class_names: list[str], img_size: int, pretr
       ``(backbone, weights)`` as :func:`~trainer.backbone.create_backbone` does.
 
     Raises:
-      BackboneError: open_clip is not installed, the model or weights are unknown or unreachable.
+      BackboneError: open_clip is not installed, the model or weights are unknown or unreachable, or
+        ``pretrained_path`` holds Python objects besides tensors (read with ``weights_only=True``
+        before open_clip reads it, so nothing in it runs) or is not a torch file.
     """
     try:
         import open_clip
@@ -80,6 +84,11 @@ def create_clip_backbone(name: str, class_names: list[str], img_size: int, pretr
     if pretrained and tag is None and pretrained_path is None:
         raise BackboneError(f"--pretrained with {name!r}: name open_clip's weights after @, e.g. "
                             f"clip:{model_name}@openai, or pass --pretrained-path FILE")
+    if pretrained_path is not None and not str(pretrained_path).endswith(".safetensors"):
+        try:  # open_clip 2.x beside torch 2.5 unpickles a checkpoint: a file with objects is refused first
+            load_weights_only(pretrained_path)
+        except TorchFileError as exc:
+            raise BackboneError(f"pretrained weights {pretrained_path} {exc}") from None
     try:
         clip = open_clip.create_model(model_name, pretrained=source, force_image_size=img_size)
     except Exception as exc:  # open_clip and huggingface_hub raise many kinds

@@ -56,3 +56,24 @@ def test_a_clip_backbone_trains_with_fusion_and_refuses_slca(tiny_store, tmp_pat
         create_backbone("clip:no-such-model", 2, 32)
     with pytest.raises(BackboneError, match="name open_clip's weights after @"):
         create_backbone("clip:samcache-tiny-clip", 2, 32, pretrained=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['SAMCACHE_PWNED']}",))
+
+
+def test_clip_weights_load_from_a_file_and_a_file_with_a_payload_never_runs(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    source = open_clip.create_model("samcache-tiny-clip", force_image_size=32)
+    torch.save(source.state_dict(), tmp_path / "clip.pt")
+    backbone, weights = create_backbone("clip:samcache-tiny-clip", 2, 32, pretrained_path=str(tmp_path / "clip.pt"))
+    assert torch.equal(backbone.visual.conv1.weight, source.visual.conv1.weight)
+    assert weights["source"] == f"open_clip:{tmp_path / 'clip.pt'}"
+    monkeypatch.setenv("SAMCACHE_PWNED", str(tmp_path / "pwned"))
+    torch.save(dict(source.state_dict(), extra=_Payload()), tmp_path / "evil.pt")
+    with pytest.raises(BackboneError, match=r"evil\.pt holds a Python object \(\w+\.system\)"):
+        create_backbone("clip:samcache-tiny-clip", 2, 32, pretrained_path=str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "pwned").exists(), "a CLIP checkpoint ran its payload"
