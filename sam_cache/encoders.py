@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from .errors import SamcacheError
-from .torch_files import TorchFileError, load_weights_only
 from .preprocess import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -50,6 +49,7 @@ from .preprocess import (
     UNIT_SCALE_STD,
     Preprocessing,
 )
+from .torch_files import TorchFileError, load_weights_only
 
 __all__ = [
     "Encoder",

@@ -22,7 +22,8 @@ __all__ = ["TorchFileError", "load_weights_only"]
 
 _ZIP = b"PK\x03\x04"  # torch.save's format since torch 1.6
 _PICKLE = b"\x80"  # the legacy format: a pickle of protocol 2 or later
-_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")  # torch words it two ways: "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module x is blocked"
+# torch words a refused object two ways: "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module ..."
+_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
 
 
 class TorchFileError(SamcacheError):

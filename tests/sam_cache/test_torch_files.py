@@ -19,7 +19,8 @@ def test_a_torch_file_of_tensors_loads_in_either_format(tmp_path):
 
 @pytest.mark.parametrize("content, cause", [
     (b"", "is empty"),
-    (b"# a README, passed by mistake\n", "is not a torch file (torch.save writes a zip archive; this file starts with b'# a "),
+    (b"# a README, passed by mistake\n",
+     "is not a torch file (torch.save writes a zip archive; this file starts with b'# a "),
     (b"\x00garbage", "is not a torch file"),
 ])
 def test_what_is_not_a_torch_file_is_named_so(tmp_path, content, cause):
