@@ -8,10 +8,10 @@
 - ``pretrained_path=FILE``: a local weights file (a state dict, or one under ``state_dict`` or
   ``model``, as timm's ``load_state_dict`` picks it; read with ``weights_only=True``, so a file
   with a pickled object is refused, never run; ``.safetensors`` files too), loaded strictly:
-  every key must fit the model but the classifier's, which a new class count re-initializes. Weights of another model (a
-  ResNet-34 file for a ResNet-18) are refused, naming the keys that do not fit;
-  ``partial=True`` (``--pretrained-partial``) loads the keys that fit on purpose and records
-  how many did not.
+  every key must fit the model but the classifier's, which a new class count re-initializes.
+  Weights of another model (a ResNet-34 file for a ResNet-18) are refused, naming the keys that
+  do not fit; ``partial=True`` (``--pretrained-partial``) loads the keys that fit on purpose and
+  records how many did not.
 - ``pretrained_path="litemedsam"``: LiteMedSAM's TinyViT encoder mapped onto
   ``tiny_vit_5m_224`` (:mod:`trainer.litemedsam_weights`).
 
